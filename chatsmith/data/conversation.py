@@ -1,0 +1,56 @@
+"""The one data model every reader produces and every stage consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+# Plain text for continued pre-training is a conversation with one message of role "text":
+# the renderer trains on all of its tokens and uses no chat template.
+TEXT_ROLE = "text"
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    # Whether this message's tokens are trained on. None means the default: assistant turns
+    # (and plain text) are trained, everything else is not. A reader sets False to keep an
+    # assistant turn as context only (e.g. LLaMA-Factory's `loss_weight: 0.0`).
+    train: bool | None = None
+
+    def trains(self) -> bool:
+        if self.train is not None:
+            return self.train
+        return self.role in ("assistant", TEXT_ROLE)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.train is not None:
+            d["train"] = self.train
+        return d
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    # Where the record came from, e.g. "data/alpaca.json, record 12" -- used in error messages.
+    source: str | None = None
+    # Extra fields of the record that later stages may use (ids, labels, reward targets...).
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_text(self) -> bool:
+        return len(self.messages) == 1 and self.messages[0].role == TEXT_ROLE
+
+    def turns(self) -> int:
+        """Number of assistant turns."""
+        return sum(1 for m in self.messages if m.role == "assistant")
+
+    def to_openai(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    @classmethod
+    def from_openai(cls, messages: list[dict[str, Any]], source: str | None = None) -> Conversation:
+        return cls([Message(m["role"], m["content"]) for m in messages], source=source)

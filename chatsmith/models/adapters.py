@@ -1,0 +1,90 @@
+"""Decide what trains: full fine-tuning, frozen blocks, or a peft adapter on a frozen base."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from chatsmith.errors import ChatsmithError
+
+log = logging.getLogger(__name__)
+
+MERGEABLE = ("lora", "dora", "qlora")
+PEFT_METHODS = ("lora", "dora", "qlora", "prompt", "prefix", "adapter")
+
+
+def _blocks(model: Any) -> Any:
+    for getter in (lambda m: m.model.layers, lambda m: m.transformer.h, lambda m: m.gpt_neox.layers):
+        try:
+            return getter(model)
+        except AttributeError:
+            continue
+    raise ChatsmithError(f"--method freeze does not know where the transformer blocks of "
+                         f"{type(model).__name__} are; use --method lora or full")
+
+
+def _final_norm(model: Any) -> Any:
+    for getter in (lambda m: m.model.norm, lambda m: m.transformer.ln_f, lambda m: m.gpt_neox.final_layer_norm):
+        try:
+            return getter(model)
+        except AttributeError:
+            continue
+    return None
+
+
+def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:
+    """Return the model to train (possibly a PeftModel), with requires_grad set per method."""
+    method = method or cfg.method
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "freeze":
+        blocks = _blocks(model)
+        n = max(1, min(cfg.freeze_trainable_layers, len(blocks)))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in list(blocks)[-n:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        norm = _final_norm(model)
+        if norm is not None:
+            for p in norm.parameters():
+                p.requires_grad_(True)
+        return model
+    if method not in PEFT_METHODS:
+        raise ChatsmithError(f"unknown method '{method}'")
+    import peft
+
+    if method in ("lora", "dora", "qlora"):
+        if method == "qlora":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        targets: Any = cfg.lora_targets
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        pcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=targets, use_dora=(method == "dora"), task_type="CAUSAL_LM")
+    elif method == "prompt":
+        pcfg = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    elif method == "prefix":
+        pcfg = peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    else:  # LLaMA-Adapter (zero-init attention over learned adaption prompts)
+        n_layers = len(_blocks(model))
+        pcfg = peft.AdaptionPromptConfig(adapter_len=cfg.num_virtual_tokens,
+                                         adapter_layers=min(cfg.adapter_layers, n_layers), task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, pcfg)
+    except ValueError as e:
+        raise ChatsmithError(f"--method {method}: {e}") from None
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def uses_packed_rows(method: str) -> bool:
+    """Prompt/prefix tuning and LLaMA-Adapter prepend virtual tokens per sequence, so examples
+    cannot share a row; every other method trains on padding-free packed rows."""
+    return method not in ("prompt", "prefix", "adapter")

@@ -1,0 +1,1 @@
+"""Training: pure losses, the one training loop, and one module per stage."""

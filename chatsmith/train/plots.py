@@ -1,0 +1,38 @@
+"""Loss curves and eval charts as PNG in the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_metrics(records: list[dict], out: Path, title: str = "training") -> Path | None:
+    """Training loss per step (with a moving average) and, when present, eval loss."""
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in train]
+    loss = [r["loss"] for r in train]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, loss, color="#9ab", lw=1, label="train loss")
+    k = max(1, len(loss) // 20)
+    if k > 1:
+        smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, smooth, color="#17a", lw=2, label=f"train loss ({k}-step mean)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="#d62", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

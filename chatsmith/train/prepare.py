@@ -1,0 +1,84 @@
+"""What every training stage does before its loop: read and mix the data, hold out an eval split,
+create the run directory, load the model and render examples with the one template renderer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from chatsmith.config import to_yaml
+from chatsmith.data.conversation import Conversation
+from chatsmith.errors import ChatsmithError
+from chatsmith.train.loop import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_conversations(cfg: Any) -> list[Conversation]:
+    """Read every --data source (PATH[:WEIGHT]) and mix them."""
+    from chatsmith.data.formats import parse_data_spec, read_conversations
+    from chatsmith.data.mixing import mix
+
+    if not cfg.data:
+        raise ChatsmithError("no training data: pass --data FILE (several allowed, FILE:WEIGHT to mix)")
+    results, weights = [], []
+    for spec in cfg.data:
+        src = parse_data_spec(spec)
+        res = read_conversations(src.path, format=src.format, columns=cfg.columns or None,
+                                 skip_bad=cfg.skip_bad, system_prompt=cfg.system_prompt)
+        if res.skipped:
+            say(f"{src.path}: skipped {len(res.skipped)} malformed record(s) (--skip-bad); first: {res.skipped[0]}")
+        say(f"{src.path}: {len(res.conversations)} conversations ({res.format})")
+        results.append(res.conversations)
+        weights.append(src.weight)
+    return mix(results, weights, seed=cfg.seed)
+
+
+def split_eval(items: list[Any], eval_split: float, seed: int) -> tuple[list[Any], list[Any]]:
+    if not eval_split or eval_split <= 0:
+        return items, []
+    n = int(eval_split) if eval_split >= 1 else max(1, int(round(len(items) * eval_split)))
+    if n >= len(items):
+        raise ChatsmithError(f"--eval-split {eval_split} leaves no training data ({len(items)} records)")
+    order = list(range(len(items)))
+    random.Random(seed + 17).shuffle(order)
+    held = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def prepare_run_dir(cfg: Any) -> Path:
+    run = Path(cfg.output)
+    if run.exists() and latest_checkpoint(run) is not None and not cfg.resume:
+        raise ChatsmithError(f"{run} already holds checkpoints of a run. Pass --resume to continue it, "
+                             "or choose another --output")
+    if run.exists() and (run / "final").exists() and not cfg.resume:
+        raise ChatsmithError(f"{run} already holds a finished run (final/). Choose another --output "
+                             "or delete it first")
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+def add_template_tokens(model: Any, tokenizer: Any, template: str | None) -> int:
+    """A fallback template's special tokens (e.g. <|im_start|>) are added to the vocabulary."""
+    from chatsmith.data.template import template_tokens
+
+    missing = [t for t in template_tokens(template) if t not in tokenizer.get_vocab()]
+    if not missing:
+        return 0
+    tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    model.resize_token_embeddings(len(tokenizer))
+    say(f"added template tokens {missing} to the vocabulary (their embeddings train from the mean)")
+    return len(missing)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,170 @@
+"""Supervised fine-tuning: the `chatsmith sft` stage.
+
+It supplies the loop with rendered examples, a collate function and the loss; everything else
+(accumulation, checkpoints, resume, logging) is the one loop's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatsmith.config import SFTConfig
+from chatsmith.data.template import render_conversation
+from chatsmith.errors import ChatsmithError
+from chatsmith.train.batching import Example, collate_packed, collate_padded, plan_steps
+from chatsmith.train.losses import nll_sum
+from chatsmith.train.loop import Objective, Trainer
+from chatsmith.train.prepare import (
+    add_template_tokens,
+    load_conversations,
+    prepare_run_dir,
+    say,
+    split_eval,
+    write_json,
+)
+
+
+def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Summed next-token NLL over the trained (assistant) tokens."""
+    if "position_ids" in batch:
+        # Packed row: ask only for the logits at positions whose next token is trained. The LM
+        # head over a 49k vocabulary costs as much as several blocks, and most positions are
+        # prompt tokens that never enter the loss.
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    logits_to_keep=batch["target_positions"], use_cache=False)
+        return nll_sum(out.logits[0], batch["targets"]), {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits
+    labels = batch["labels"]
+    if logits.shape[1] > labels.shape[1]:   # prompt tuning prepends virtual tokens
+        logits = logits[:, logits.shape[1] - labels.shape[1]:]
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != -100
+    return nll_sum(logits[keep], labels[keep]), {}
+
+
+def render_examples(tokenizer: Any, conversations: list, cfg: Any) -> tuple[list[Example], dict[str, int]]:
+    examples, truncated, empty = [], 0, 0
+    for conv in conversations:
+        r = render_conversation(tokenizer, conv, template=cfg.template, max_length=cfg.max_length)
+        truncated += int(r.truncated)
+        ex = Example(r.input_ids, r.loss_mask)
+        if ex.n_targets == 0:
+            empty += 1
+            continue
+        examples.append(ex)
+    return examples, {"truncated": truncated, "dropped_no_targets": empty}
+
+
+def sft_objective(method: str, pad_id: int) -> Objective:
+    from chatsmith.models.adapters import uses_packed_rows
+
+    collate = collate_packed if uses_packed_rows(method) else partial(collate_padded, pad_id=pad_id)
+    return Objective("sft", sft_loss, collate, unit="tokens")
+
+
+def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
+    """Train and write the run directory. `conversations` replaces --data (used by quickstart)."""
+    from transformers import set_seed
+
+    from chatsmith.models import load_model, resolve_model
+    from chatsmith.models.adapters import prepare_trainable, trainable_parameters, uses_packed_rows
+
+    set_seed(cfg.seed)
+    run = prepare_run_dir(cfg)
+    convs = conversations if conversations is not None else load_conversations(cfg)
+    train_convs, eval_convs = split_eval(convs, cfg.eval_split, cfg.seed)
+
+    device = "cuda" if torch.cuda.is_available() else None
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                  quantization="4bit" if cfg.method == "qlora" else None,
+                                  device=device if cfg.method == "qlora" else None,
+                                  dtype=torch.float32 if cfg.precision != "fp16" else None)
+    add_template_tokens(model, tokenizer, cfg.template)
+    t0 = time.perf_counter()
+    train_ex, counts = render_examples(tokenizer, train_convs, cfg)
+    eval_ex, _ = render_examples(tokenizer, eval_convs, cfg)
+    if not train_ex:
+        raise ChatsmithError("no training example has a trained token (are there assistant turns?)")
+    say(f"rendered {len(train_ex)} training / {len(eval_ex)} eval examples in {time.perf_counter() - t0:.1f}s; "
+        f"{counts['truncated']} truncated at --max-length {cfg.max_length}"
+        + (f", {counts['dropped_no_targets']} dropped (nothing left to train after truncation)"
+           if counts["dropped_no_targets"] else ""))
+
+    if cfg.packing and not uses_packed_rows(cfg.method):
+        raise ChatsmithError(f"--packing does not work with --method {cfg.method} (virtual tokens are per sequence)")
+    lengths = [len(e) for e in train_ex]
+    plan = plan_steps(lengths, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
+                      epochs=cfg.epochs, seed=cfg.seed,
+                      token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None)
+    model = prepare_trainable(model, cfg)
+    n_train, n_total = trainable_parameters(model)
+    say(f"method {cfg.method}: training {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%); "
+        f"{len(plan)} steps")
+    objective = sft_objective(cfg.method, tokenizer.pad_token_id)
+    trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
+                      run_dir=run, eval_examples=eval_ex)
+    result = trainer.fit()
+    save_final(trainer.unwrapped(), tokenizer, cfg, run)
+    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_examples": len(train_ex),
+               "eval_examples": len(eval_ex), **counts, "final": result.final_metrics, "eval": result.eval_metrics}
+    write_json(run / "summary.json", summary)
+    if result.eval_metrics:
+        say(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics.get('eval_ppl', 0):.2f}")
+    say(f"done: {run}/final  (chat with it: chatsmith chat {run})")
+    return run
+
+
+def save_final(model: Any, tokenizer: Any, cfg: Any, run: Path) -> Path:
+    """final/: a model AutoModelForCausalLM.from_pretrained loads, with its chat template and a
+    generation config that stops at the end-of-turn token; adapter/ alone when an adapter trained."""
+    from chatsmith.data.template import FALLBACK_TEMPLATES, stop_token_ids
+    from chatsmith.models import resolve_model
+    from chatsmith.models.adapters import MERGEABLE, PEFT_METHODS
+    from chatsmith.models.loading import local_path
+
+    final = run / "final"
+    if cfg.template in FALLBACK_TEMPLATES:
+        tokenizer.chat_template = FALLBACK_TEMPLATES[cfg.template][0]
+    stops = sorted(stop_token_ids(tokenizer))
+    base_path = str(Path(local_path(resolve_model(cfg.model))).resolve()) \
+        if resolve_model(cfg.model).kind != "hub" else cfg.model
+    if cfg.method in PEFT_METHODS:
+        adapter_dir = run / "adapter"
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        _set_adapter_base(adapter_dir, cfg.model)
+        if cfg.method in MERGEABLE:
+            if cfg.method == "qlora":
+                from peft import PeftModel
+                from transformers import AutoModelForCausalLM
+
+                base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
+                model = PeftModel.from_pretrained(base, adapter_dir)
+            model = model.merge_and_unload()
+        else:
+            # Prompt/prefix tuning and LLaMA-Adapter cannot merge into the weights: final/ is the
+            # adapter, pointing at the base by absolute path so transformers+peft can load it.
+            model.save_pretrained(final)
+            tokenizer.save_pretrained(final)
+            _set_adapter_base(final, base_path)
+            return final
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    return final
+
+
+def _set_adapter_base(adapter_dir: Path, base: str) -> None:
+    p = adapter_dir / "adapter_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["base_model_name_or_path"] = base
+    p.write_text(json.dumps(cfg, indent=2))
