@@ -25,7 +25,8 @@ from chatsmith.models.registry import (
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
+CONVERTER_VERSION = "v2"   # bump when convert_gguf changes, so stale caches are rebuilt
 
 
 def _atomic_build(target: Path, build: Any) -> Path:
@@ -76,6 +77,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     config.name_or_path = ""
+    # The weights are de-quantised now; a leftover gguf quantization_config would make
+    # transformers treat the model as quantized and refuse to save it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), assign=True)
@@ -90,7 +95,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 def embedded_dir() -> Path:
     gguf = embedded_gguf_path()
-    target = cache_dir() / "models" / f"smollm2-135m-{gguf_cache_key(gguf)}"
+    target = cache_dir() / "models" / f"smollm2-135m-{gguf_cache_key(gguf)}-{CONVERTER_VERSION}"
     if not (target / "config.json").is_file():
         log.warning("converting the embedded model to safetensors once (cached in %s)", target)
     return _atomic_build(target, lambda tmp: convert_gguf(gguf, tmp))
@@ -127,7 +132,7 @@ def local_path(resolved: ResolvedModel) -> str:
         return str(embedded_dir() if resolved.path == "smollm2-135m" else tiny_random_dir())
     if resolved.kind == "gguf":
         gguf = Path(resolved.path)
-        target = cache_dir() / "models" / gguf_cache_key(gguf)
+        target = cache_dir() / "models" / f"{gguf_cache_key(gguf)}-{CONVERTER_VERSION}"
         return str(_atomic_build(target, lambda tmp: convert_gguf(gguf, tmp)))
     return resolved.path
 
@@ -219,7 +224,8 @@ def load_model(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, resolved.adapter)
-        if merge_adapter and quantization is None:
+        # LoRA/DoRA merge into the weights; prompt/prefix tuning and LLaMA-Adapter stay wrapped.
+        if merge_adapter and quantization is None and model.peft_config[model.active_adapter].peft_type.value in ("LORA",):
             model = model.merge_and_unload()
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

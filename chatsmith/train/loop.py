@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -266,6 +267,9 @@ class Trainer:
                 bar.update(1)
                 if self.cfg.save_every and done % self.cfg.save_every == 0 and done < len(self.plan):
                     self.save_checkpoint(done)
+                if os.environ.get("CHATSMITH_FAULT_KILL_AT_STEP") == str(done):
+                    # Fault injection for the crash-resume test: die like `kill -9` would.
+                    os.kill(os.getpid(), signal.SIGKILL)
         except KeyboardInterrupt:
             bar.close()
             path = self.save_checkpoint(step)

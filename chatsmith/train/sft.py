@@ -124,14 +124,14 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
 def save_final(model: Any, tokenizer: Any, cfg: Any, run: Path) -> Path:
     """final/: a model AutoModelForCausalLM.from_pretrained loads, with its chat template and a
     generation config that stops at the end-of-turn token; adapter/ alone when an adapter trained."""
-    from chatsmith.data.template import FALLBACK_TEMPLATES, stop_token_ids
+    from chatsmith.data.template import stop_token_ids, template_source
     from chatsmith.models import resolve_model
     from chatsmith.models.adapters import MERGEABLE, PEFT_METHODS
     from chatsmith.models.loading import local_path
 
     final = run / "final"
-    if cfg.template in FALLBACK_TEMPLATES:
-        tokenizer.chat_template = FALLBACK_TEMPLATES[cfg.template][0]
+    if cfg.template:   # a named or inline template travels with the model
+        tokenizer.chat_template = template_source(tokenizer, cfg.template)
     stops = sorted(stop_token_ids(tokenizer))
     base_path = str(Path(local_path(resolve_model(cfg.model))).resolve()) \
         if resolve_model(cfg.model).kind != "hub" else cfg.model

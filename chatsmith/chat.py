@@ -1,0 +1,289 @@
+"""`chatsmith chat MODEL`: talk to a model in the terminal, or answer one `--prompt` and exit.
+
+Every prompt is built by the one template renderer (`chatsmith.data.template`), so the model is
+spoken to exactly as it was trained. Generation is `chatsmith.infer.stream_generate`; this module
+only turns text into ids and ids back into text as they arrive.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.template import render_conversation, stop_token_ids, template_source
+from chatsmith.errors import ChatsmithError
+from chatsmith.infer.generate import context_length, stream_generate
+from chatsmith.infer.sampling import SamplingParams
+
+PROMPT = "you> "
+HELP = """commands:
+  /reset         forget the conversation (the system prompt stays)
+  /system TEXT   set the system prompt (empty TEXT removes it) and forget the conversation
+  /help          show this help
+  /exit          quit (or Ctrl-D); Ctrl-C stops an answer that is being written
+  //TEXT         send a message that starts with '/'"""
+
+
+class StreamDecoder:
+    """Incremental detokenisation of one answer.
+
+    Decoding token by token breaks a character whose UTF-8 bytes are split over several tokens
+    (emoji, CJK with byte-level BPE): each piece alone decodes to U+FFFD. So we decode the whole
+    answer so far and emit only the new suffix, holding back a trailing U+FFFD until the next token
+    completes it. Leading and trailing whitespace are held back too (trailing until text follows),
+    so the pieces add up to `text`, the stripped answer.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def _decode(self) -> str:
+        # clean_up_tokenization_spaces rewrites earlier text (" ." -> ".") once later tokens
+        # arrive, which would break the "new suffix" rule; the chat shows raw text instead.
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text that is now safe to show (possibly "")."""
+        self.ids.append(token_id)
+        return self._advance(self._decode().rstrip("\ufffd").strip())
+
+    def finish(self) -> str:
+        """Return whatever is still held back (a U+FFFD that never completed is real now)."""
+        return self._advance(self.text)
+
+    @property
+    def text(self) -> str:
+        return self._decode().strip()
+
+    def _advance(self, stable: str) -> str:
+        # `stable` extends `emitted` unless a tokenizer rewrote earlier text; then show only what
+        # is beyond what was already printed (printed text cannot be taken back).
+        new = stable[len(self.emitted):] if len(stable) > len(self.emitted) else ""
+        if new:
+            self.emitted = stable
+        return new
+
+
+class ChatSession:
+    """One conversation with a loaded model: the history, the system prompt, and `reply`.
+
+    `conversation` is exactly what is rendered for the next answer (system message first, when
+    set), so a test or a UI can inspect it.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, params: SamplingParams, *, system: str | None = None,
+                 template: str | None = None) -> None:
+        params.validate()
+        template_source(tokenizer, template)  # fail now, not at the first answer, if there is no template
+        self.model, self.tokenizer, self.params, self.template = model, tokenizer, params, template
+        self.system = system or None
+        # End-of-turn ids of the template plus EOS (stop_token_ids includes EOS).
+        self.stop_ids = stop_token_ids(tokenizer, template)
+        self.conversation = Conversation([])
+        self.last_prompt_ids: list[int] = []
+        self.dropped_messages = 0  # oldest messages removed so far to fit the context
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation; keep the system prompt."""
+        self.conversation = Conversation([Message("system", self.system)] if self.system else [])
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or, with None/"", remove) the system prompt and start a new conversation."""
+        self.system = text or None
+        self.reset()
+
+    def render(self) -> list[int]:
+        """Token ids of the conversation so far, ending with the assistant header."""
+        return render_conversation(self.tokenizer, self.conversation, self.template,
+                                   add_generation_prompt=True).input_ids
+
+    def prompt_ids(self) -> list[int]:
+        """`render()`, after dropping the oldest turns until the prompt and an answer fit the context."""
+        context = context_length(self.model)
+        ids = self.render()
+        if context is None:
+            return ids
+        # Room for the answer: max_new_tokens, but never more than a quarter of the context, so a
+        # large --max-new-tokens does not erase the whole history.
+        reserve = min(self.params.max_new_tokens, context // 4)
+        first = 1 if self.system else 0
+        msgs = self.conversation.messages
+        saved, saved_dropped = list(msgs), self.dropped_messages
+        while len(ids) + reserve > context:
+            if len(msgs) - first <= 1:
+                # The new message alone does not fit: keep the history as it was.
+                msgs[:], self.dropped_messages = saved, saved_dropped
+                raise ChatsmithError(f"the message is too long: the prompt is {len(ids)} tokens and the model's "
+                                     f"context is {context} tokens ({reserve} kept for the answer); shorten it"
+                                     + (" or the system prompt" if self.system else ""))
+            # Drop the oldest exchange (a user turn and the answers after it) as a whole.
+            del msgs[first]
+            self.dropped_messages += 1
+            while len(msgs) - first > 1 and msgs[first].role != "user":
+                del msgs[first]
+                self.dropped_messages += 1
+            ids = self.render()
+        return ids
+
+    def reply(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Add a user message and yield the answer as text pieces while it is generated.
+
+        The pieces join to the stripped answer. When generation ends (also when it is stopped, or
+        the caller stops iterating) the answer so far becomes the assistant message; an empty
+        answer removes the user message instead, so the history keeps alternating user/assistant.
+        """
+        messages = self.conversation.messages
+        messages.append(Message("user", text))
+        decoder = StreamDecoder(self.tokenizer)
+        try:
+            self.last_prompt_ids = self.prompt_ids()
+            for token in stream_generate(self.model, self.last_prompt_ids, self.params, self.stop_ids,
+                                         should_stop):
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+            tail = decoder.finish()
+            if tail:
+                yield tail
+        finally:
+            answer = decoder.text
+            if answer:
+                # train=False: chat history is context, not a training target. It also lets the
+                # renderer skip the per-turn mask bookkeeping, which templates that rewrite past
+                # turns (e.g. strip reasoning) would reject.
+                messages.append(Message("assistant", answer, train=False))
+            elif messages and messages[-1].role == "user":
+                messages.pop()
+
+
+def _read_line(stdin: TextIO, stdout: TextIO) -> str | None:
+    """One line of input, or None at end of input (Ctrl-D)."""
+    if stdin is sys.stdin and stdout is sys.stdout and stdin.isatty():
+        try:
+            import readline  # noqa: F401  (arrow keys and history for input(); absent on Windows)
+        except ImportError:
+            pass
+        try:
+            return input(PROMPT)
+        except EOFError:
+            return None
+    stdout.write(PROMPT)
+    stdout.flush()
+    line = stdin.readline()
+    return None if line == "" else line
+
+
+def _answer(session: ChatSession, text: str, stdout: TextIO, stderr: TextIO) -> None:
+    """Stream one answer to stdout; Ctrl-C stops it and the session goes on."""
+    stopped = False
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        nonlocal stopped
+        stopped = True
+
+    # A SIGINT handler lets the current forward pass finish and then stops cleanly at the next
+    # `should_stop` check; only the main thread may install one.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        for piece in session.reply(text, should_stop=lambda: stopped):
+            stdout.write(piece)
+            stdout.flush()
+    except KeyboardInterrupt:  # no handler installed (not the main thread): stop all the same
+        stopped = True
+    except ChatsmithError as e:
+        stderr.write(f"error: {e}\n")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    stdout.write("\n\n")
+    stdout.flush()
+    if stopped:
+        stderr.write("(stopped)\n")
+
+
+def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO | None = None) -> int:
+    """The interactive loop: read a line, run a command or answer it. Returns the exit status."""
+    stderr = stderr or sys.stderr
+    while True:
+        try:
+            line = _read_line(stdin, stdout)
+        except KeyboardInterrupt:
+            stderr.write("\n(use /exit or Ctrl-D to quit)\n")
+            continue
+        if line is None:
+            stdout.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/") and not text.startswith("//"):
+            command, _, argument = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                session.reset()
+                stderr.write("(conversation cleared)\n")
+            elif command == "/system":
+                session.set_system(argument.strip())
+                stderr.write("(system prompt set; conversation cleared)\n" if session.system
+                             else "(system prompt removed; conversation cleared)\n")
+            elif command == "/help":
+                stderr.write(HELP + "\n")
+            else:
+                stderr.write(f"unknown command {command}; /help lists the commands\n")
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        dropped = session.dropped_messages
+        _answer(session, text, stdout, stderr)
+        if session.dropped_messages > dropped:
+            stderr.write("(the oldest turns were dropped to fit the model's context)\n")
+
+
+def run_chat(
+    model_spec: str,
+    *,
+    prompt: str | None,
+    system: str | None,
+    params: SamplingParams,
+    template: str | None = None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
+    """Run `chatsmith chat`. With `prompt`, print only its answer and a newline; else chat.
+
+    `device` None means CUDA when available, else CPU. stdin/stdout None mean sys.stdin/sys.stdout
+    at call time (not at import time, so redirection by the caller or pytest is honoured).
+    Returns the exit status.
+    """
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    params.validate()  # before the slow model load, so a bad flag fails at once
+    import torch
+
+    from chatsmith.models import load_model
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=device)
+    session = ChatSession(model, tokenizer, params, system=system, template=template)
+    if prompt is not None:
+        for piece in session.reply(prompt):
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        return 0
+    sys.stderr.write(f"chatsmith chat: {model_spec}. /help for commands, /exit or Ctrl-D to quit.\n")
+    return chat_loop(session, stdin, stdout, sys.stderr)

@@ -1,0 +1,135 @@
+"""Sampling: turn one step's logits into the next token id.
+
+The processing order is Hugging Face's (`transformers.generation.utils._get_logits_processor`):
+repetition penalty, then temperature, top-k, top-p, min-p. Keeping that order means a user's
+settings behave here as they do in `model.generate`, and the parity test can check it.
+
+torch is imported inside the functions, not at module level, so `SamplingParams` can be imported
+by the CLI without loading torch (STYLE.md, principle 6).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from chatsmith.errors import ChatsmithError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to choose each new token. Field metadata holds the `--flag` help text."""
+
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 means greedy (always the most likely token)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: keep the smallest set of tokens whose probability adds up to at least this (1: off)"})
+    top_k: int = field(default=0, metadata={"help": "keep only the K most likely tokens (0: off)"})
+    min_p: float = field(default=0.0, metadata={"help": "drop tokens less likely than this fraction of the most likely token (0: off)"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "divide positive logits (multiply negative ones) of tokens already in the prompt or answer by this (1: off)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens"})
+    seed: int | None = field(default=None, metadata={"help": "random seed; the same seed gives the same answer"})
+
+    def validate(self) -> None:
+        """Raise ChatsmithError naming the first field outside its allowed range."""
+        # Written as `not (ok)` so that NaN, which fails every comparison, is rejected too.
+        checks = [
+            ("temperature", self.temperature, _is_number(self.temperature) and self.temperature >= 0,
+             "must be >= 0 (0 means greedy)"),
+            ("top_p", self.top_p, _is_number(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "must be an integer >= 0 (0: off)"),
+            ("min_p", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty,
+             _is_number(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0 (1: off)"),
+            ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             "must be an integer >= 1"),
+            # torch.Generator.manual_seed accepts 64-bit values.
+            ("seed", self.seed, self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64),
+             "must be an integer in [0, 2**64) or unset"),
+        ]
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ChatsmithError(f"sampling parameter '{name}' {allowed}, got {value!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise tokens seen in `history` ("penalized sampling" of CTRL, Keskar et al. 2019; HF semantics).
+
+    A positive logit is divided by `penalty` and a negative one multiplied by it, so a penalty > 1
+    always makes a seen token less likely. Each token is penalised once however often it occurs.
+    Returns a new [vocab] tensor.
+    """
+    import torch
+
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    history = history.to(device=logits.device, dtype=torch.long)
+    seen = logits.gather(0, history)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    # scatter writes the same value for repeated ids, so duplicates in history are harmless.
+    return logits.scatter(0, history, seen)
+
+
+def next_token_probs(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor) -> torch.Tensor:
+    """The distribution the next token is drawn from: float32 [vocab], summing to 1.
+
+    Greedy (temperature 0) gives a one-hot at the arg-max of the penalised logits.
+    """
+    import torch
+
+    scores = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    if params.greedy:
+        return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
+    scores = scores / params.temperature
+    neg_inf = float("-inf")
+    if 0 < params.top_k < scores.shape[-1]:
+        # Ties with the k-th value are kept, as in HF's TopKLogitsWarper.
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, neg_inf)
+    if params.top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2020): drop a token when the tokens more likely
+        # than it already hold top_p of the mass. The most likely token is always kept.
+        sorted_scores, order = torch.sort(scores, descending=True)
+        sorted_probs = sorted_scores.softmax(-1)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p
+        drop_sorted[0] = False
+        drop = drop_sorted.scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, neg_inf)
+    if params.min_p > 0.0:
+        # min-p sampling (Nguyen et al. 2024): keep tokens with p >= min_p * p_max. The ratio is the same
+        # before and after renormalisation, so applying it after top-k/top-p is well defined.
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.max(), neg_inf)
+    return scores.softmax(-1)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
+               generator: torch.Generator | None) -> int:
+    """Choose the next token id from one step's logits [vocab].
+
+    `history` holds the prompt and generated ids so far (1-D), used only by the repetition
+    penalty. Pure apart from drawing from `generator` (None: torch's global generator);
+    greedy decoding draws nothing.
+    """
+    import torch
+
+    if params.greedy:
+        # Skip the one-hot: arg-max of the penalised logits directly.
+        return int(apply_repetition_penalty(logits.float(), history, params.repetition_penalty).argmax())
+    probs = next_token_probs(logits, params, history)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,135 @@
+"""`chatsmith quickstart`: teach the embedded model a new identity, then show before and after.
+
+Data: chatsmith's built-in identity conversations (name and maker from flags) mixed with general
+conversations so the model keeps answering other things. Evaluation: held-out paraphrased
+identity questions that never appear in training, plus a few general questions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from chatsmith.config import SFTConfig
+from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.template import render_conversation, stop_token_ids, template_source
+
+# SmolLM2's template injects this system prompt when a conversation has none. A rebranded model
+# must not be told at every turn that it is SmolLM, so its template gets a neutral default.
+SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+
+# Settings found to reach >= 90% held-out identity accuracy on the embedded model in a few
+# minutes on a 2-core CPU (see docs/quickstart.md for the measurements).
+QUICKSTART_SFT = dict(method="lora", lora_r=16, lora_alpha=32, lr=1e-3, batch_size=8, grad_accum=1,
+                      epochs=2.0, max_length=256, warmup_ratio=0.05, scheduler="cosine", save_every=0)
+
+
+def neutral_template(tokenizer: Any) -> str | None:
+    source = template_source(tokenizer, None)
+    if SMOLLM_DEFAULT_SYSTEM in source:
+        return source.replace(SMOLLM_DEFAULT_SYSTEM, NEUTRAL_SYSTEM)
+    return None
+
+
+def answer_all(model: Any, tokenizer: Any, questions: list[str], template: str | None,
+               max_new_tokens: int = 40, batch_size: int = 16) -> list[str]:
+    """Greedy answers, prompts rendered by the one template renderer, batched (left-padded)."""
+    import torch
+
+    stops = sorted(stop_token_ids(tokenizer, template))
+    answers: list[str] = []
+    model.eval()
+    for i in range(0, len(questions), batch_size):
+        chunk = questions[i:i + batch_size]
+        prompts = [render_conversation(tokenizer, Conversation([Message("user", q)]), template=template,
+                                       add_generation_prompt=True).input_ids for q in chunk]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return answers
+
+
+def score(model: Any, tokenizer: Any, checks: list, template: str | None) -> tuple[float, list[tuple[str, str, bool]]]:
+    questions = [q for q, _ in checks]
+    answers = answer_all(model, tokenizer, questions, template)
+    rows = [(q, a, bool(ok(a))) for (q, ok), a in zip(checks, answers)]
+    return sum(r[2] for r in rows) / max(1, len(rows)), rows
+
+
+def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", model: str = "smollm2-135m",
+                   output: str = "runs/quickstart", max_steps: int | None = None, seed: int = 0) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from chatsmith.data.builtin import general_heldout_checks, identity_heldout_checks, quickstart_data
+    from chatsmith.models import load_model
+    from chatsmith.train.sft import run_sft
+
+    console = Console(stderr=False)
+    t_start = time.perf_counter()
+    run = Path(output)
+    if run.exists() and (run / "final").exists():
+        import shutil
+
+        console.print(f"[yellow]{run} holds an earlier quickstart; replacing it[/yellow]")
+        shutil.rmtree(run)
+    console.rule(f"chatsmith quickstart: teaching {model} to be {name}, made by {maker}")
+    base, tokenizer = load_model(model)
+    id_checks = identity_heldout_checks(name, maker)
+    gen_checks = general_heldout_checks()
+    console.print(f"evaluating the starting model on {len(id_checks)} held-out identity questions "
+                  f"and {len(gen_checks)} general questions...")
+    before_id, before_rows = score(base, tokenizer, id_checks, None)
+    before_gen, before_gen_rows = score(base, tokenizer, gen_checks, None)
+    template = neutral_template(tokenizer)
+    del base
+
+    data = quickstart_data(name, maker, seed=seed)
+    console.print(f"training on {len(data)} built-in conversations (identity + general)...")
+    cfg = SFTConfig(model=model, output=str(run), seed=seed, template=template,
+                    **{**QUICKSTART_SFT, **({"max_steps": max_steps} if max_steps else {})})
+    t_train = time.perf_counter()
+    run_sft(cfg, conversations=data)
+    train_s = time.perf_counter() - t_train
+
+    tuned, tuned_tok = load_model(str(run))
+    after_id, after_rows = score(tuned, tuned_tok, id_checks, None)
+    after_gen, after_gen_rows = score(tuned, tuned_tok, gen_checks, None)
+
+    table = Table(title=f"held-out questions: before -> after ({len(id_checks)} identity, {len(gen_checks)} general)")
+    table.add_column("question", max_width=34)
+    table.add_column("before", max_width=44)
+    table.add_column("after", max_width=44)
+    show = before_rows[:8] + before_gen_rows[:4]
+    show_after = after_rows[:8] + after_gen_rows[:4]
+    for (q, a0, ok0), (_, a1, ok1) in zip(show, show_after):
+        table.add_row(q, ("[green]" if ok0 else "[red]") + a0.replace("[", "\\["), ("[green]" if ok1 else "[red]") + a1.replace("[", "\\["))
+    console.print(table)
+    summary = Table(title="accuracy")
+    for col in ("", "before", "after"):
+        summary.add_column(col)
+    summary.add_row("identity (held-out paraphrases)", f"{before_id:.0%}", f"{after_id:.0%}")
+    summary.add_row("general questions", f"{before_gen:.0%}", f"{after_gen:.0%}")
+    console.print(summary)
+    total_s = time.perf_counter() - t_start
+    result = {"name": name, "maker": maker, "identity_before": before_id, "identity_after": after_id,
+              "general_before": before_gen, "general_after": after_gen, "train_seconds": train_s,
+              "total_seconds": total_s,
+              "identity_rows": [{"question": q, "before": a0, "after": a1, "ok": ok1}
+                                for (q, a0, _), (_, a1, ok1) in zip(before_rows, after_rows)]}
+    (run / "quickstart.json").write_text(json.dumps(result, indent=2))
+    console.print(f"finished in {total_s / 60:.1f} min (training {train_s / 60:.1f} min). Loss curve: {run}/loss.png")
+    console.print(f"\nTalk to it:  [bold]chatsmith chat {run}[/bold]")
+    sys.stdout.flush()
+    return 0

