@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 
-
 from chatsmith import __version__
 from chatsmith.errors import ChatsmithError
 
@@ -109,10 +108,10 @@ def _mapping(text: str | None) -> dict[str, str] | None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "models":
-        from chatsmith.models.registry import ALIASES
-
         from rich.console import Console
         from rich.table import Table
+
+        from chatsmith.models.registry import ALIASES
 
         t = Table(title="builtin models (any HF directory, run directory, adapter, .gguf or hub id works too)")
         for col in ("alias", "params", "what it is"):

@@ -14,7 +14,6 @@ from chatsmith.data.conversation import Conversation
 from chatsmith.errors import ChatsmithError
 
 
-
 def mixture_sizes(sizes: list[int], weights: list[float | None]) -> list[int]:
     """How many examples each source contributes. All weights None: each source's own size.
 

@@ -18,8 +18,8 @@ from chatsmith.config import SFTConfig
 from chatsmith.data.template import render_conversation
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.batching import Example, collate_packed, collate_padded, plan_steps
-from chatsmith.train.losses import nll_sum
 from chatsmith.train.loop import Objective, Trainer
+from chatsmith.train.losses import nll_sum
 from chatsmith.train.prepare import (
     add_template_tokens,
     load_conversations,
@@ -73,7 +73,7 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
     """Train and write the run directory. `conversations` replaces --data (used by quickstart)."""
     from transformers import set_seed
 
-    from chatsmith.models import load_model, resolve_model
+    from chatsmith.models import load_model
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters, uses_packed_rows
 
     set_seed(cfg.seed)
