@@ -16,7 +16,10 @@ FLOPs and attention scores are left out). N counts every base parameter once, th
 as the LM head. The peak is this machine's measured fp32 matmul rate (torch.mm, 2048 x 2048).
 
     python benchmarks/sft_throughput.py                 # chatsmith + the default TRL settings
-    python benchmarks/sft_throughput.py --all-trl       # every TRL setting below
+    python benchmarks/sft_throughput.py --all-trl       # every setting in TRL_SETTINGS
+
+On a shared machine it waits for other processes to go quiet before each contender and runs a
+contender again when they took CPU during its timed steps (--wait-idle, --retries).
     python benchmarks/sft_throughput.py --quick         # smoke check, about two minutes
 """
 
@@ -43,7 +46,7 @@ LR = 2e-4
 SEED = 42
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 
-# TRL settings: SFTConfig overrides on top of the common ones in `trl_config`. "Defaults" means
+# TRL settings: SFTConfig overrides on top of the common ones set in `run_trl`. "Defaults" means
 # SFTConfig's own defaults (gradient checkpointing on, no packing) with fp32 on the CPU.
 TRL_SETTINGS: dict[str, dict[str, Any]] = {
     "trl-defaults": {},
@@ -104,26 +107,6 @@ def model_path() -> str:
     from chatsmith.models.loading import local_path
 
     return local_path(resolve_model(MODEL))
-
-
-def trainable_model_dir(path: str, into: Path) -> str:
-    """`path`, or a copy of it (weights symlinked) whose config.json drops `quantization_config`.
-
-    The embedded model's converted directory keeps the GGUF loader's quantization_config although
-    its weights are plain fp32 safetensors; transformers then marks the model as GGUF-quantised and
-    both HF's Trainer ("does not support training") and save_pretrained ("not serializable")
-    refuse it. The copy loads the same weights with neither refusal.
-    """
-    config = json.loads((Path(path) / "config.json").read_text())
-    if "quantization_config" not in config:
-        return path
-    into.mkdir(parents=True, exist_ok=True)
-    for f in Path(path).iterdir():
-        if f.name != "config.json" and not (into / f.name).exists():
-            (into / f.name).symlink_to(f.resolve())
-    del config["quantization_config"]
-    (into / "config.json").write_text(json.dumps(config, indent=2))
-    return str(into)
 
 
 def base_parameter_count(path: str) -> int:
@@ -203,7 +186,7 @@ def run_chatsmith(args: argparse.Namespace) -> dict[str, Any]:
     convs = [Conversation([Message("user", user_text(r)), Message("assistant", r["output"])])
              for r in instruction_records(args.records)]
     with tempfile.TemporaryDirectory(prefix="bench-chatsmith-") as tmp:
-        cfg = SFTConfig(model=args.model_dir, output=tmp, method="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+        cfg = SFTConfig(model=MODEL, output=tmp, method="lora", lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                         lora_dropout=LORA["dropout"], lora_targets=LORA["targets"], max_steps=args.steps,
                         batch_size=args.batch_size, max_length=args.max_length, lr=LR, save_every=0,
                         log_every=1, seed=SEED, precision="fp32")
@@ -455,13 +438,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_contender(name: str, args: argparse.Namespace, model_dir: str, log_dir: Path, console: Any) -> dict[str, Any]:
+    """Run one contender, again (up to --retries times) when other processes shared the CPU."""
+    for attempt in range(1, args.retries + 2):
+        console.print(f"[bold]{name}[/]: {args.steps} steps, batch {args.batch_size}, {args.records} records "
+                      f"(log: {log_dir / (name + '.log')})" + (f", attempt {attempt}" if attempt > 1 else ""))
+        before = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
+        res = run_child(name, args, model_dir, log_dir)
+        res.update(attempt=attempt, other_processes_cores_before=before)
+        if "error" in res:
+            console.print(f"  [red]failed[/]: {res['error']}\n{res['log_tail']}")
+            return res
+        res.update(rate(res["steps"]))
+        console.print(f"  {res['tokens_per_s']:.1f} real tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB, process "
+                      f"{res['child_wall_s']:.0f} s; other processes kept {res['other_processes_cores']:.2f} cores "
+                      "busy during the timed steps")
+        if res["other_processes_cores"] <= CONTENDED_CORES:
+            break
+        if attempt <= args.retries:
+            console.print("  [yellow]the machine was shared: running it again[/]")
+    return res
+
+
+def results_table(results: dict[str, dict[str, Any]], ratios: dict[str, float], args: argparse.Namespace) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"SFT throughput: LoRA r=16 on {MODEL}, fp32, batch {args.batch_size}, {args.steps} steps "
+                        f"(first {WARMUP_STEPS} not timed), {args.records} records")
+    for col in ("contender", "real tok/s", "opt. steps", "timed wall s", "peak RSS MB", "MFU", "chatsmith x",
+                "others' cores"):
+        table.add_column(col, justify="left" if col == "contender" else "right")
+    for name, res in results.items():
+        if "error" in res:
+            table.add_row(name, "failed", *[""] * 6)
+            continue
+        ratio = ratios.get(f"chatsmith / {name}")
+        contended = res["other_processes_cores"] > CONTENDED_CORES
+        table.add_row(name + (" (contended)" if contended else ""), f"{res['tokens_per_s']:.1f}",
+                      str(res["optimizer_steps"]), f"{res['timed_wall_s']:.1f}", f"{res['peak_rss_mb']:.0f}",
+                      f"{100 * res['mfu']:.1f}%", f"{ratio:.2f}" if ratio else "",
+                      f"{res['other_processes_cores']:.2f}")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         child_main(args)
         return 0
+    import torch
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=max(Console().width, 120))
     names = args.only or (["chatsmith", "trl-defaults"] if args.quick else
@@ -470,79 +496,42 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = out.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    # Converts the embedded GGUF once (cached), outside every contender's clock.
-    copy_dir = Path(tempfile.mkdtemp(prefix="bench-model-"))
-    model_dir = trainable_model_dir(model_path(), copy_dir)
+    model_dir = model_path()   # converts the embedded GGUF once (cached), outside every contender's clock
     n_params = base_parameter_count(model_dir)
     flops_per_token = 4 * n_params
+    # The peak is measured before and after the contenders and the higher one kept: a process busy
+    # during one measurement would otherwise inflate every MFU.
     console.print("measuring the fp32 matmul peak (torch.mm 2048x2048, ~2 s; again at the end)...")
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
     peaks = [peak_matmul_gflops()]
     console.print(f"peak {peaks[0]:.1f} GFLOP/s; N = {n_params / 1e6:.1f}M parameters; FLOPs/token = 4N")
 
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        for name in names:
-            for attempt in range(1, args.retries + 2):
-                console.print(f"[bold]{name}[/]: {args.steps} steps, batch {args.batch_size}, {args.records} "
-                              f"records (log: {log_dir / (name + '.log')})" + (f", attempt {attempt}" if attempt > 1 else ""))
-                before = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
-                res = results[name] = run_child(name, args, model_dir, log_dir)
-                res["attempt"] = attempt
-                res["other_processes_cores_before"] = before
-                if "error" in res:
-                    console.print(f"  [red]failed[/]: {res['error']}\n{res['log_tail']}")
-                    break
-                res.update(rate(res["steps"]))
-                console.print(f"  {res['tokens_per_s']:.1f} real tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB, "
-                              f"process {res['child_wall_s']:.0f} s; other processes kept "
-                              f"{res['other_processes_cores']:.2f} cores busy during the timed steps")
-                if res["other_processes_cores"] <= CONTENDED_CORES:
-                    break
-                if attempt <= args.retries:
-                    console.print("  [yellow]the machine was shared: running it again[/]")
-    finally:
-        shutil.rmtree(copy_dir, ignore_errors=True)
-    # The peak is measured before and after the contenders and the higher one kept: another
-    # process busy during one measurement would otherwise inflate every MFU.
+    results = {name: run_contender(name, args, model_dir, log_dir, console) for name in names}
+
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
     peaks.append(peak_matmul_gflops())
     peak = max(peaks)
-    for res in results.values():
-        if "error" not in res:
-            res["mfu"] = res["tokens_per_s"] * flops_per_token / (peak * 1e9)
-
+    ok = {name: res for name, res in results.items() if "error" not in res}
+    for res in ok.values():
+        res["mfu"] = res["tokens_per_s"] * flops_per_token / (peak * 1e9)
     ratios = {}
-    cs = results.get("chatsmith", {})
-    for name, res in results.items():
-        if name != "chatsmith" and "error" not in res and cs and "error" not in cs:
-            res["same_batches_as_chatsmith"] = [s["tokens"] for s in res["steps"]] == [s["tokens"] for s in cs["steps"]]
-    for name, res in results.items():
-        if name != "chatsmith" and "error" not in res and cs and "error" not in cs and res["tokens_per_s"] > 0:
-            ratios[f"chatsmith / {name}"] = cs["tokens_per_s"] / res["tokens_per_s"]
+    if "chatsmith" in ok:
+        cs = ok["chatsmith"]
+        for name, res in ok.items():
+            if name != "chatsmith":
+                res["same_batches_as_chatsmith"] = [s["tokens"] for s in res["steps"]] == \
+                    [s["tokens"] for s in cs["steps"]]
+                if res["tokens_per_s"] > 0:
+                    ratios[f"chatsmith / {name}"] = cs["tokens_per_s"] / res["tokens_per_s"]
 
-    table = Table(title=f"SFT throughput: LoRA r=16 on {MODEL}, fp32, batch {args.batch_size}, "
-                        f"{args.steps} steps (first {WARMUP_STEPS} not timed), {args.records} records")
-    for col in ("contender", "real tok/s", "opt. steps", "timed wall s", "peak RSS MB", "MFU", "chatsmith x",
-                "others' cores"):
-        table.add_column(col, justify="left" if col == "contender" else "right")
-    for name, res in results.items():
-        if "error" in res:
-            table.add_row(name, "failed", "", "", "", "", "", "")
-            continue
-        ratio = ratios.get(f"chatsmith / {name}")
-        contended = res["other_processes_cores"] > CONTENDED_CORES
-        table.add_row(name + (" (contended)" if contended else ""), f"{res['tokens_per_s']:.1f}", str(res["optimizer_steps"]), f"{res['timed_wall_s']:.1f}",
-                      f"{res['peak_rss_mb']:.0f}", f"{100 * res['mfu']:.1f}%",
-                      f"{ratio:.2f}" if ratio else "", f"{res['other_processes_cores']:.2f}")
-    console.print(table)
-    if any("error" not in r and r["other_processes_cores"] > CONTENDED_CORES for r in results.values()):
+    console.print(results_table(results, ratios, args))
+    if any(r["other_processes_cores"] > CONTENDED_CORES for r in ok.values()):
         console.print(f"[yellow](contended): other processes kept more than {CONTENDED_CORES} cores busy during "
-                      "that run on average; its numbers are not comparable, run again on a quiet machine[/]")
+                      "its timed steps on average; its numbers are not comparable, run again on a quiet machine[/]")
     console.print(f"MFU = real tokens/s x 4N / peak; N = {n_params:,} (tied embedding counted once, as the LM "
-                  f"head); peak = {peak:.1f} GFLOP/s measured fp32 torch.mm on {torch_threads()} threads")
+                  f"head); peak = {peak:.1f} GFLOP/s measured fp32 torch.mm on {torch.get_num_threads()} threads")
 
     report = {
         "benchmark": "sft_throughput",
@@ -560,16 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": results,
         "ratios": ratios,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {out}")
-    return 0 if all("error" not in r for r in results.values()) else 1
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    return 0 if len(ok) == len(results) else 1
 
 
 if __name__ == "__main__":
