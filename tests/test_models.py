@@ -50,14 +50,11 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 
 def test_hub_id_offline_says_how_to_use_a_local_copy():
-    code = ("from chatsmith.models import load_model\n"
-            "load_model('someone/some-model')\n")
     r = subprocess.run([sys.executable, "-m", "chatsmith", "chat", "someone/some-model", "--prompt", "hi"],
                        capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr[-1500:]
     assert "could not load 'someone/some-model'" in r.stderr and "--local-dir" in r.stderr
     assert "Traceback" not in r.stderr
-    del code
 
 
 def test_no_remote_code_and_safetensors_only(tmp_path):

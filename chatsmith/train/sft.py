@@ -133,8 +133,8 @@ def save_final(model: Any, tokenizer: Any, cfg: Any, run: Path) -> Path:
     if cfg.template:   # a named or inline template travels with the model
         tokenizer.chat_template = template_source(tokenizer, cfg.template)
     stops = sorted(stop_token_ids(tokenizer))
-    base_path = str(Path(local_path(resolve_model(cfg.model))).resolve()) \
-        if resolve_model(cfg.model).kind != "hub" else cfg.model
+    resolved = resolve_model(cfg.model)
+    base_path = cfg.model if resolved.kind == "hub" else str(Path(local_path(resolved)).resolve())
     if cfg.method in PEFT_METHODS:
         adapter_dir = run / "adapter"
         model.save_pretrained(adapter_dir)
