@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from chatsmith.train.attention import segment_bounds
+
 
 @dataclass
 class Example:
@@ -77,7 +79,8 @@ def plan_steps(lengths: list[int], *, batch_size: int, grad_accum: int, max_step
 
 def collate_packed(examples: list[Example]) -> dict[str, Any]:
     """One row of concatenated examples: input_ids/position_ids [1, L]; the positions whose next
-    token is a target, and those targets [N]."""
+    token is a target, and those targets [N]; each example's (start, end) span in the row, for
+    segment attention (train/attention.py)."""
     ids: list[int] = []
     pos: list[int] = []
     tpos: list[int] = []
@@ -95,6 +98,7 @@ def collate_packed(examples: list[Example]) -> dict[str, Any]:
         "position_ids": torch.tensor([pos], dtype=torch.long),
         "target_positions": torch.tensor(tpos, dtype=torch.long),
         "targets": torch.tensor(tgt, dtype=torch.long),
+        "segment_bounds": segment_bounds([len(ex.input_ids) for ex in examples]),
         "n_tokens": len(ids),
         "n_targets": len(tgt),
     }

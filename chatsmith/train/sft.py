@@ -17,6 +17,7 @@ import torch
 from chatsmith.config import SFTConfig
 from chatsmith.data.template import render_conversation
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.attention import disable_segment_attention, enable_segment_attention
 from chatsmith.train.batching import Example, collate_packed, collate_padded, plan_steps
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import nll_sum
@@ -37,7 +38,8 @@ def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str,
         # head over a 49k vocabulary costs as much as several blocks, and most positions are
         # prompt tokens that never enter the loss.
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    logits_to_keep=batch["target_positions"], use_cache=False)
+                    logits_to_keep=batch["target_positions"], use_cache=False,
+                    segment_bounds=batch["segment_bounds"])
         return nll_sum(out.logits[0], batch["targets"]), {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     logits = out.logits
@@ -104,6 +106,8 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
                       epochs=cfg.epochs, seed=cfg.seed,
                       token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None)
     model = prepare_trainable(model, cfg)
+    if uses_packed_rows(cfg.method):
+        enable_segment_attention(model)
     n_train, n_total = trainable_parameters(model)
     say(f"method {cfg.method}: training {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%); "
         f"{len(plan)} steps")
@@ -111,6 +115,7 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
                       run_dir=run, eval_examples=eval_ex)
     result = trainer.fit()
+    disable_segment_attention(trainer.unwrapped())
     save_final(trainer.unwrapped(), tokenizer, cfg, run)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_examples": len(train_ex),
                "eval_examples": len(eval_ex), **counts, "final": result.final_metrics, "eval": result.eval_metrics}
