@@ -62,8 +62,12 @@ def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:
         targets: Any = cfg.lora_targets
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
+        # Tokens a fallback template added (train/prepare.py) have untrained embeddings: train those
+        # rows (and their tied LM-head rows) alongside the adapter, or the model never learns them.
+        new_ids = getattr(model, "chatsmith_new_token_ids", None) or None
         pcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=targets, use_dora=(method == "dora"), task_type="CAUSAL_LM")
+                               target_modules=targets, use_dora=(method == "dora"), task_type="CAUSAL_LM",
+                               trainable_token_indices=new_ids)
     elif method == "prompt":
         pcfg = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
     elif method == "prefix":

@@ -75,7 +75,9 @@ def add_template_tokens(model: Any, tokenizer: Any, template: str | None) -> int
     if not missing:
         return 0
     tokenizer.add_special_tokens({"additional_special_tokens": missing})
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer))   # new rows start at the mean embedding
+    # Adapter methods freeze the embeddings; prepare_trainable reads this to train these rows.
+    model.chatsmith_new_token_ids = tokenizer.convert_tokens_to_ids(missing)
     say(f"added template tokens {missing} to the vocabulary (their embeddings train from the mean)")
     return len(missing)
 
