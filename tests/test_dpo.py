@@ -1,0 +1,158 @@
+"""The DPO-family stage on the tiny random Llama: packed log-probs equal separate forwards, the
+LoRA reference is the adapter disabled, full fine-tuning caches the reference once, reference-free
+losses load none, every loss trains, DPO learns the demo preference, recipes run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatsmith.config import DPOConfig, load_config
+from chatsmith.data.preference import encode_feedback, encode_rankings, read_feedback, read_preferences
+from chatsmith.errors import ChatsmithError
+from chatsmith.models import load_model
+from chatsmith.models.adapters import prepare_trainable
+from chatsmith.train.dpo import (
+    cache_reference_logps,
+    preference_loss,
+    reference_logps,
+    run_dpo,
+    sequence_logps,
+)
+from chatsmith.train.rm import collate_preferences
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tokenizer):
+    recs = read_preferences("builtin:identity-preferences").records[:6]
+    return encode_rankings(tokenizer, recs, None, 128)[0]
+
+
+def plain_logps(model, examples) -> torch.Tensor:
+    """Reference computation: one unpacked forward per answer, log_softmax over the full logits."""
+    out = []
+    for ex in examples:
+        for a in ex.answers:
+            ids = torch.tensor([a.input_ids])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            tok = logp.gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(tok[torch.tensor(a.loss_mask[1:], dtype=torch.bool)].sum())
+    return torch.stack(out)
+
+
+def test_packed_logps_equal_separate_forwards(demo):
+    model, _ = load_model("tiny-random-llama", dtype=torch.float32)
+    batch = collate_preferences(demo)
+    assert batch["input_ids"].shape[0] == 1 and batch["n_seqs"] == 12 and batch["n_targets"] == 6
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(model, batch), plain_logps(model, demo), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_reference_is_the_base_with_the_adapter_disabled(demo):
+    base, _ = load_model("tiny-random-llama", dtype=torch.float32)
+    with torch.no_grad():
+        base_logps = plain_logps(base, demo)
+    cfg = DPOConfig(method="lora", lora_r=4)
+    model = prepare_trainable(load_model("tiny-random-llama", dtype=torch.float32)[0], cfg)
+    batch = collate_preferences(demo)
+    # At initialisation (LoRA B = 0) policy == reference, so every pair's DPO loss is log 2.
+    loss, metrics = preference_loss(model, batch, cfg)
+    assert loss.item() == pytest.approx(6 * math.log(2), rel=1e-5) and metrics["accuracy"] == 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        ref = reference_logps(model, batch)
+        pol = sequence_logps(model, batch)
+    torch.testing.assert_close(ref, base_logps, rtol=1e-4, atol=1e-4)
+    assert (pol - ref).abs().max() > 1e-2          # the adapter is back on afterwards
+    loss, _ = preference_loss(model, batch, cfg)
+    assert abs(loss.item() - 6 * math.log(2)) > 1e-3
+
+
+def test_full_finetuning_caches_reference_once(demo, tokenizer):
+    model, _ = load_model("tiny-random-llama", dtype=torch.float32)
+    examples = encode_rankings(tokenizer, read_preferences("builtin:identity-preferences").records[:6], None, 128)[0]
+    cache_reference_logps(model, examples, batch_size=4)
+    with torch.no_grad():
+        expected = plain_logps(model, examples)
+    torch.testing.assert_close(torch.tensor([v for ex in examples for v in ex.ref_logps]), expected,
+                               rtol=1e-4, atol=1e-4)
+    batch = collate_preferences(examples)
+    assert "ref_logps" in batch
+    # KTO: the mismatched KL sequences get cached reference log-probs too
+    fb = read_feedback(str(REPO.parent / "shared" / "data" / "kto_messages_20.json")).records[:4]
+    kto_ex, _ = encode_feedback(tokenizer, fb, None, 128)
+    cache_reference_logps(model, kto_ex, batch_size=4)
+    kb = collate_preferences(kto_ex, unit="examples")
+    assert kb["n_targets"] == 4 and kb["kl"]["ref_logps"].shape == (4,) and kb["desirable"].dtype == torch.bool
+
+
+def test_reference_free_losses_load_no_reference(tmp_path):
+    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="full", max_steps=1,
+                  max_length=96, eval_split=0, ref_logps="online")
+    # dpo needs a reference: full fine-tuning with an online reference would need a second copy -> refused
+    with pytest.raises(ChatsmithError, match="--ref-logps online needs --method lora"):
+        run_dpo(DPOConfig(output=str(tmp_path / "dpo"), loss="dpo", **common))
+    for loss in ("orpo", "simpo", "rrhf"):
+        run = run_dpo(DPOConfig(output=str(tmp_path / loss), loss=loss, **common))
+        assert json.loads((run / "summary.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize("loss", ["ipo", "cdpo", "kto"])
+def test_other_losses_train(tmp_path, loss):
+    cfg = DPOConfig(model="tiny-random-llama", data=["builtin:identity-preferences"], output=str(tmp_path / loss),
+                    loss=loss, max_steps=3, max_length=96, eval_split=8, lr=5e-3)
+    summary = json.loads((run_dpo(cfg) / "summary.json").read_text())
+    assert summary["steps"] == 3 and 0 <= summary["eval"]["eval_accuracy"] <= 1
+    assert math.isfinite(summary["final"]["loss"])
+
+
+def test_dpo_learns_the_demo_preference(tmp_path):
+    cfg = DPOConfig(model="tiny-random-llama", data=["builtin:identity-preferences"], output=str(tmp_path / "dpo"),
+                    loss="dpo", method="lora", lora_r=8, lr=3e-2, beta=0.1, batch_size=8, max_steps=25,
+                    max_length=96, eval_split=40, warmup_ratio=0.0, scheduler="constant")
+    run = run_dpo(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)    # policy == reference at step 1
+    assert sum(r["loss"] for r in train[-5:]) / 5 < math.log(2) - 0.05
+    # held out (40 pairs, chance 0.5): implicit reward accuracy and the DPO loss itself
+    assert summary["eval"]["eval_accuracy"] >= 0.75, summary["eval"]
+    assert summary["eval"]["eval_loss"] < math.log(2) - 0.1 and summary["eval"]["eval_margin"] > 0
+    assert (run / "rewards.png").is_file() and (run / "final" / "config.json").is_file()
+
+
+def test_every_dpo_recipe_runs_two_steps(tmp_path):
+    recipes = sorted((REPO / "recipes").glob("dpo_*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        assert load_config(DPOConfig, recipe).data
+        out = tmp_path / recipe.stem
+        r = subprocess.run([sys.executable, "-m", "chatsmith", "dpo", "--config", str(recipe), "--model",
+                            "tiny-random-llama", "--max-steps", "2", "--max-length", "96", "--output", str(out)],
+                           capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, (recipe, r.stderr[-2000:])
+        assert (out / "final" / "config.json").is_file() and (out / "summary.json").is_file()
+
+
+def test_kto_on_the_shared_feedback_file_via_cli(tmp_path, shared_data):
+    r = subprocess.run([sys.executable, "-m", "chatsmith", "dpo", "--model", "tiny-random-llama", "--loss", "kto",
+                        "--data", str(shared_data / "kto_messages_20.json"), "--output", str(tmp_path / "k"),
+                        "--max-steps", "2", "--max-length", "128", "--eval-split", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "12 desirable, 8 not" in r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "a"}]))
+    with pytest.raises(ChatsmithError, match="record 0, field 'rejected': chosen and rejected are the same"):
+        run_dpo(DPOConfig(model="tiny-random-llama", data=[str(bad)], output=str(tmp_path / "b")))
