@@ -2,8 +2,9 @@
 
 Two layouts:
 - packed rows (default): a micro-batch's examples are concatenated into one row with position
-  ids restarting at 0 for each example. transformers reads the restarts and builds a
-  block-diagonal causal mask, so attention never crosses examples, and no pad token is computed.
+  ids restarting at 0 for each example; attention runs causally within each example's span
+  (train/attention.py; without it transformers builds a block-diagonal mask from the restarts), so
+  attention never crosses examples, and no pad token is computed.
 - padded rows: for methods that prepend virtual tokens to every sequence (prompt/prefix tuning,
   LLaMA-Adapter), examples are right-padded into a [B, T] batch with an attention mask.
 """

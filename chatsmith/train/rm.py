@@ -5,8 +5,8 @@ A reward model is the causal LM's backbone with a scalar head (transformers'
 prompt + answer is the head applied to the hidden state of the answer's last token.
 
 Efficiency: all answers of a micro-batch (both sides of every pair, all K answers of a ranking) go
-through the model in ONE padding-free packed row; position ids restart at each sequence, which
-transformers turns into a block-diagonal causal mask. A ranking of K answers costs K sequences in
+through the model in ONE padding-free packed row; position ids restart at each sequence and each
+sequence attends only to itself (segment attention, train/attention.py). A ranking of K answers costs K sequences in
 that one forward and trains on all C(K,2) pairs (or on the Plackett-Luce likelihood of the order).
 """
 
@@ -312,7 +312,7 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: list[str | list[dict[str, str]]], responses: list[str], batch_size: int = 16) -> list[float]:
         """Scores of (prompt, response) pairs. A prompt is a user message or a list of {role, content};
-        batches are packed rows with a block-diagonal mask, so a batch scores as one by one."""
+        batches are packed rows where each sequence attends only to itself, so a batch scores as one by one."""
         if len(prompts) != len(responses):
             raise ChatsmithError(f"{len(prompts)} prompts but {len(responses)} responses: pass one response per prompt")
         examples = [self._example(p, r) for p, r in zip(prompts, responses, strict=True)]
