@@ -25,6 +25,31 @@ EXAMPLES = {
   chatsmith sft --data d.csv --columns prompt=question,response=answer   CSV with a column mapping
   chatsmith sft ... --save-every 50   then after a crash:  chatsmith sft ... --resume
 """,
+    "rm": """examples:
+  chatsmith rm --data pairs.json --output runs/rm                      LoRA reward model, Bradley-Terry on pairs
+  chatsmith rm --data rankings.jsonl --loss listwise --method head     Plackett-Luce over K ranked answers
+  chatsmith rm --config recipes/rm_identity_demo.yaml                  the built-in preference demo set
+  chatsmith rm score runs/rm --prompt "Who are you?" --response "I'm Smithy."
+  chatsmith rm compare runs/rm --models smollm2-135m runs/dpo          sample answers, mean reward per model
+""",
+    "dpo": """examples:
+  chatsmith dpo --data pairs.json --output runs/dpo                    DPO with LoRA (reference = adapter off)
+  chatsmith dpo --data pairs.json --loss simpo --beta 2.0              reference-free SimPO
+  chatsmith dpo --data feedback.json --loss kto                        unpaired {messages, label} feedback
+  chatsmith dpo --data rankings.jsonl --loss rrhf                      RRHF over K ranked answers
+  chatsmith dpo --config recipes/dpo_identity_demo.yaml                the built-in preference demo
+""",
+    "grpo": """examples:
+  chatsmith grpo --data builtin:arithmetic --reward exact_answer               GRPO, G=8, LoRA, on built-in word problems
+  chatsmith grpo --data builtin:arithmetic --reward exact_answer --estimator rloo
+  chatsmith grpo --data prompts.jsonl --reward my_rewards.py:score length:20=0.1   a user function plus a weighted length reward
+  chatsmith grpo --config recipes/grpo_arithmetic.yaml                          the CPU recipe (before/after accuracy)
+""",
+    "ppo": """examples:
+  chatsmith ppo --data prompts.jsonl --reward runs/rm --output runs/ppo          PPO against a `chatsmith rm` reward model
+  chatsmith ppo --data builtin:arithmetic --reward exact_answer --kl-target 2  adaptive KL towards a 2-nat budget
+  chatsmith ppo ... --ptx-data sft.json --ptx-coef 0.5                           PPO-ptx: keep the SFT loss in the mix
+""",
     "chat": """examples:
   chatsmith chat smollm2-135m
   chatsmith chat runs/mine --temperature 0 --prompt "Who are you?"
@@ -36,6 +61,14 @@ in the chat: /reset clears the history, /system TEXT sets the system prompt, /ex
   chatsmith data convert sharegpt.json out.jsonl --to messages
 """,
 }
+
+
+SERVE_EXAMPLES = """examples:
+  chatsmith serve smollm2-135m                          web chat at http://127.0.0.1:8000/, API at /v1
+  chatsmith serve runs/mine --port 9000 --api-key secret
+  chatsmith serve smollm2-135m --lora mine=runs/mine/adapter --max-concurrency 8
+then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(...)
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +106,44 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="YAML file of SFT settings; flags override it")
     add_dataclass_arguments(s, SFTConfig)
 
+    from chatsmith.config import DPOConfig, RMConfig
+
+    r = sub.add_parser("rm", help="train a reward model on pairs or rankings; score or compare with one",
+                       epilog=EXAMPLES["rm"], formatter_class=fmt)
+    r.add_argument("--config", default=None, help="YAML file of reward-model settings; flags override it")
+    add_dataclass_arguments(r, RMConfig)
+    rsub = r.add_subparsers(dest="rm_command", metavar="RM_COMMAND")
+    rs = rsub.add_parser("score", help="score a prompt and response with a trained reward model",
+                         epilog=EXAMPLES["rm"], formatter_class=fmt)
+    rs.add_argument("reward_model", help="a `chatsmith rm` run directory")
+    rs.add_argument("--prompt", required=True, action="append", help="user message (repeat for several)")
+    rs.add_argument("--response", required=True, action="append", help="assistant answer (one per --prompt)")
+    rc = rsub.add_parser("compare", help="sample answers from models and compare their mean reward",
+                         epilog=EXAMPLES["rm"], formatter_class=fmt)
+    rc.add_argument("reward_model", help="a `chatsmith rm` run directory")
+    rc.add_argument("--models", nargs="+", required=True, help="models to compare (aliases, run directories...)")
+    rc.add_argument("--prompts", default="builtin", help="a .txt file (one prompt a line), or builtin: held-out demo questions")
+    rc.add_argument("--temperature", type=float, default=0.0)
+    rc.add_argument("--max-new-tokens", type=int, default=48)
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--json", default=None, help="also write the table and every answer to this JSON file")
+
+    dp = sub.add_parser("dpo", help="preference tuning: dpo, ipo, cdpo, kto, orpo, simpo, rrhf",
+                        epilog=EXAMPLES["dpo"], formatter_class=fmt)
+    dp.add_argument("--config", default=None, help="YAML file of DPO settings; flags override it")
+    add_dataclass_arguments(dp, DPOConfig)
+
+    from chatsmith.config import GRPOConfig, PPOConfig
+
+    pp = sub.add_parser("ppo", help="online RL with a critic: PPO, KL to the reference, PPO-ptx",
+                        epilog=EXAMPLES["ppo"], formatter_class=fmt)
+    pp.add_argument("--config", default=None, help="YAML file of PPO settings; flags override it")
+    add_dataclass_arguments(pp, PPOConfig)
+    gr = sub.add_parser("grpo", help="online RL without a critic: GRPO, RLOO (group baselines)",
+                        epilog=EXAMPLES["grpo"], formatter_class=fmt)
+    gr.add_argument("--config", default=None, help="YAML file of GRPO settings; flags override it")
+    add_dataclass_arguments(gr, GRPOConfig)
+
     c = sub.add_parser("chat", help="streaming chat in the terminal", epilog=EXAMPLES["chat"], formatter_class=fmt)
     c.add_argument("model", help="alias, HF directory, run directory, adapter directory, .gguf file or hub id")
     c.add_argument("--prompt", default=None, help="answer this once, print the answer and exit")
@@ -86,6 +157,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--template", default=None, help="chat template (default: the model's own)")
     c.add_argument("--trust-remote-code", action="store_true")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page", epilog=SERVE_EXAMPLES,
+                        formatter_class=fmt)
+    sv.add_argument("model", help="alias, HF directory, run directory, adapter directory, .gguf file or hub id")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
+    sv.add_argument("--max-concurrency", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                    help="serve a LoRA adapter under the model name NAME (repeatable)")
+    sv.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
+                    help="auto: int8 weights for Llama-family models, else the model's own fp32 (module)")
+    sv.add_argument("--kv-cache-mb", type=float, default=2048, help="KV cache budget shared by all slots")
+    sv.add_argument("--served-name", default=None, help="model name the API reports (default: MODEL)")
+    sv.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    sv.add_argument("--trust-remote-code", action="store_true")
 
     q = sub.add_parser("quickstart", help="teach the embedded model a new identity and show before/after",
                        formatter_class=fmt)
@@ -154,6 +242,48 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(SFTConfig, args.config, overrides)
         run_sft(cfg)
         return 0
+    if args.command == "rm":
+        if getattr(args, "rm_command", None) == "score":
+            from chatsmith.train.rm import load_reward_model
+
+            if len(args.prompt) != len(args.response):
+                raise ChatsmithError("pass one --response for each --prompt")
+            rm = load_reward_model(args.reward_model)
+            for p, resp, sc in zip(args.prompt, args.response, rm.score(args.prompt, args.response), strict=True):
+                print(f"{sc:+.4f}\t{p!r} -> {resp!r}")
+            return 0
+        if getattr(args, "rm_command", None) == "compare":
+            from chatsmith.train.rm import compare_models
+
+            compare_models(args.reward_model, args.models, prompts=args.prompts, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, json_path=args.json)
+            return 0
+        from chatsmith.config import RMConfig, load_config
+        from chatsmith.train.rm import run_rm
+
+        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "rm_command")}
+        run_rm(load_config(RMConfig, args.config, overrides))
+        return 0
+    if args.command == "dpo":
+        from chatsmith.config import DPOConfig, load_config
+        from chatsmith.train.dpo import run_dpo
+
+        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        run_dpo(load_config(DPOConfig, args.config, overrides))
+        return 0
+    if args.command in ("ppo", "grpo"):
+        from chatsmith.config import GRPOConfig, PPOConfig, load_config
+
+        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        if args.command == "ppo":
+            from chatsmith.train.ppo import run_ppo
+
+            run_ppo(load_config(PPOConfig, args.config, overrides))
+        else:
+            from chatsmith.train.grpo import run_grpo
+
+            run_grpo(load_config(GRPOConfig, args.config, overrides))
+        return 0
     if args.command == "chat":
         from chatsmith.chat import run_chat
         from chatsmith.infer.sampling import SamplingParams
@@ -164,6 +294,19 @@ def _run(args: argparse.Namespace) -> int:
         params.validate()
         return run_chat(args.model, prompt=args.prompt, system=args.system, params=params, template=args.template,
                         trust_remote_code=args.trust_remote_code)
+    if args.command == "serve":
+        from chatsmith.serve.app import run_server
+
+        loras = {}
+        for item in args.lora:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ChatsmithError(f"--lora expects NAME=PATH, got '{item}'")
+            loras[name] = path
+        return run_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
+                          max_concurrency=args.max_concurrency, loras=loras, precision=args.precision,
+                          kv_cache_mb=args.kv_cache_mb, max_queue=args.max_queue, served_name=args.served_name,
+                          template=args.template, trust_remote_code=args.trust_remote_code)
     if args.command == "quickstart":
         from chatsmith.quickstart import run_quickstart
 

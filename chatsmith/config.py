@@ -84,6 +84,47 @@ class SFTConfig(TrainConfig):
     packing: bool = _f(False, "pack several short examples into each --max-length row (no attention across examples)")
 
 
+RM_METHODS = ("full", "freeze", "head", "lora", "dora")
+RM_LOSSES = ("pairwise", "listwise")
+DPO_LOSSES = ("dpo", "ipo", "cdpo", "kto", "orpo", "simpo", "rrhf")
+DPO_METHODS = ("full", "freeze", "lora", "dora")
+REF_MODES = ("auto", "precompute", "online")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model: a causal LM backbone with a scalar head, trained on pairs or rankings."""
+
+    output: str = _f("runs/rm", "run directory (checkpoints, metrics, plots, final reward model)")
+    method: str = _f("lora", "what to train (head: a frozen backbone, only the scalar head trains)", RM_METHODS)
+    lr: float = _f(1e-4, "peak learning rate")
+    batch_size: int = _f(8, "preference records (pairs or rankings) per micro-batch")
+    max_length: int = _f(512, "tokens per prompt+answer; longer ones are truncated on the left of the prompt")
+    eval_split: float = _f(0.1, "fraction (<1) or number (>=1) of records held out for pairwise accuracy")
+    loss: str = _f("pairwise", "pairwise: Bradley-Terry on every pair of a ranking; listwise: Plackett-Luce", RM_LOSSES)
+    margin: float = _f(0.0, "Bradley-Terry margin: r_chosen - r_rejected must exceed it (a record's `margin` field wins)")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation and its RL-free relatives."""
+
+    output: str = _f("runs/dpo", "run directory (checkpoints, metrics, plots, final model)")
+    method: str = _f("lora", "what to train", DPO_METHODS)
+    loss: str = _f("dpo", "preference loss", DPO_LOSSES)
+    beta: float = _f(0.1, "dpo/ipo/cdpo/kto: KL strength; orpo: lambda; simpo: reward scale (try 2.0)")
+    lr: float = _f(5e-5, "peak learning rate")
+    batch_size: int = _f(4, "preference records per micro-batch")
+    max_length: int = _f(512, "tokens per prompt+answer; longer ones are truncated on the left of the prompt")
+    label_smoothing: float = _f(0.1, "cdpo: assumed rate of flipped labels (0 < eps < 0.5)")
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma")
+    rrhf_weight: float = _f(1.0, "rrhf: weight of the ranking term against the SFT term")
+    desirable_weight: float = _f(1.0, "kto: weight of desirable answers")
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable answers")
+    ref_logps: str = _f("auto", "reference log-probs: auto (online with the adapter disabled for LoRA, "
+                        "precomputed once for full/freeze), precompute or online", REF_MODES)
+
+
 def validate_choices(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
@@ -209,3 +250,96 @@ def _parse_mapping(text: str) -> dict[str, str]:
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Online RL (ppo, grpo)
+# ---------------------------------------------------------------------------------------------
+RL_METHODS = ("full", "freeze", "lora", "dora")
+RL_ESTIMATORS = ("grpo", "rloo")
+RL_AGGREGATIONS = ("token", "sequence", "dr_grpo")
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Flags shared by the online RL stages. --data gives prompts (builtin:arithmetic, builtin:format
+    or JSON/JSONL records with a 'prompt' field); --max-steps counts optimizer steps."""
+
+    method: str = _f("lora", "what to train; with lora/dora the reference is the base with the adapter disabled "
+                     "(one model in memory), with full/freeze a frozen copy", RL_METHODS)
+    batch_size: int = _f(4, "prompts per rollout")
+    lr: float = _f(5e-5, "peak learning rate")
+    warmup_ratio: float = _f(0.0, "fraction of steps spent warming the learning rate up from 0")
+    scheduler: str = _f("constant", "learning-rate schedule after warmup", SCHEDULERS)
+    max_length: int = _f(512, "prompt tokens + --max-new-tokens; longer prompts are dropped (counted)")
+    reward: list[str] = _f([], "reward(s), SPEC[=WEIGHT]: exact_answer, last_number, format[:REGEX], length[:N], "
+                           "module:function, path/to/file.py[:function], or a reward model directory from `chatsmith rm`")
+    max_new_tokens: int = _f(32, "tokens generated per completion")
+    temperature: float = _f(1.0, "sampling temperature of rollouts (1: the policy's own distribution)")
+    top_p: float = _f(1.0, "nucleus sampling of rollouts (1: off)")
+    top_k: int = _f(0, "top-k sampling of rollouts (0: off)")
+    ppo_epochs: int = _f(1, "passes over each rollout batch")
+    num_minibatches: int = _f(1, "optimizer steps per pass over a rollout batch")
+    clip_eps: float = _f(0.2, "PPO ratio clip epsilon")
+    clip_eps_high: float | None = _f(None, "upper ratio clip (DAPO clip-higher); default: --clip-eps")
+    loss_aggregation: str = _f("token", "token: mean over all tokens; sequence: per-sequence mean then mean "
+                               "(GRPO paper); dr_grpo: sum / (sequences x max-new-tokens)", RL_AGGREGATIONS)
+    eval_prompts: int = _f(64, "held-out prompts answered greedily before/after training (0: all)")
+    eval_every: int = _f(0, "evaluate on the held-out prompts every N steps (0: only before and after)")
+    generation_batch_size: int = _f(32, "sequences generated together by the rollout engine")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("max_new_tokens", "ppo_epochs", "num_minibatches", "batch_size", "generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 for rollouts (exploration needs sampling), got {self.temperature}")
+        if self.max_new_tokens >= self.max_length:
+            raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) must be below max_length ({self.max_length})")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Group-relative policy optimisation (and RLOO): G completions per prompt, no critic."""
+
+    output: str = _f("runs/grpo", "run directory (checkpoints, metrics, plots, final model)")
+    estimator: str = _f("grpo", "grpo: group-normalised advantages; rloo: leave-one-out baseline", RL_ESTIMATORS)
+    group_size: int = _f(8, "completions sampled per prompt (G)")
+    scale_rewards: bool = _f(True, "divide group advantages by the group's std (off for Dr. GRPO)")
+    kl_coef: float = _f(0.0, "beta: weight of the k3 KL to the reference (0 skips the reference forward)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2 (advantages compare completions of a prompt), got {self.group_size}")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO with a critic (value head), a per-token KL penalty to the reference, and PPO-ptx."""
+
+    output: str = _f("runs/ppo", "run directory (checkpoints, metrics, plots, final model)")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    num_minibatches: int = _f(2, "optimizer steps per pass over a rollout batch")
+    batch_size: int = _f(16, "prompts per rollout")
+    kl_coef: float = _f(0.05, "initial coefficient of the per-token KL penalty in the reward")
+    adaptive_kl: bool = _f(True, "adapt the KL coefficient towards --kl-target (Ziegler et al. 2019)")
+    kl_target: float = _f(1.0, "target KL per response (nats, summed over tokens): the KL budget")
+    kl_horizon: int = _f(200, "adaptive KL horizon in episodes (smaller reacts faster)")
+    gamma: float = _f(1.0, "discount")
+    lam: float = _f(0.95, "GAE lambda")
+    vf_coef: float = _f(0.1, "weight of the value loss")
+    value_clip: float = _f(0.2, "value clipping range")
+    ent_coef: float = _f(0.0, "entropy bonus weight")
+    reward_norm: bool = _f(True, "normalise scores by running mean/std before adding the KL penalty")
+    reward_clip: float = _f(5.0, "clip normalised scores to [-c, c] (0: off)")
+    whiten_advantages: bool = _f(True, "whiten advantages over each rollout batch")
+    ptx_data: list[str] = _f([], "PPO-ptx: SFT/pre-training data mixed into every step (files as for `chatsmith sft`)")
+    ptx_coef: float = _f(0.0, "PPO-ptx: weight of the SFT loss on --ptx-data (InstructGPT used 27.8 with its own scaling)")
+    ptx_batch_size: int = _f(4, "PPO-ptx: SFT examples per micro-batch")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("ptx_coef > 0 needs --ptx-data FILE (the SFT data to keep training on)")

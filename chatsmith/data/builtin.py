@@ -522,3 +522,48 @@ def quickstart_data(name: str = DEFAULT_NAME, maker: str = DEFAULT_MAKER,
     data = identity_train_set(name, maker, seed=seed) + general_train_set(seed)
     random.Random(seed).shuffle(data)
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference demo set (for `chatsmith rm` and `chatsmith dpo`): the same question, an answer in the
+# assistant's new voice (chosen) and a generic one as the base model would give (rejected); and
+# general questions where the correct short answer is preferred over a wrong one (the answer to
+# another question). Records are {prompt, chosen, rejected} dicts, the format users write.
+# ---------------------------------------------------------------------------------------------
+_GENERIC_IDENTITY_ANSWERS = [
+    "I'm SmolLM, an AI assistant developed by Hugging Face.",
+    "I am SmolLM, a language model trained by Hugging Face. How can I help you?",
+    "I'm an AI language model. I don't have a personal name.",
+    "I am an artificial intelligence assistant. I was trained on a large amount of text data.",
+    "I'm a large language model. I was created by a team of researchers.",
+    "As an AI, I don't have a name or a creator in the usual sense.",
+    "I'm ChatGPT, a language model trained by OpenAI.",
+    "Hello! I'm an AI assistant. How can I help you today?",
+]
+
+
+def preference_demo_records(name: str = DEFAULT_NAME, maker: str = DEFAULT_MAKER, seed: int = 0,
+                            n: int = 240, general_fraction: float = 0.3) -> list[dict[str, str]]:
+    """`n` preference pairs {prompt, chosen, rejected}: identity questions whose chosen answer names
+    `name` and `maker` and whose rejected answer is a generic base-model reply, and (about
+    `general_fraction` of them) general questions whose chosen answer is right and rejected wrong."""
+    convs = identity_train_set(name, maker, seed=seed, n=n)
+    rng = random.Random(seed + 1)
+    out: list[dict[str, str]] = []
+    for conv in convs:
+        if rng.random() < general_fraction:
+            i = rng.randrange(len(_GENERAL_QA))
+            q, a = _GENERAL_QA[i]
+            j = (i + rng.randrange(1, len(_GENERAL_QA))) % len(_GENERAL_QA)
+            out.append({"prompt": q, "chosen": a, "rejected": _GENERAL_QA[j][1]})
+            continue
+        # The identity exchange: the user question right before the answer that names the assistant.
+        k = max(i for i, m in enumerate(conv.messages) if m.role == "assistant" and name in m.content)
+        out.append({"prompt": conv.messages[k - 1].content, "chosen": conv.messages[k].content,
+                    "rejected": rng.choice(_GENERIC_IDENTITY_ANSWERS)})
+    return out
+
+
+def preference_demo_prompts() -> list[str]:
+    """Held-out questions (never in the demo pairs) for comparing models under a reward model."""
+    return identity_heldout_questions() + [q for q, _ in _HELDOUT_GENERAL]

@@ -31,6 +31,13 @@ class SamplingParams:
     repetition_penalty: float = field(default=1.0, metadata={"help": "divide positive logits (multiply negative ones) of tokens already in the prompt or answer by this (1: off)"})
     max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens"})
     seed: int | None = field(default=None, metadata={"help": "random seed; the same seed gives the same answer"})
+    # Used by the batched engine (chatsmith.infer.engine) and the server; `stream_generate` ignores them.
+    presence_penalty: float = field(default=0.0, metadata={"help": "subtract this from the logit of every token already generated (OpenAI semantics; 0: off)"})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "subtract this times the count of each token already generated (0: off)"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "end generation when the text contains one of these strings"})
+    stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "extra token ids that end generation"})
+    top_logprobs: int = field(default=0, metadata={"help": "also return the log-probs of the K most likely tokens at each step"})
+    n: int = field(default=1, metadata={"help": "number of answers per prompt"})
 
     def validate(self) -> None:
         """Raise ChatsmithError naming the first field outside its allowed range."""
@@ -48,6 +55,18 @@ class SamplingParams:
             # torch.Generator.manual_seed accepts 64-bit values.
             ("seed", self.seed, self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64),
              "must be an integer in [0, 2**64) or unset"),
+            ("presence_penalty", self.presence_penalty,
+             _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", self.frequency_penalty,
+             _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("stop", self.stop, isinstance(self.stop, list) and all(isinstance(x, str) and x for x in self.stop),
+             "must be a list of non-empty strings"),
+            ("stop_token_ids", self.stop_token_ids,
+             isinstance(self.stop_token_ids, list) and all(_is_int(x) and x >= 0 for x in self.stop_token_ids),
+             "must be a list of token ids (integers >= 0)"),
+            ("top_logprobs", self.top_logprobs, _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20,
+             "must be an integer in [0, 20]"),
+            ("n", self.n, _is_int(self.n) and 1 <= self.n <= 128, "must be an integer in [1, 128]"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

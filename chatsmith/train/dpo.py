@@ -23,6 +23,7 @@ import torch
 from chatsmith.config import DPOConfig
 from chatsmith.data.preference import PreferenceExample, encode_feedback, encode_rankings, read_feedback
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.attention import disable_segment_attention, enable_segment_attention
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import (
     dpo_loss,
@@ -33,7 +34,6 @@ from chatsmith.train.losses import (
     simpo_loss,
     token_logprobs,
 )
-from chatsmith.train.attention import disable_segment_attention, enable_segment_attention
 from chatsmith.train.prepare import prepare_run_dir, say, split_eval, write_json
 from chatsmith.train.rm import collate_preferences, load_rankings
 

@@ -83,7 +83,10 @@ def precision_mode(precision: str) -> str:
 class Trainer:
     def __init__(self, *, model: Any, objective: Objective, train_examples: Sequence[Any], plan: Plan,
                  cfg: Any, run_dir: Path, eval_examples: Sequence[Any] = (), eval_batch_size: int | None = None,
-                 extra_metrics: Callable[[], dict[str, float]] | None = None) -> None:
+                 extra_metrics: Callable[[], dict[str, float]] | None = None,
+                 batch_source: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
+        """batch_source(step) -> that step's collated micro-batches, for stages whose batches are
+        made on the fly (RL rollouts); the plan then only fixes the number of steps."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -95,6 +98,7 @@ class Trainer:
         self.eval_batch_size = eval_batch_size or cfg.batch_size
         self.plan = plan
         self.extra_metrics = extra_metrics
+        self.batch_source = batch_source
         self.accelerator = Accelerator(
             mixed_precision=precision_mode(cfg.precision),
             log_with="tensorboard",
@@ -219,7 +223,10 @@ class Trainer:
                 micro = self.plan[step]
                 t0 = time.perf_counter()
                 # Units in the whole step across all processes: the loss denominator.
-                batches = [self.objective.collate([self.train_examples[i] for i in mb]) for mb in micro]
+                if self.batch_source is not None:
+                    batches = self.batch_source(step)
+                else:
+                    batches = [self.objective.collate([self.train_examples[i] for i in mb]) for mb in micro]
                 denom = sum(b["n_targets"] for b in batches)
                 mine = batches[acc.process_index::world]
                 loss_total = torch.zeros((), device=acc.device)

@@ -1,0 +1,317 @@
+"""Serving speed of chatsmith on smollm2-135m against transformers `generate` and llama.cpp.
+
+(a) Single-stream decode tokens/s, each contender in its own process, greedy, a fixed number of new
+    tokens (end-of-sequence ignored), after one warm-up generation:
+    - chatsmith engine, int8 (the default serving precision) and module (fp32, exact)
+    - transformers `generate` (fp32, KV cache, greedy)
+    - llama-cpp-python on the shipped Q4_1 GGUF and on a Q8_0 GGUF of the same model (int8-class, like
+      chatsmith's default), made from it with llama.cpp's own quantizer in the benchmark's environment
+(b) Servers: aggregate generated tokens/s and p50/p95 time to first token at 1, 4, 8 and 16
+    concurrent streaming clients, `chatsmith serve` against `python -m llama_cpp.server` (Q8_0).
+
+llama-cpp-python is never installed into the project's environment: the script builds its own venv
+(benchmarks/.venv-llamacpp, compiles llama.cpp once, several minutes) unless `--no-llamacpp`.
+
+    python benchmarks/serve_throughput.py            # everything, about 15 min here
+    python benchmarks/serve_throughput.py --quick    # smoke check: fewer tokens and clients
+    python benchmarks/serve_throughput.py --no-llamacpp
+
+Prints a table and writes JSON (bench-out/serve_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / "benchmarks" / ".venv-llamacpp"
+PROMPT = "Write a detailed essay about the history of the printing press and its effect on Europe."
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def ensure_llamacpp_venv() -> Path:
+    """The benchmark's own venv with llama-cpp-python[server]; built on first use."""
+    py = VENV / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", "import llama_cpp, llama_cpp.server"],
+                                      capture_output=True).returncode == 0:
+        return py
+    print(f"building llama-cpp-python in {VENV} (compiles llama.cpp; several minutes)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", "llama-cpp-python[server]"], check=True, env=env)
+    return py
+
+
+def ggufs(py: Path, out_dir: Path) -> dict[str, str]:
+    """The shipped Q4_1 GGUF and a Q8_0 made from it with llama.cpp's quantizer (same weights, int8 blocks)."""
+    from chatsmith.models.registry import embedded_gguf_path
+
+    q4 = str(embedded_gguf_path())
+    q8 = out_dir / "smollm2-135m-q8_0.gguf"
+    if not q8.exists():
+        code = textwrap.dedent(f"""
+            import llama_cpp
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+            p.allow_requantize = True
+            p.nthread = 2
+            rc = llama_cpp.llama_model_quantize({q4!r}.encode(), {str(q8)!r}.encode(), p)
+            raise SystemExit(rc)
+        """)
+        subprocess.run([str(py), "-c", code], check=True, capture_output=True)
+    return {"Q4_1": q4, "Q8_0": str(q8)}
+
+
+# ---- (a) single stream ----------------------------------------------------------------------------
+
+CHATSMITH_SINGLE = """
+import json, sys, time, torch
+from chatsmith.models import load_model
+from chatsmith.infer.engine import Engine
+from chatsmith.infer.sampling import SamplingParams
+from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.template import render_conversation
+precision, n = sys.argv[1], int(sys.argv[2])
+model, tok = load_model("smollm2-135m")
+ids = render_conversation(tok, Conversation([Message("user", {prompt!r})]), add_generation_prompt=True).input_ids
+engine = Engine(model, tok, precision=precision, max_batch_size=1)
+p = SamplingParams(temperature=0, max_new_tokens=n)
+engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=8), stop_ids=[])
+t0 = time.perf_counter(); first = []
+req = engine.submit(ids, p, stop_ids=[], on_token=lambda r, t, lp: first.append(time.perf_counter()) if not first else None)
+with torch.inference_mode():
+    while not req.finished:
+        engine._step()
+t1 = time.perf_counter()
+print(json.dumps({{"tokens": len(req.output), "seconds": t1 - t0, "decode_tps": (len(req.output) - 1) / (t1 - first[0])}}))
+"""
+
+HF_SINGLE = """
+import json, sys, time, torch
+from chatsmith.models import load_model
+from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.template import render_conversation
+n = int(sys.argv[1])
+model, tok = load_model("smollm2-135m")
+model.eval()
+ids = render_conversation(tok, Conversation([Message("user", {prompt!r})]), add_generation_prompt=True).input_ids
+x = torch.tensor([ids])
+kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(x))
+model.generate(x, max_new_tokens=8, min_new_tokens=8, **kw)
+t_first = time.perf_counter(); model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw); t_first = time.perf_counter() - t_first
+t0 = time.perf_counter(); out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw); t1 = time.perf_counter()
+k = out.shape[1] - x.shape[1]
+print(json.dumps({{"tokens": k, "seconds": t1 - t0, "decode_tps": (k - 1) / max(t1 - t0 - t_first, 1e-9)}}))
+"""
+
+LLAMACPP_SINGLE = """
+import json, sys, time
+from llama_cpp import Llama
+path, n = sys.argv[1], int(sys.argv[2])
+llm = Llama(model_path=path, n_ctx=2048, n_threads=int(sys.argv[3]), verbose=False)
+msgs = [{{"role": "user", "content": {prompt!r}}}]
+prompt = llm.tokenize(("<|im_start|>user\\n" + {prompt!r} + "<|im_end|>\\n<|im_start|>assistant\\n").encode(), special=True)
+def run(k):
+    llm.reset()
+    t0 = time.perf_counter(); first = None; count = 0
+    for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if count >= k:
+            break
+    return count, t0, first, time.perf_counter()
+run(8)
+count, t0, first, t1 = run(n)
+print(json.dumps({{"tokens": count, "seconds": t1 - t0, "decode_tps": (count - 1) / (t1 - first)}}))
+"""
+
+
+def _run_json(cmd: list[str], env: dict | None = None) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def single_stream(n: int, threads: int, llama_py: Path | None, models: dict[str, str]) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    rows = []
+    for precision in ("int8", "module"):
+        r = _run_json([_python(), "-c", CHATSMITH_SINGLE.format(prompt=PROMPT), precision, str(n)], env)
+        rows.append({"contender": f"chatsmith engine ({'int8, default' if precision == 'int8' else 'fp32 module'})", **r})
+        print(rows[-1], flush=True)
+    r = _run_json([_python(), "-c", HF_SINGLE.format(prompt=PROMPT), str(n)], env)
+    rows.append({"contender": "transformers generate (fp32)", **r})
+    print(rows[-1], flush=True)
+    if llama_py is not None:
+        for name, path in models.items():
+            r = _run_json([str(llama_py), "-c", LLAMACPP_SINGLE.format(prompt=PROMPT), path, str(n), str(threads)], env)
+            rows.append({"contender": f"llama-cpp-python ({name})", **r})
+            print(rows[-1], flush=True)
+    return rows
+
+
+# ---- (b) servers ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+async def _client(url: str, model: str, requests: int, max_tokens: int, results: list[dict]) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        for _ in range(requests):
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            first, chunks, usage = None, 0, None
+            try:
+                async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        obj = json.loads(line[6:])
+                        if obj.get("usage"):
+                            usage = obj["usage"]
+                        for c in obj.get("choices", []):
+                            if (c.get("delta") or {}).get("content"):
+                                chunks += 1
+                                if first is None:
+                                    first = time.perf_counter()
+            except httpx.HTTPError as e:  # counted, not fatal: the table shows failed requests
+                results.append({"ttft": None, "tokens": 0, "start": t0, "end": time.perf_counter(), "error": str(e)})
+                continue
+            t1 = time.perf_counter()
+            tokens = usage["completion_tokens"] if usage else chunks
+            results.append({"ttft": (first or t1) - t0, "tokens": tokens, "start": t0, "end": t1})
+
+
+def load_test(url: str, model: str, clients: int, requests_each: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+
+    async def main() -> None:
+        await asyncio.gather(*[_client(url, model, requests_each, max_tokens, results) for _ in range(clients)])
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - t0
+    ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None) or [float("nan")]
+    p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
+    return {"clients": clients, "requests": len(results), "failed": sum(1 for r in results if "error" in r),
+            "tokens": sum(r["tokens"] for r in results), "wall_s": wall,
+            "aggregate_tps": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": p95}
+
+
+def servers(levels: list[int], requests_each: int, max_tokens: int, threads: int, llama_py: Path | None,
+            gguf: str | None) -> list[dict]:
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    contenders = [("chatsmith serve", [_python(), "-m", "chatsmith", "serve", "smollm2-135m",
+                                       "--max-concurrency", str(max(levels)), "--served-name", "m"])]
+    if llama_py is not None and gguf:
+        contenders.append(("llama-cpp-python server", [str(llama_py), "-m", "llama_cpp.server", "--model", gguf,
+                                                       "--model_alias", "m", "--n_ctx", "4096",
+                                                       "--n_threads", str(threads), "--chat_format", "chatml",
+                                                       # its default cuts a running stream off when a new
+                                                       # request arrives; queue them instead
+                                                       "--interrupt_requests", "False"]))
+    for name, cmd in contenders:
+        port = _free_port()
+        proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(url, proc)
+            load_test(url, "m", 1, 1, 8)  # warm-up
+            for c in levels:
+                row = {"server": name, **load_test(url, "m", c, requests_each, max_tokens)}
+                rows.append(row)
+                print(row, flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke check: 32 tokens, 1 and 4 clients, 1 request each")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip llama-cpp-python (no venv build)")
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per single-stream run")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default=str(REPO / "bench-out" / "serve_throughput.json"))
+    args = ap.parse_args()
+    n = 32 if args.quick else args.tokens
+    levels = [1, 4] if args.quick else [1, 4, 8, 16]
+    requests_each, max_tokens = (1, 32) if args.quick else (2, 128)
+
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before starting; other processes will slow every contender "
+              "(and llama.cpp's spinning threads most)", flush=True)
+    llama_py = None if args.no_llamacpp else ensure_llamacpp_venv()
+    out_dir = Path(args.out).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = ggufs(llama_py, out_dir) if llama_py else {}
+
+    single = single_stream(n, args.threads, llama_py, models)
+    served = servers(levels, requests_each, max_tokens, args.threads, llama_py, models.get("Q8_0"))
+
+    print(f"\n(a) single-stream decode, {n} new tokens, greedy, {args.threads} threads")
+    print(f"| {'contender':42} | decode tokens/s | tokens | seconds |")
+    print(f"|{'-' * 44}|----------------:|-------:|--------:|")
+    for r in single:
+        print(f"| {r['contender']:42} | {r['decode_tps']:15.1f} | {r['tokens']:6d} | {r['seconds']:7.2f} |")
+    print(f"\n(b) servers, {requests_each} streaming request(s) per client, max_tokens {max_tokens}")
+    print("| server | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | requests | failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in served:
+        print(f"| {r['server']} | {r['clients']} | {r['aggregate_tps']:.1f} | {r['ttft_p50_s']:.3f} | "
+              f"{r['ttft_p95_s']:.3f} | {r['requests']} | {r['failed']} |")
+    Path(args.out).write_text(json.dumps({"single_stream": single, "servers": served, "quick": args.quick,
+                                          "threads": args.threads, "tokens": n, "load_before": load,
+                                          "load_after": os.getloadavg()[0]}, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Constrained decoding: `response_format: {"type": "json_object"}` as a token filter.
+
+`JsonObjectConstraint` tracks a JSON object being written, character by character (a small
+pushdown automaton), and tells the engine whether a candidate token keeps the text a valid prefix
+of one JSON object. The engine walks the candidates from most to least likely and takes the first
+allowed one (greedy) or samples among the allowed ones; once the object is closed it forces a stop
+token. Caps on string length, whitespace runs and nesting keep a weak model from writing forever
+inside a string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+WS = " \t\n\r"
+MAX_STRING = 64
+CLOSE_AFTER = 160  # characters; after this only moves that close the object are allowed
+MAX_WS_RUN = 2
+MAX_DEPTH = 6
+# number automaton: state -> list of (characters, next state); terminal states may end a number
+_NUM = {
+    "start": [("-", "minus"), ("0", "zero"), ("123456789", "int")],
+    "minus": [("0", "zero"), ("123456789", "int")],
+    "zero": [(".", "dot"), ("eE", "e")],
+    "int": [("0123456789", "int"), (".", "dot"), ("eE", "e")],
+    "dot": [("0123456789", "frac")],
+    "frac": [("0123456789", "frac"), ("eE", "e")],
+    "e": [("+-", "esign"), ("0123456789", "exp")],
+    "esign": [("0123456789", "exp")],
+    "exp": [("0123456789", "exp")],
+}
+_NUM_DONE = {"zero", "int", "frac", "exp"}
+_LITERALS = {"t": "true", "f": "false", "n": "null"}
+
+# state: (mode, stack, aux, ws_run). Modes: BEGIN (before the top-level "{"), KEY_OR_END, KEY, COLON,
+# VALUE, VALUE_OR_END (just after "["), AFTER, STRING, ESC, UNI, NUMBER, LITERAL, DONE.
+State = tuple[str, str, Any, int]
+START: State = ("BEGIN", "", None, 0)
+
+
+def _after_value(stack: str) -> State:
+    return ("DONE", "", None, 0) if not stack else ("AFTER", stack, None, 0)
+
+
+def step(state: State, ch: str, closing: bool = False) -> State | None:
+    """The state after character `ch`, or None if `ch` cannot continue a JSON object here.
+
+    With `closing`, only characters that finish the object as soon as possible are allowed
+    (close strings and brackets, `null` for a pending value, an empty key for a pending key).
+    """
+    mode, stack, aux, ws = state
+    if closing and not _closes(mode, ch):
+        return None
+    if mode == "STRING":
+        is_key, length = aux
+        if ch == '"':
+            return ("COLON", stack, None, 0) if is_key else _after_value(stack)
+        if ch == "\\":
+            return None if length >= MAX_STRING else ("ESC", stack, (is_key, length + 1), 0)
+        if ord(ch) < 0x20 or length >= MAX_STRING:
+            return None
+        return ("STRING", stack, (is_key, length + 1), 0)
+    if mode == "ESC":
+        if ch in '"\\/bfnrt':
+            return ("STRING", stack, aux, 0)
+        if ch == "u":
+            return ("UNI", stack, (aux, 0), 0)
+        return None
+    if mode == "UNI":
+        inner, n = aux
+        if ch not in "0123456789abcdefABCDEF":
+            return None
+        return ("STRING", stack, inner, 0) if n == 3 else ("UNI", stack, (inner, n + 1), 0)
+    if mode == "NUMBER":
+        digits, num = aux
+        for chars, nxt in _NUM[num]:
+            if ch in chars:
+                return None if digits >= 24 else ("NUMBER", stack, (digits + 1, nxt), 0)
+        if num not in _NUM_DONE:
+            return None
+        return step(_after_value(stack), ch)
+    if mode == "LITERAL":
+        word, i = aux
+        if ch != word[i]:
+            return None
+        return _after_value(stack) if i + 1 == len(word) else ("LITERAL", stack, (word, i + 1), 0)
+    if ch in WS:
+        if mode == "DONE" or ws >= MAX_WS_RUN:
+            return None
+        return (mode, stack, aux, ws + 1)
+    if mode == "BEGIN":
+        return ("KEY_OR_END", "{", None, 0) if ch == "{" else None
+    if mode in ("KEY_OR_END", "KEY"):
+        if ch == '"':
+            return ("STRING", stack, (True, 0), 0)
+        if ch == "}" and mode == "KEY_OR_END":
+            return _after_value(stack[:-1])
+        return None
+    if mode == "COLON":
+        return ("VALUE", stack, None, 0) if ch == ":" else None
+    if mode in ("VALUE", "VALUE_OR_END"):
+        if ch == "]" and mode == "VALUE_OR_END":
+            return _after_value(stack[:-1])
+        if ch == '"':
+            return ("STRING", stack, (False, 0), 0)
+        if ch in "{[":
+            if len(stack) >= MAX_DEPTH:
+                return None
+            return ("KEY_OR_END", stack + "{", None, 0) if ch == "{" else ("VALUE_OR_END", stack + "[", None, 0)
+        if ch in _LITERALS:
+            return ("LITERAL", stack, (_LITERALS[ch], 1), 0)
+        if ch in "-0123456789":
+            return step(("NUMBER", stack, (0, "start"), 0), ch)
+        return None
+    if mode == "AFTER":
+        top = stack[-1]
+        if ch == ",":
+            return ("KEY", stack, None, 0) if top == "{" else ("VALUE", stack, None, 0)
+        if (ch == "}" and top == "{") or (ch == "]" and top == "["):
+            return _after_value(stack[:-1])
+        return None
+    return None  # DONE: nothing may follow the object
+
+
+def _closes(mode: str, ch: str) -> bool:
+    if mode in ("STRING", "KEY"):
+        return ch == '"'
+    if mode == "KEY_OR_END":
+        return ch == "}"
+    if mode == "VALUE_OR_END":
+        return ch == "]"
+    if mode == "VALUE":
+        return ch == "n"
+    if mode == "AFTER":
+        return ch in "}]"
+    if mode == "NUMBER":
+        return ch in "}]0123456789"
+    return mode in ("COLON", "LITERAL", "ESC", "UNI") and ch not in WS
+
+
+def feed(state: State, text: str, closing: bool = False) -> State | None:
+    for ch in text:
+        nxt = step(state, ch, closing)
+        if nxt is None:
+            return None
+        state = nxt
+    return state
+
+
+_PIECES: dict[int, list[str | None]] = {}
+
+
+def token_pieces(tokenizer: Any) -> list[str | None]:
+    """The text of every token id alone (None for special tokens), cached per tokenizer."""
+    key = id(tokenizer)
+    if key not in _PIECES:
+        special = set(tokenizer.all_special_ids)
+        pieces: list[str | None] = []
+        for i in range(len(tokenizer)):
+            pieces.append(None if i in special else tokenizer.decode([i], skip_special_tokens=False,
+                                                                      clean_up_tokenization_spaces=False))
+        _PIECES[key] = pieces
+    return _PIECES[key]
+
+
+class JsonObjectConstraint:
+    """Allow only tokens that keep the generated text a prefix of one JSON object."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.pieces = token_pieces(tokenizer)
+        self.state: State = START
+        self.chars = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state[0] == "DONE"
+
+    def allows(self, token: int) -> bool:
+        piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
+        return bool(piece) and "\ufffd" not in piece and feed(self.state, piece, self.chars >= CLOSE_AFTER) is not None
+
+    def advance(self, token: int) -> None:
+        piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
+        nxt = feed(self.state, piece, self.chars >= CLOSE_AFTER) if piece else None
+        if nxt is not None:
+            self.state = nxt
+            self.chars += len(piece)

@@ -1,0 +1,557 @@
+"""The generation engine: continuous batching over a KV cache, token ids in and token ids out.
+
+No HTTP here (STYLE.md, principle 4). The server, RL rollouts and evaluation all use it:
+
+- `Engine.generate(prompts, params)`: synchronous batched generation (RL, evaluation).
+- `Engine.submit(prompt, params, on_token=..., on_finish=...)` with `Engine.start()`: a background
+  thread steps the batch; new requests join between decode steps and finished ones leave
+  (continuous batching, as in Orca, Yu et al. 2022). Prompts are prefilled in chunks of
+  `prefill_chunk` tokens so a long prompt does not stall the running answers for long.
+
+Each step: drop cancelled requests, admit waiting ones into free slots, prefill up to
+`prefill_chunk` prompt tokens, then decode one token for every running sequence in one batch.
+
+Precision: "module" runs the model's own modules in their dtype (exact; a PEFT model's active
+adapters apply; the weights are read live, so training updates show up without `sync_weights`).
+"int8" runs int8 copies of the weights (the serving default, several times faster on a CPU);
+call `sync_weights()` after the weights change. Greedy output in "module" precision equals
+`transformers` `generate`, tested in tests/test_engine.py.
+
+Seeds: with `params.seed` set, the r-th sequence of a `generate` call (after expanding `n`) draws
+from a generator seeded with `seed + r`, so G copies of one prompt give G different samples and
+the same call gives the same samples again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from chatsmith.errors import ChatsmithError
+from chatsmith.infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Text the int8 path measures activation ranges on (SmoothQuant calibration): prose, a dialogue
+# turn, code and numbers, like what a chat model sees.
+CALIBRATION_TEXT = """<|im_start|>system
+You are a helpful assistant.<|im_end|>
+<|im_start|>user
+Can you explain how a bicycle stays upright, and give me a short Python example that sorts a list?<|im_end|>
+<|im_start|>assistant
+A moving bicycle stays upright mostly because the rider steers: when it leans to one side, the
+front wheel turns toward that side and brings the wheels back under the centre of mass. The fork's
+geometry (the trail) makes the wheel turn on its own, and the spinning wheels add a little
+gyroscopic effect. Here is the sorting example:
+
+```python
+numbers = [42, 7, 19, 3, 88, 1]
+numbers.sort()
+print(numbers)  # [1, 3, 7, 19, 42, 88]
+```
+
+In 1885, John Kemp Starley built the Rover, which had two wheels of equal size and a chain drive.
+Prices fell from about $100 to $20 within a decade, and by 1899 more than 1,000,000 bicycles were
+sold each year in the United States alone.<|im_end|>
+"""
+
+
+class EngineBusy(ChatsmithError):
+    """The waiting queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTooLarge(ChatsmithError):
+    """The prompt does not fit the context or the per-sequence KV cache budget."""
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]          # generated ids; ends with the stop token id when finish_reason is "stop" by token
+    logprobs: list[float]         # log p(chosen) under the raw model distribution (log_softmax of the logits)
+    finish_reason: str            # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, when params.top_logprobs
+    stop_string: str | None = None  # the stop string that ended generation, if one did
+    error: str | None = None
+
+
+class Request:
+    """One sequence in the engine. Created by `Engine.submit`; `cancel()` is safe from any thread."""
+
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
+                 adapter: str | None, seed: int | None, on_token: Callable[..., None] | None,
+                 on_finish: Callable[[Request], None] | None, constraint: Any = None) -> None:
+        import torch
+
+        self.id, self.prompt, self.params, self.stop_ids, self.adapter = rid, prompt, params, stop_ids, adapter
+        self.on_token, self.on_finish = on_token, on_finish
+        self.constraint = constraint       # e.g. JsonObjectConstraint: allows(token), advance(token), done
+        self.output: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.finish_reason: str | None = None
+        self.stop_string: str | None = None
+        self.error: str | None = None
+        self.slot: int | None = None
+        self.cached = 0                    # tokens already in the KV cache
+        self.pending: int | None = None    # sampled token not yet fed to the model
+        self.counts: dict[int, int] = {}   # generated token -> count (presence/frequency penalties)
+        self.cancelled = False
+        self.done = threading.Event()
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        # The sampler sees the repetition penalty and the OpenAI penalties applied by the engine first.
+        self.sample_params = dataclasses.replace(params, repetition_penalty=1.0)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.history = torch.tensor(prompt, dtype=torch.long)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def completion(self) -> Completion:
+        return Completion(list(self.output), list(self.logprobs), self.finish_reason or "cancelled", len(self.prompt),
+                          list(self.top_logprobs), self.stop_string, self.error)
+
+    def wait(self, timeout: float | None = None) -> Completion:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        return self.completion()
+
+
+class _EvalMode:
+    """Put every submodule in eval mode (no dropout) and restore each one's own flag afterwards."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.saved: list[tuple[Any, bool]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.saved:
+            m.training = flag
+
+
+class Engine:
+    """Continuous-batching generation over one model; see the module docstring."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, precision: str = "module",
+                 kv_cache_mb: float | None = None, prefill_chunk: int = 256, max_queue: int = 1024,
+                 adapters: dict[str, str] | None = None, fast_path: bool = True) -> None:
+        from chatsmith.infer.generate import context_length
+        from chatsmith.infer.runners import LlamaRunner, ModuleRunner, load_lora_adapter, supports_fast_path
+
+        if max_batch_size < 1:
+            raise ChatsmithError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if precision not in ("module", "int8"):
+            raise ChatsmithError(f"precision must be 'module' (the model's own weights, exact) or 'int8', got '{precision}'")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, max(1, prefill_chunk), max_queue
+        self.context = context_length(model) or 2048
+        fast = fast_path and supports_fast_path(model)
+        if not fast and (precision == "int8" or adapters):
+            raise ChatsmithError(f"precision 'int8' and named LoRA adapters need a Llama-family model "
+                                 f"(llama, mistral, qwen2); this one is "
+                                 f"'{getattr(getattr(model, 'config', None), 'model_type', '?')}'. Use precision 'module'")
+        runner_cls = LlamaRunner if fast else ModuleRunner
+        self.bytes_per_token = runner_cls.bytes_per_token(model)
+        if kv_cache_mb is None:
+            self.slot_tokens = self.context
+        else:
+            per_slot = int(kv_cache_mb * 2**20 // (max_batch_size * self.bytes_per_token))
+            if per_slot < 16:
+                raise ChatsmithError(
+                    f"a KV cache budget of {kv_cache_mb} MB holds only {per_slot} tokens per sequence over "
+                    f"{max_batch_size} slots ({self.bytes_per_token} bytes per token); raise the budget or lower "
+                    "the max batch size (--max-concurrency)")
+            self.slot_tokens = min(self.context, per_slot)
+        self.kv_cache_mb = kv_cache_mb
+        self.precision = precision
+        self.stop_default = self._default_stop_ids()
+        self.adapter_names: list[str] = []
+        loaded = {}
+        if adapters:
+            n_layers = model.config.num_hidden_layers
+            for name, path in adapters.items():
+                loaded[name] = load_lora_adapter(name, path, n_layers)
+            self.adapter_names = list(loaded)
+        import torch
+
+        with torch.no_grad(), _EvalMode(model):
+            if fast:
+                calibration = tokenizer(CALIBRATION_TEXT)["input_ids"] if tokenizer is not None else None
+                self.runner: Any = LlamaRunner(model, max_batch_size=max_batch_size, slot_tokens=self.slot_tokens,
+                                               precision=precision, adapters=loaded, calibration_ids=calibration)
+            else:
+                self.runner = ModuleRunner(model, max_batch_size=max_batch_size, slot_tokens=self.slot_tokens)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if hasattr(
+            model, "get_output_embeddings") and model.get_output_embeddings() is not None else None
+
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._free_slots = list(range(max_batch_size))
+        self._lock = threading.Lock()          # guards _waiting and counters
+        self._step_lock = threading.RLock()    # one step at a time
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._eval: _EvalMode | None = None
+        self._next_id = 0
+        self.recent: deque[Request] = deque(maxlen=64)  # the last finished requests, newest last
+        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    def sync_weights(self) -> None:
+        """Refresh the int8 copies from the module's current weights (no-op in 'module' precision)."""
+        import torch
+
+        with self._step_lock, torch.no_grad(), _EvalMode(self.model):
+            self.runner.sync_weights()
+
+    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
+               adapter: str | None = None, seed: int | None = None,
+               on_token: Callable[..., None] | None = None, on_finish: Callable[[Request], None] | None = None,
+               check_queue: bool = True, constraint: Any = None) -> Request:
+        """Queue one sequence and return its Request (thread-safe). `seed` overrides `params.seed`.
+
+        `on_token(request, token_id, logprob)` and `on_finish(request)` are called from the engine's
+        thread. Raises RequestTooLarge, EngineBusy, or ChatsmithError for bad parameters.
+        """
+        params.validate()
+        prompt = [int(t) for t in prompt]
+        self.check_prompt(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ChatsmithError("stop strings need the engine to have a tokenizer: Engine(model, tokenizer)")
+        if adapter is not None and adapter not in self.adapter_names:
+            raise ChatsmithError(f"unknown LoRA adapter '{adapter}'; this engine serves "
+                                 f"{', '.join(self.adapter_names) or 'no adapters'}")
+        stops = frozenset(self.stop_default if stop_ids is None else (int(t) for t in stop_ids)) | frozenset(
+            params.stop_token_ids)
+        with self._lock:
+            if check_queue and len(self._waiting) >= self.max_queue:
+                raise EngineBusy(f"the queue is full ({len(self._waiting)} requests waiting); retry shortly",
+                                 retry_after=max(1, len(self._waiting) // max(self.max_batch_size, 1)))
+            self._next_id += 1
+            req = Request(self._next_id, prompt, params, stops, adapter, params.seed if seed is None else seed,
+                          on_token, on_finish, constraint)
+            self._waiting.append(req)
+            self.stats["requests"] += 1
+            self._wake.notify()
+        return req
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        """Raise RequestTooLarge/ChatsmithError when a prompt cannot be served."""
+        if not prompt:
+            raise ChatsmithError("the prompt is empty; pass at least one token id")
+        if self.vocab_size is not None and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
+            bad = next(t for t in prompt if t < 0 or t >= self.vocab_size)
+            raise ChatsmithError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) >= self.slot_tokens:
+            budget = (f" (KV cache budget {self.kv_cache_mb} MB over {self.max_batch_size} slots)"
+                      if self.slot_tokens < self.context else "")
+            raise RequestTooLarge(
+                f"the prompt has {len(prompt)} tokens but a sequence can hold at most {self.slot_tokens} tokens"
+                f"{budget}, with room for at least one new token; the model's context length is {self.context}. "
+                "Shorten the prompt" + (", raise the KV cache budget or lower the max concurrency" if budget else ""))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 stop_ids: Iterable[int] | None = None) -> list[Completion]:
+        """Generate for every prompt (n completions each, consecutive, when params.n > 1); see the module docstring."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ChatsmithError(f"got {len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        stops = None if stop_ids is None else list(stop_ids)
+        reqs: list[Request] = []
+        try:
+            r = 0
+            for prompt, p in zip(prompts, plist):
+                for _ in range(p.n):
+                    seed = None if p.seed is None else (p.seed + r) % 2**64
+                    reqs.append(self.submit(prompt, p, stops, seed=seed, check_queue=False))
+                    r += 1
+        except Exception:
+            for q in reqs:
+                q.cancel()
+            raise
+        if self._thread is not None and self._thread.is_alive():
+            return [q.wait() for q in reqs]
+        import torch
+
+        with self._step_lock, torch.inference_mode(), _EvalMode(self.model):
+            try:
+                while not all(q.finished for q in reqs):
+                    self._step()
+            except BaseException:
+                # Leave the engine clean for the next call: free the slots of this call's requests.
+                for q in reqs:
+                    q.cancel()
+                self._drop_cancelled()
+                raise
+        return [q.completion() for q in reqs]
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread (for servers); `submit` then returns at once."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._eval = _EvalMode(self.model)
+        self._eval.__enter__()
+        self._thread = threading.Thread(target=self._loop, name="chatsmith-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread; running requests finish as cancelled."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._step_lock:
+            for req in list(self._running) + list(self._waiting):
+                req.cancel()
+            self._drop_cancelled()
+        if self._eval is not None:
+            self._eval.__exit__()
+            self._eval = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---- scheduler ----------------------------------------------------------------------------------
+
+    def _default_stop_ids(self) -> set[int]:
+        if self.tokenizer is not None:
+            from chatsmith.data.template import stop_token_ids
+
+            return stop_token_ids(self.tokenizer)
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(getattr(self.model, "config", None), "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return
+            try:
+                with self._step_lock, torch.inference_mode():
+                    self._step()
+            except Exception as e:  # keep serving: fail the running requests, not the process
+                log.exception("engine step failed")
+                with self._step_lock:
+                    for req in list(self._running):
+                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
+    def _step(self) -> None:
+        self.stats["steps"] += 1
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
+        for r in [r for r in self._running if r.cancelled]:
+            self._finish(r, "cancelled")
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and self._free_slots:
+                req = self._waiting.popleft()
+                # Lowest free slot first keeps the used slots packed at the front of the cache.
+                self._free_slots.sort()
+                req.slot = self._free_slots.pop(0)
+                self._running.append(req)
+
+    def _prefill(self) -> None:
+        # Up to `prefill_chunk` prompt tokens per step. A prompt is always cut at multiples of
+        # `prefill_chunk` from its own start, so its numbers never depend on the other requests.
+        budget = self.prefill_chunk
+        for req in list(self._running):
+            if budget <= 0:
+                break
+            if req.cached >= len(req.prompt) or req.finished:
+                continue
+            n = min(self.prefill_chunk, len(req.prompt) - req.cached)
+            logits = self.runner.prefill(req.slot, req.prompt[req.cached: req.cached + n], req.cached, req.adapter)
+            req.cached += n
+            budget -= n
+            if req.cached == len(req.prompt):
+                self._accept(req, logits)
+
+    def _decode(self) -> None:
+        rows = [r for r in self._running if r.pending is not None and not r.finished]
+        if not rows:
+            return
+        logits = self.runner.decode([r.slot for r in rows], [r.pending for r in rows], [r.cached for r in rows],
+                                    [r.adapter for r in rows])
+        for r in rows:
+            r.cached += 1
+            r.pending = None
+        import torch
+
+        logp = torch.log_softmax(logits, dim=-1)
+        for i, r in enumerate(rows):
+            self._accept(r, logits[i], logp[i])
+
+    def _accept(self, req: Request, logits: Any, logp: Any = None) -> None:
+        """Sample the next token of `req` from its logits [V] and check the stop conditions."""
+        import torch
+
+        if logp is None:
+            logp = torch.log_softmax(logits, dim=-1)
+        token = self._choose(req, logits)
+        lp = float(logp[token])
+        req.output.append(token)
+        req.logprobs.append(lp)
+        if req.constraint is not None:
+            req.constraint.advance(token)
+        req.counts[token] = req.counts.get(token, 0) + 1
+        if req.params.repetition_penalty != 1.0:
+            req.history = torch.cat([req.history, torch.tensor([token])])
+        if req.params.top_logprobs:
+            v, ix = torch.topk(logp, req.params.top_logprobs)
+            req.top_logprobs.append(list(zip(ix.tolist(), v.tolist())))
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        self.stats["generated_tokens"] += 1
+        if req.on_token is not None:
+            try:
+                req.on_token(req, token, lp)
+            except Exception:
+                log.exception("on_token callback failed; cancelling request %s", req.id)
+                req.cancel()
+        if token in req.stop_ids:
+            self._finish(req, "stop")
+        elif req.params.stop and self._hit_stop_string(req):
+            self._finish(req, "stop")
+        elif len(req.output) >= req.params.max_new_tokens or req.cached + 1 >= self.slot_tokens:
+            self._finish(req, "length")
+        else:
+            req.pending = token
+
+    def _choose(self, req: Request, logits: Any) -> int:
+        import torch
+
+        from chatsmith.infer.sampling import apply_repetition_penalty, next_token_probs
+
+        p = req.params
+        scores = logits
+        if p.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(scores, req.history, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.counts:
+            # OpenAI's penalties over the generated tokens: logit -= count * frequency + presence.
+            ids = torch.tensor(list(req.counts), dtype=torch.long)
+            counts = torch.tensor(list(req.counts.values()), dtype=scores.dtype)
+            scores = scores.clone()
+            scores[ids] -= counts * p.frequency_penalty + p.presence_penalty
+        if req.constraint is not None:
+            return self._choose_constrained(req, scores)
+        if p.greedy:
+            return int(scores.argmax())
+        probs = next_token_probs(scores, req.sample_params, req.history[:0])
+        return int(torch.multinomial(probs, 1, generator=req.generator))
+
+    def _choose_constrained(self, req: Request, scores: Any) -> int:
+        """The most likely allowed token (greedy), or a draw among the allowed ones."""
+        import torch
+
+        from chatsmith.infer.sampling import next_token_probs
+
+        c = req.constraint
+        if c.done:
+            return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
+        probs = None if req.params.greedy else next_token_probs(scores, req.sample_params, req.history[:0])
+        values, order = (scores if probs is None else probs).sort(descending=True)
+        values, order = values.tolist(), order.tolist()
+        allowed: list[int] = []
+        for rank, t in enumerate(order):
+            # Sampling: draw among the allowed tokens of the top 2048 that have probability left.
+            if probs is not None and allowed and (values[rank] <= 0 or rank >= 2048):
+                break
+            if c.allows(t):
+                allowed.append(t)
+                if probs is None or len(allowed) >= 64:
+                    break
+        if not allowed:  # nothing can continue the object: end here rather than write invalid JSON
+            return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
+        if probs is None or len(allowed) == 1:
+            return allowed[0]
+        ids = torch.tensor(allowed)
+        p = probs[ids]
+        p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / len(allowed))
+        return allowed[int(torch.multinomial(p, 1, generator=req.generator))]
+
+    def _hit_stop_string(self, req: Request) -> bool:
+        # Decode only the tail: a stop string is at most a few tokens long, so the last
+        # (longest stop + 8) tokens always contain a match that the newest token completed.
+        longest = max(len(s) for s in req.params.stop)
+        tail_ids = req.output[-(longest + 8):]
+        prev = self.tokenizer.decode(tail_ids[:-1], skip_special_tokens=True)
+        text = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
+        for s in req.params.stop:
+            i = text.find(s)
+            if i >= 0 and s not in prev:
+                req.stop_string = s
+                return True
+        return False
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.finished and req.done.is_set():
+            return
+        req.finish_reason = reason
+        req.error = error
+        req.finished_at = time.monotonic()
+        if req in self._running:
+            self._running.remove(req)
+        if req.slot is not None:
+            self.runner.release(req.slot)
+            with self._lock:
+                self._free_slots.append(req.slot)
+            req.slot = None
+        self.stats["finished"] += 1
+        self.stats["prompt_tokens"] += len(req.prompt)
+        self.recent.append(req)
+        if req.on_finish is not None:
+            try:
+                req.on_finish(req)
+            except Exception:
+                log.exception("on_finish callback failed for request %s", req.id)
+        req.done.set()

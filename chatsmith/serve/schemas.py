@@ -1,0 +1,141 @@
+"""Request schemas of the OpenAI-compatible routes, and the error that every bad request becomes.
+
+Bodies are parsed here, not by FastAPI's automatic validation, so that every problem is answered
+with OpenAI's error shape and status 400 (FastAPI would answer 422 in its own shape) and the message
+names the field: `messages[1].role: unknown role 'wizard'; use one of system, user, assistant`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1.0 is not a bool; extra fields (clients send many) are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object"]
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=-1)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    n: int = Field(default=1, ge=1, le=16)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    max_tokens: int | None = Field(default=16, ge=1)
+
+
+class EmbeddingRequest(_Strict):
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
+
+
+class TokenizeRequest(_Strict):
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
+    """Bytes of a request body -> an instance of `schema`, or APIError(400) naming the problem."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to parse; send a JSON object") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return schema.model_validate(data)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = _field_path(err.get("loc", ()))
+        got = err.get("input")
+        shown = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
+        raise APIError(400, f"field '{param}': {err.get('msg', 'invalid value')} (got {shown})", param=param) from None
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[TextPart]", "list[int]", "list[str]", "int", "float", "bool") or "[" in str(part):
+            continue  # pydantic names the union member it tried; the user wants the field only
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def _jsonable(x: Any) -> bool:
+    try:
+        json.dumps(x)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,373 @@
+"""`chatsmith serve` over real HTTP (uvicorn in a thread) on tiny-random-llama: the official openai
+client, malformed and hostile requests, auth, queue limits, disconnects and 16 concurrent streams."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from chatsmith.serve.app import ServerState, ServerThread, load_state
+
+MODEL = "tiny-random-llama"
+SLOT_TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A PEFT LoRA adapter for tiny-random-llama with non-zero weights (so it changes the answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from chatsmith.models import load_model
+
+    base, _ = load_model(MODEL)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("lora") / "mine"
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dir):
+    state = ServerState(MODEL)
+    with ServerThread(state) as url:
+        # /health answers 503 while the model loads, then 200.
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+                          ).status_code == 503
+        load_state(state, MODEL, max_concurrency=16, kv_cache_mb=16 * SLOT_TOKENS * 512 / 2**20, max_queue=64,
+                   loras={"mine": adapter_dir})
+        assert state.load_error is None
+        assert httpx.get(f"{url}/health").status_code == 200
+        yield url, state
+        state.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def _prompt_ids(state, messages):
+    from chatsmith.data.conversation import Conversation, Message
+    from chatsmith.data.template import render_conversation
+
+    conv = Conversation([Message(m["role"], m["content"]) for m in messages])
+    return render_conversation(state.tokenizer, conv, add_generation_prompt=True).input_ids
+
+
+def test_openai_client_chat_stream_completions_models(server, client):
+    url, state = server
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
+    # usage counts are exact: the prompt as the template renders it, one completion token per log-prob
+    assert r.usage.prompt_tokens == len(_prompt_ids(state, msgs))
+    assert r.usage.completion_tokens == len(choice.logprobs.content) == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in choice.logprobs.content)
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # streamed in pieces
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+
+    c = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=7, temperature=0, logprobs=1)
+    ids = state.tokenizer("Once upon a time", add_special_tokens=False)["input_ids"]
+    assert c.usage.prompt_tokens == len(ids) and c.usage.completion_tokens == 7
+    assert len(c.choices[0].logprobs.token_logprobs) == 7
+    assert c.choices[0].text == "".join(c.choices[0].logprobs.tokens)
+    same = client.completions.create(model=MODEL, prompt=ids, max_tokens=7, temperature=0)
+    assert same.choices[0].text == c.choices[0].text
+
+    assert [m.id for m in client.models.list().data][:2] == [MODEL, "mine"]
+
+
+def test_lora_adapter_served_by_name(client):
+    kw = dict(prompt="Once upon a time", max_tokens=8, temperature=0)
+    base = client.completions.create(model=MODEL, **kw).choices[0].text
+    mine = client.completions.create(model="mine", **kw)
+    assert mine.model == "mine" and mine.choices[0].text != base
+    assert client.completions.create(model="mine", **kw).choices[0].text == mine.choices[0].text
+
+
+def test_sampling_options_n_seed_stop_and_json(server, client):
+    _, state = server
+    msgs = [{"role": "user", "content": "Tell me something."}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=10, temperature=1.0, seed=42, n=3)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices] and len(set(texts)) == 3
+    assert a.usage.completion_tokens == 30
+    # (greedy answers of this random model are blank lines, so these use a seeded sample)
+    sample = dict(model=MODEL, messages=msgs, max_tokens=20, temperature=1.0, seed=5)
+    full = client.chat.completions.create(**sample).choices[0].message.content
+    words = [w for w in full.split() if len(w) >= 3]
+    assert words, full
+    stop = words[len(words) // 2]
+    cut = client.chat.completions.create(**sample, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == full[: full.find(stop)]
+    streamed = client.chat.completions.create(**sample, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == full[: full.find(stop)]
+    js = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=150, temperature=0.8, seed=1,
+                                        response_format={"type": "json_object"})
+    assert isinstance(json.loads(js.choices[0].message.content), dict)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_embeddings(server, client):
+    e = client.embeddings.create(model="all-minilm-l6-v2", input=["The cat sat on the mat.", "A cat was sitting on a rug.",
+                                                                   "Quarterly tax filing deadlines"])
+    import numpy as np
+
+    v = np.array([d.embedding for d in e.data])
+    assert v.shape == (3, 384) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2  # similar sentences are closer
+    assert e.usage.prompt_tokens > 10
+    f = httpx.post(f"{server[0]}/v1/embeddings", json={"input": "hello", "encoding_format": "float"}).json()
+    assert len(f["data"][0]["embedding"]) == 384
+
+
+def test_native_routes(server):
+    url, state = server
+    msgs = [{"role": "user", "content": "hi"}]
+    t = httpx.post(f"{url}/apply-template", json={"messages": msgs}).json()
+    assert t["prompt"].endswith("<|im_start|>assistant\n") and t["tokens"] == len(_prompt_ids(state, msgs))
+    tok = httpx.post(f"{url}/tokenize", json={"content": "hello world"}).json()
+    assert tok["tokens"] == state.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()["content"] == "hello world"
+    m = httpx.get(f"{url}/metrics").text
+    for name in ("chatsmith_http_requests_total", "chatsmith_generation_tokens_total", "chatsmith_queue_waiting",
+                 "chatsmith_time_to_first_token_seconds_bucket", "chatsmith_request_seconds_count"):
+        assert name in m
+    gen = [line for line in m.splitlines() if line.startswith("chatsmith_generation_tokens_total ")]
+    assert int(gen[0].split()[1]) > 0
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and "<title>chatsmith</title>" in page.text
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+LONG = "word " * (SLOT_TOKENS + 20)
+
+# (request body: dict or raw bytes, status, words the error message must contain)
+BAD_REQUESTS = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (b"", 400, "not valid JSON"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+    ({"model": MODEL}, 400, "'messages'"),
+    ({**GOOD, "messages": []}, 400, "'messages'"),
+    ({**GOOD, "messages": "hi"}, 400, "'messages'"),
+    ({**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, 400, "unknown role 'wizard'"),
+    ({**GOOD, "messages": [{"content": "x"}]}, 400, "messages[0].role"),
+    ({**GOOD, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ({**GOOD, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({**GOOD, "temperature": "hot"}, 400, "'temperature'"),
+    ({**GOOD, "temperature": 5}, 400, "'temperature'"),
+    ({**GOOD, "temperature": -1}, 400, "'temperature'"),
+    ({**GOOD, "top_p": 0}, 400, "'top_p'"),
+    ({**GOOD, "top_p": 1.5}, 400, "'top_p'"),
+    ({**GOOD, "max_tokens": 0}, 400, "'max_tokens'"),
+    ({**GOOD, "max_tokens": "many"}, 400, "'max_tokens'"),
+    ({**GOOD, "n": 0}, 400, "'n'"),
+    ({**GOOD, "n": 1000}, 400, "'n'"),
+    ({**GOOD, "presence_penalty": 3}, 400, "'presence_penalty'"),
+    ({**GOOD, "seed": -1}, 400, "'seed'"),
+    ({**GOOD, "seed": 1.5}, 400, "'seed'"),
+    ({**GOOD, "stream": "yes"}, 400, "'stream'"),
+    ({**GOOD, "stop": 7}, 400, "'stop'"),
+    ({**GOOD, "stop": [""]}, 400, "'stop'"),
+    ({**GOOD, "top_logprobs": 3}, 400, "'top_logprobs'"),
+    ({**GOOD, "response_format": {"type": "xml"}}, 400, "'response_format.type'"),
+    ({**GOOD, "messages": [{"role": "user", "content": LONG}]}, 400, f"holds {SLOT_TOKENS}"),
+    ({**GOOD, "max_tokens": 10**6}, 400, "ask for at most"),
+    ({**GOOD, "model": "gpt-17"}, 404, "model 'gpt-17' not found"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD_REQUESTS, ids=[f"{i}-{w[:24]}" for i, (_, _, w) in
+                                                                  enumerate(BAD_REQUESTS)])
+def test_bad_requests_get_clear_errors(server, body, status, words):
+    url, _ = server
+    if isinstance(body, bytes):
+        r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"] and "Traceback" not in r.text
+    if "holds" in words:  # the context error gives the token counts
+        assert "the prompt has" in err["message"] and "tokens" in err["message"]
+    ok = httpx.post(f"{url}/v1/chat/completions", json=GOOD)  # the server answers the next good request
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_hostile_requests_do_not_hurt_the_server(server):
+    url, _ = server
+    deep = b"[" * 100000 + b"]" * 100000
+    cases = [
+        ("/v1/chat/completions", deep),
+        ("/v1/completions", json.dumps({"prompt": [10**9], "max_tokens": 2}).encode()),
+        ("/v1/completions", json.dumps({"prompt": [], "max_tokens": 2}).encode()),
+        ("/v1/completions", json.dumps({"prompt": ["a", "b"], "max_tokens": 2}).encode()),
+        ("/v1/embeddings", json.dumps({"input": []}).encode()),
+        ("/v1/embeddings", json.dumps({"input": [1, 2]}).encode()),
+        ("/tokenize", json.dumps({}).encode()),
+        ("/detokenize", json.dumps({"tokens": [-5]}).encode()),
+        ("/v1/chat/completions", json.dumps({**GOOD, "messages": [{"role": "user", "content": "\x00\ud7ff" * 50}]}
+                                            ).encode()),
+    ]
+    for path, body in cases:
+        r = httpx.post(f"{url}{path}", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code in (200, 400), (path, r.status_code, r.text[:200])
+        assert "Traceback" not in r.text
+        if r.status_code == 400:
+            assert r.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.post(f"{url}/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_api_key(server):
+    url, state = server
+    state.api_key = "s3cret"
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(f"{url}/v1/chat/completions", json=GOOD, headers=headers)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # health and the page stay open
+        assert httpx.get(f"{url}/").status_code == 200
+        ok = httpx.post(f"{url}/v1/chat/completions", json=GOOD, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+    finally:
+        state.api_key = None
+
+
+def test_client_disconnect_cancels_generation(server):
+    url, state = server
+    engine = state.engine
+    body = {**GOOD, "max_tokens": SLOT_TOKENS - 40, "stream": True, "temperature": 1.0}
+    before = engine.stats["finished"]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (engine.stats["finished"] == before or engine.running):
+        time.sleep(0.02)
+    last = engine.recent[-1]
+    assert last.finish_reason == "cancelled" and len(last.output) < SLOT_TOKENS - 40
+    assert engine.running == 0
+
+
+def test_queue_full_gets_429_with_retry_after():
+    from chatsmith.infer.sampling import SamplingParams
+
+    state = ServerState(MODEL)
+    load_state(state, MODEL, max_concurrency=1, kv_cache_mb=1, max_queue=1)
+    engine = state.engine
+    engine.stop()  # hold the scheduler so the queue stays full
+    with ServerThread(state) as url:
+        blocker = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5))
+        r = httpx.post(f"{url}/v1/chat/completions", json=GOOD)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert "busy" in r.json()["error"]["message"]
+        blocker.cancel()
+        engine.start()
+        assert httpx.post(f"{url}/v1/chat/completions", json=GOOD).status_code == 200
+    engine.stop()
+
+
+def test_16_concurrent_streams_equal_their_answers_alone(server):
+    url, _ = server
+    # Half chat, half plain completions (the random model's greedy chat answers are all blank lines).
+    questions = [f"Question number {i}: " + "tell me more " * (i % 5) for i in range(16)]
+
+    def ask(q: str, stream: bool) -> str:
+        chat = len(q) % 2 == 0
+        route = "chat/completions" if chat else "completions"
+        body = {"model": MODEL, "max_tokens": 24, "temperature": 0, "stream": stream}
+        body.update({"messages": [{"role": "user", "content": q}]} if chat else {"prompt": q})
+        if not stream:
+            r = httpx.post(f"{url}/v1/{route}", json=body, timeout=60)
+            c = r.json()["choices"][0]
+            return c["message"]["content"] if chat else c["text"]
+        text = ""
+        with httpx.stream("POST", f"{url}/v1/{route}", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for c in json.loads(line[6:])["choices"]:
+                        text += (c["delta"].get("content") or "") if chat else c["text"]
+        return text
+
+    alone = [ask(q, stream=False) for q in questions]
+    barrier = threading.Barrier(16)
+
+    def together(q: str) -> str:
+        barrier.wait()
+        return ask(q, stream=True)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(together, questions))
+    assert results == alone
+    assert len(set(alone)) > 1
+
+
+def test_cli_serve_subprocess(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    bad = subprocess.run([sys.executable, "-m", "chatsmith", "serve", MODEL, "--lora", "nopath"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lora expects NAME=PATH, got 'nopath'" in bad.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "chatsmith", "serve", MODEL, "--port", str(port), "--api-key", "k",
+                             "--max-concurrency", "2", "--served-name", "tiny"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status = httpx.get(f"{url}/health", timeout=2).status_code
+                if status == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert status == 200
+        r = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "model": "tiny"},
+                       headers={"Authorization": "Bearer k"}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
