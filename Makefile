@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench lint clean browser
+.PHONY: demo test venv bench bench-dpo bench-rl bench-serve lint clean browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_throughput.py
+
+bench-dpo: $(STAMP)
+	$(BIN)/python benchmarks/dpo_throughput.py
+
+bench-rl: $(STAMP)
+	$(BIN)/python benchmarks/rl_throughput.py
+
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check chatsmith tests benchmarks
