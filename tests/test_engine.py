@@ -301,3 +301,26 @@ def test_json_object_constraint(tiny):
                 engine._step()
         assert r.finish_reason == "stop"
         assert isinstance(json.loads(tok.decode(r.output, skip_special_tokens=True)), dict)
+
+
+def test_identical_prompts_share_their_prefill(tiny, prompts):
+    """The G copies of one prompt (a GRPO group, `n` choices) are prefilled once: the others copy its
+    KV cache, and every answer equals the answer generated alone."""
+    import dataclasses
+
+    model, _ = tiny
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=5)
+    batch = [prompts[0]] * 4 + [prompts[1]] * 2
+    for precision in ("module", "int8"):
+        engine = Engine(model, max_batch_size=8, precision=precision)
+        together = engine.generate(batch, params)
+        assert engine.stats["shared_prompt_tokens"] == 3 * len(prompts[0]) + len(prompts[1])
+        assert len({tuple(c.token_ids) for c in together[:4]}) > 1   # different draws, one prefill
+        for i, c in enumerate(together):
+            # Sequence i of a seeded call draws with seed + i.
+            alone = engine.generate([batch[i]], dataclasses.replace(params, seed=params.seed + i))[0]
+            assert c.token_ids == alone.token_ids
+            if precision == "int8":   # int8 kernels are batch-invariant bit for bit (see above)
+                assert c.logprobs == alone.logprobs
+            else:                     # fp32 matmuls over B rows round differently from 1 row
+                assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-4)

@@ -105,6 +105,7 @@ class Request:
         self.error: str | None = None
         self.slot: int | None = None
         self.cached = 0                    # tokens already in the KV cache
+        self.prompt_logits: Any = None     # logits after the whole prompt (prefix sharing), while running
         self.pending: int | None = None    # sampled token not yet fed to the model
         self.counts: dict[int, int] = {}   # generated token -> count (presence/frequency penalties)
         self.cancelled = False
@@ -405,16 +406,35 @@ class Engine:
         # `prefill_chunk` from its own start, so its numbers never depend on the other requests.
         budget = self.prefill_chunk
         for req in list(self._running):
-            if budget <= 0:
-                break
             if req.cached >= len(req.prompt) or req.finished:
                 continue
+            if req.cached == 0 and self._share_prefix(req):
+                continue
+            if budget <= 0:
+                break
             n = min(self.prefill_chunk, len(req.prompt) - req.cached)
             logits = self.runner.prefill(req.slot, req.prompt[req.cached: req.cached + n], req.cached, req.adapter)
             req.cached += n
             budget -= n
             if req.cached == len(req.prompt):
+                req.prompt_logits = logits
                 self._accept(req, logits)
+
+    def _share_prefix(self, req: Request) -> bool:
+        """Prefix sharing for identical prompts (the G answers of a GRPO group, `n` choices): copy
+        the KV cache and the last logits of a running request that has the same prompt and adapter
+        fully cached. Its cached prompt positions are exactly what this request's own prefill would
+        compute (same ids, same chunking), so the outputs do not change; only the work does."""
+        for donor in self._running:
+            if (donor is not req and donor.prompt_logits is not None and donor.slot is not None
+                    and donor.adapter == req.adapter and donor.prompt == req.prompt
+                    and self.runner.copy_prefix(donor.slot, req.slot, len(req.prompt))):
+                req.cached = len(req.prompt)
+                req.prompt_logits = donor.prompt_logits
+                self.stats["shared_prompt_tokens"] = self.stats.get("shared_prompt_tokens", 0) + len(req.prompt)
+                self._accept(req, donor.prompt_logits)
+                return True
+        return False
 
     def _decode(self) -> None:
         rows = [r for r in self._running if r.pending is not None and not r.finished]
@@ -539,6 +559,7 @@ class Engine:
         req.finish_reason = reason
         req.error = error
         req.finished_at = time.monotonic()
+        req.prompt_logits = None
         if req in self._running:
             self._running.remove(req)
         if req.slot is not None:

@@ -333,6 +333,13 @@ class LlamaRunner:
     def release(self, slot: int) -> None:
         pass  # the slot's rows are overwritten by the next sequence's prefill
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """Copy the first n cached positions of slot src into slot dst (prefix sharing)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        return True
+
     # ---- forward ----------------------------------------------------------------------------------
 
     def _proj(self, layer_idx: int, name: str, x: torch.Tensor, adapters: list[str | None]) -> list[torch.Tensor]:
@@ -539,6 +546,9 @@ class ModuleRunner:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        return False  # a DynamicCache cannot be cut to a prefix in general: prefill again
 
     def _forward(self, slot: int, ids: list[int]) -> torch.Tensor:
         from transformers import DynamicCache

@@ -10,7 +10,10 @@ as the masked computation up to float rounding (tests/test_train.py checks it).
 
 Use: `enable_segment_attention(model)` once, then pass `segment_bounds=[(start, end), ...]` as an
 extra keyword to the model's forward with a packed batch. Without that keyword (padded batches,
-generation) the function is exactly transformers' SDPA attention.
+generation) the function is exactly transformers' SDPA attention. A bound may also be
+(start, end, prefix_start, prefix_end): that segment continues the prefix at [prefix_start,
+prefix_end) of the same row (its position ids continue the prefix's), which lets G completions
+of one prompt share a single copy of the prompt in training (train/rollout.py).
 """
 
 from __future__ import annotations
@@ -34,12 +37,24 @@ def segment_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    outs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling,
-            is_causal=True, enable_gqa=gqa)
-        for s, e in bounds
-    ]
+    outs = []
+    for b in bounds:
+        s, e = b[0], b[1]
+        if len(b) == 2:
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling,
+                is_causal=True, enable_gqa=gqa))
+            continue
+        # A segment that continues a shared prefix elsewhere in the row (the prompt of a GRPO group,
+        # computed once for its G completions): its queries see the whole prefix, then themselves
+        # causally. The mask is bottom-right aligned: query i sees keys 0 .. P + i.
+        ps, pe = b[2], b[3]
+        n, p = e - s, pe - ps
+        mask = torch.ones(n, p + n, dtype=torch.bool, device=query.device).tril(diagonal=p)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2),
+            torch.cat([value[:, :, ps:pe], value[:, :, s:e]], dim=2), attn_mask=mask, dropout_p=dropout,
+            scale=scaling, enable_gqa=gqa))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
@@ -63,6 +78,11 @@ def enable_segment_attention(model: Any) -> bool:
     if config._attn_implementation != NAME:
         base.set_attn_implementation(NAME)
     return True
+
+
+def segment_attention_enabled(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
 
 
 def disable_segment_attention(model: Any) -> None:

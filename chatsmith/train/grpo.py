@@ -88,6 +88,7 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
     """The one training loop wired to GRPO rollouts: returns (Trainer, RolloutBatches)."""
     from chatsmith.infer.sampling import SamplingParams
     from chatsmith.train.loop import Objective, Trainer
+    from chatsmith.train.attention import segment_attention_enabled
     from chatsmith.train.rollout import RLBatchSpec, RolloutBatches, prompt_order
 
     def make_rollout(index: int) -> tuple[list, dict[str, float]]:
@@ -98,7 +99,9 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
                             score=score, estimator=cfg.estimator, scale_rewards=cfg.scale_rewards,
                             kl_coef=cfg.kl_coef, tokenizer=tokenizer)
 
-    source = RolloutBatches(make_rollout, spec=RLBatchSpec(cfg.loss_aggregation, cfg.max_new_tokens),
+    # The G answers of a prompt share one copy of it in the training row (segment attention).
+    spec = RLBatchSpec(cfg.loss_aggregation, cfg.max_new_tokens, share_prompts=segment_attention_enabled(model))
+    source = RolloutBatches(make_rollout, spec=spec,
                             ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches, grad_accum=cfg.grad_accum,
                             seed=cfg.seed, after_update=engine.sync_weights)
 

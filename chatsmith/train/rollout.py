@@ -326,6 +326,9 @@ class RLBatchSpec:
 
     aggregation: str = "token"        # token | sequence | dr_grpo
     max_new_tokens: int = 32
+    # Put each distinct prompt in the row once and let its completions attend to that copy (needs
+    # segment attention on the model): a GRPO group of G answers then costs 1 prompt, not G.
+    share_prompts: bool = False
 
 
 def collate_episodes(episodes: Sequence[Episode], spec: RLBatchSpec) -> dict[str, Any]:
@@ -333,7 +336,6 @@ def collate_episodes(episodes: Sequence[Episode], spec: RLBatchSpec) -> dict[str
     per-token tensors (old/ref log-probs, advantages, returns, old values) [N]; seq_index [N]."""
     import torch
 
-    from chatsmith.train.attention import segment_bounds
     from chatsmith.train.losses import rl_loss_units
 
     ids: list[int] = []
@@ -348,12 +350,31 @@ def collate_episodes(episodes: Sequence[Episode], spec: RLBatchSpec) -> dict[str
     val: list[float] = []
     have_ref = all(e.ref_logprobs is not None for e in episodes)
     have_val = all(e.values is not None and e.returns is not None for e in episodes)
+    bounds: list[tuple[int, ...]] = []
+    prompt_span: dict[tuple[int, ...], tuple[int, int]] = {}
     for s, e in enumerate(episodes):
         start, n_prompt = len(ids), len(e.prompt_ids)
-        full = e.prompt_ids + e.completion_ids
-        ids.extend(full)
-        pos.extend(range(len(full)))
-        tpos.extend(range(start + n_prompt - 1, start + len(full) - 1))
+        if spec.share_prompts:
+            key = tuple(e.prompt_ids)
+            if key not in prompt_span:
+                ids.extend(e.prompt_ids)
+                pos.extend(range(n_prompt))
+                prompt_span[key] = (start, len(ids))
+                bounds.append((start, len(ids)))
+            ps, pe = prompt_span[key]
+            start = len(ids)
+            ids.extend(e.completion_ids)
+            pos.extend(range(n_prompt, n_prompt + len(e.completion_ids)))
+            bounds.append((start, len(ids), ps, pe))
+            # The first completion token is predicted at the shared prompt's last position.
+            tpos.append(pe - 1)
+            tpos.extend(range(start, start + len(e.completion_ids) - 1))
+        else:
+            full = e.prompt_ids + e.completion_ids
+            ids.extend(full)
+            pos.extend(range(len(full)))
+            tpos.extend(range(start + n_prompt - 1, start + len(full) - 1))
+            bounds.append((start, len(ids)))
         tgt.extend(e.completion_ids)
         seq.extend([s] * len(e.completion_ids))
         old.extend(e.logprobs)
@@ -373,7 +394,7 @@ def collate_episodes(episodes: Sequence[Episode], spec: RLBatchSpec) -> dict[str
         "advantages": torch.tensor(adv, dtype=torch.float32),
         "n_seqs": len(episodes),
         # per-episode causal attention instead of one masked [L, L] product (train/attention.py)
-        "segment_bounds": segment_bounds([len(e.prompt_ids) + len(e.completion_ids) for e in episodes]),
+        "segment_bounds": bounds,
         "n_tokens": len(ids),
         "n_targets": rl_loss_units(len(tgt), len(episodes), spec.aggregation, spec.max_new_tokens),
     }
