@@ -156,3 +156,29 @@ def test_kto_on_the_shared_feedback_file_via_cli(tmp_path, shared_data):
     bad.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "a"}]))
     with pytest.raises(ChatsmithError, match="record 0, field 'rejected': chosen and rejected are the same"):
         run_dpo(DPOConfig(model="tiny-random-llama", data=[str(bad)], output=str(tmp_path / "b")))
+
+
+def test_shared_prompt_rows_give_the_same_logps_scores_and_gradients(demo):
+    """With segment attention, chosen and rejected share one copy of their prompt in the row: the
+    row is shorter and log-probs, reward-model scores and gradients are unchanged."""
+    from chatsmith.train.attention import enable_segment_attention
+    from chatsmith.train.rm import load_backbone_with_head, sequence_scores
+
+    model, _ = load_model("tiny-random-llama", dtype=torch.float32)
+    assert enable_segment_attention(model)
+    plain, shared = collate_preferences(demo), collate_preferences(demo, share_prefix=True)
+    assert shared["n_tokens"] < plain["n_tokens"] - 6 * 10   # six prompts of > 10 tokens saved
+    grads = []
+    for batch in (plain, shared):
+        model.zero_grad()
+        lp = sequence_logps(model, batch)
+        lp.sum().backward()
+        grads.append((lp.detach(), model.model.layers[0].self_attn.k_proj.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1][0], plain_logps(model, demo).detach(), rtol=1e-4, atol=1e-4)
+
+    rm, _ = load_backbone_with_head("tiny-random-llama")
+    assert enable_segment_attention(rm)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(rm, shared), sequence_scores(rm, plain), rtol=1e-5, atol=1e-5)

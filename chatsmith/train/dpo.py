@@ -209,7 +209,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
     plan = plan_steps([len(e) for e in train_ex], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                       max_steps=cfg.max_steps, epochs=cfg.epochs, seed=cfg.seed)
     model = prepare_trainable(model, cfg)
-    enable_segment_attention(model)   # answers packed in one row attend only to themselves
+    # Answers packed in one row attend only to themselves, and share one copy of their prompt.
+    share = enable_segment_attention(model)
     if needs_ref and mode == "precompute":
         t0 = time.perf_counter()
         cache_reference_logps(model, list(train_ex) + list(eval_ex), max(cfg.batch_size, 8))
@@ -221,7 +222,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     say(f"--loss {cfg.loss}, method {cfg.method}: training {n_train:,} of {n_total:,} parameters "
         f"({100 * n_train / n_total:.2f}%); {len(plan)} steps; {ref_text}")
     objective = Objective(f"dpo-{cfg.loss}", partial(preference_loss, cfg=cfg),
-                          partial(collate_preferences, unit=unit), unit=unit)
+                          partial(collate_preferences, unit=unit, share_prefix=share), unit=unit)
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
                       run_dir=run, eval_examples=eval_ex)
     result = trainer.fit()
