@@ -42,7 +42,9 @@ TRL_SETTINGS: dict[str, dict[str, Any]] = {
     "trl-defaults": {},
     "trl-no-gc": {"gradient_checkpointing": False},
 }
-CONTENDERS = ("chatsmith", *TRL_SETTINGS)
+# chatsmith-gc: chatsmith with gradient checkpointing, to compare memory with TRL's defaults (which
+# checkpoint); it is run only when asked for with --only.
+CONTENDERS = ("chatsmith", "chatsmith-gc", *TRL_SETTINGS)
 TASKS = ("dpo", "rm")
 
 
@@ -67,7 +69,7 @@ def timed_rate(step_times: list[float], pairs_per_step: int) -> dict[str, float]
 
 
 # -- contenders (each in a child process) --------------------------------------------------------------
-def run_chatsmith(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def run_chatsmith(args: argparse.Namespace, out_dir: Path, gc: bool = False) -> dict[str, Any]:
     from chatsmith.config import DPOConfig, RMConfig
 
     data = out_dir / "pairs.jsonl"
@@ -75,7 +77,7 @@ def run_chatsmith(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     common = dict(model=MODEL, data=[str(data)], output=str(out_dir / "run"), method="lora", lora_r=LORA["r"],
                   lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], batch_size=args.batch_size,
                   max_steps=args.steps, max_length=args.max_length, eval_split=0, lr=args.lr, seed=SEED,
-                  precision="fp32", log_every=1)
+                  precision="fp32", log_every=1, gradient_checkpointing=gc)
     if args.task == "dpo":
         from chatsmith.train.dpo import run_dpo
 
@@ -146,7 +148,8 @@ def child_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        res = run_chatsmith(args, out) if args.child == "chatsmith" else run_trl(args, args.child, out)
+        res = (run_chatsmith(args, out, gc=args.child == "chatsmith-gc") if args.child.startswith("chatsmith")
+               else run_trl(args, args.child, out))
     Path(args.result).write_text(json.dumps(res))
 
 
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args)
         return 0
     tasks = args.task or list(TASKS)
-    contenders = args.only or list(CONTENDERS)
+    contenders = args.only or [c for c in CONTENDERS if c != "chatsmith-gc"]
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
                                "settings": {"model": MODEL, "lora": LORA, "steps": args.steps,
