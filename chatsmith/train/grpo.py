@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from chatsmith.config import GRPOConfig
-from chatsmith.errors import ChatsmithError
 from chatsmith.train.losses import aggregate_token_loss, clipped_policy_loss, kl_k3
 
 
@@ -87,8 +86,8 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
                  evaluate: Callable[[], dict[str, Any]] | None = None) -> tuple[Any, Any]:
     """The one training loop wired to GRPO rollouts: returns (Trainer, RolloutBatches)."""
     from chatsmith.infer.sampling import SamplingParams
-    from chatsmith.train.loop import Objective, Trainer
     from chatsmith.train.attention import segment_attention_enabled
+    from chatsmith.train.loop import Objective, Trainer
     from chatsmith.train.rollout import RLBatchSpec, RolloutBatches, prompt_order
 
     def make_rollout(index: int) -> tuple[list, dict[str, float]]:
@@ -139,7 +138,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
         make_engine,
         plot_rl_metrics,
         prompt_text,
-        render_prompts,
+        render_prompt_splits,
         score_episodes,
         total_steps,
     )
@@ -151,13 +150,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     run = prepare_run_dir(cfg)
     model, tokenizer, ref = load_policy(cfg, need_reference=cfg.kl_coef > 0)
     stops = stop_token_ids(tokenizer, cfg.template)
-    limit = cfg.max_length - cfg.max_new_tokens
-    prompts, dropped = render_prompts(tokenizer, train_records, template=cfg.template, system_prompt=cfg.system_prompt,
-                                      max_prompt_tokens=limit)
-    held, _ = render_prompts(tokenizer, held_records, template=cfg.template, system_prompt=cfg.system_prompt,
-                             max_prompt_tokens=limit)
-    if not prompts:
-        raise ChatsmithError(f"no prompt fits in --max-length {cfg.max_length} minus --max-new-tokens {cfg.max_new_tokens}")
+    prompts, held, dropped, limit = render_prompt_splits(cfg, tokenizer, train_records, held_records)
     steps = total_steps(cfg, len(prompts))
     n_train, n_total = trainable_parameters(model)
     say(f"{len(prompts)} training prompts ({dropped} longer than {limit} tokens dropped), {len(held)} held out; "

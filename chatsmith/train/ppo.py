@@ -288,7 +288,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         make_engine,
         plot_rl_metrics,
         prompt_text,
-        render_prompts,
+        render_prompt_splits,
         score_episodes,
         total_steps,
     )
@@ -301,13 +301,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     policy, tokenizer, ref = load_policy(cfg, need_reference=True)
     model = PolicyWithValueHead(policy)
     stops = stop_token_ids(tokenizer, cfg.template)
-    limit = cfg.max_length - cfg.max_new_tokens
-    prompts, dropped = render_prompts(tokenizer, train_records, template=cfg.template, system_prompt=cfg.system_prompt,
-                                      max_prompt_tokens=limit)
-    held, _ = render_prompts(tokenizer, held_records, template=cfg.template, system_prompt=cfg.system_prompt,
-                             max_prompt_tokens=limit)
-    if not prompts:
-        raise ChatsmithError(f"no prompt fits in --max-length {cfg.max_length} minus --max-new-tokens {cfg.max_new_tokens}")
+    prompts, held, dropped, limit = render_prompt_splits(cfg, tokenizer, train_records, held_records)
     steps = total_steps(cfg, len(prompts))
     n_train, n_total = trainable_parameters(model)
     say(f"{len(prompts)} training prompts ({dropped} longer than {limit} tokens dropped), {len(held)} held out; "

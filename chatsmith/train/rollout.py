@@ -90,6 +90,20 @@ def render_prompts(tokenizer: Any, records: Sequence[dict[str, Any]], *, templat
     return out, dropped
 
 
+def render_prompt_splits(cfg: Any, tokenizer: Any, train_records: Sequence[dict[str, Any]],
+                         held_records: Sequence[dict[str, Any]]) -> tuple[list[Prompt], list[Prompt], int, int]:
+    """(training prompts, held-out prompts, training prompts dropped, the prompt token limit): a
+    prompt must leave --max-new-tokens of room within --max-length."""
+    limit = cfg.max_length - cfg.max_new_tokens
+    prompts, dropped = render_prompts(tokenizer, train_records, template=cfg.template, system_prompt=cfg.system_prompt,
+                                      max_prompt_tokens=limit)
+    held, _ = render_prompts(tokenizer, held_records, template=cfg.template, system_prompt=cfg.system_prompt,
+                             max_prompt_tokens=limit)
+    if not prompts:
+        raise ChatsmithError(f"no prompt fits in --max-length {cfg.max_length} minus --max-new-tokens {cfg.max_new_tokens}")
+    return prompts, held, dropped, limit
+
+
 def read_prompt_file(path: str, columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """JSON list or JSON lines of records with a 'prompt' field (other fields reach the rewards)."""
     p = Path(path)
