@@ -71,8 +71,21 @@ then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.complet
 """
 
 
+# Training stages: command -> (config class in chatsmith.config, module, function(cfg), help). Each
+# gets --config YAML plus one flag per config field, and runs function(load_config(...)).
+TRAIN_STAGES = {
+    "sft": ("SFTConfig", "chatsmith.train.sft", "run_sft",
+            "supervised fine-tuning (full, freeze, LoRA, DoRA, QLoRA, prompt, prefix, adapter)"),
+    "rm": ("RMConfig", "chatsmith.train.rm", "run_rm",
+           "train a reward model on pairs or rankings; score or compare with one"),
+    "dpo": ("DPOConfig", "chatsmith.train.dpo", "run_dpo", "preference tuning: dpo, ipo, cdpo, kto, orpo, simpo, rrhf"),
+    "ppo": ("PPOConfig", "chatsmith.train.ppo", "run_ppo", "online RL with a critic: PPO, KL to the reference, PPO-ptx"),
+    "grpo": ("GRPOConfig", "chatsmith.train.grpo", "run_grpo", "online RL without a critic: GRPO, RLOO (group baselines)"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    from chatsmith.config import SFTConfig, add_dataclass_arguments
+    from chatsmith.config import add_dataclass_arguments
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="chatsmith", description="Build your own ChatGPT-style assistant from an open model.",
@@ -101,17 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--columns", default=None, help="column mapping for CSV/Parquet/JSONL input")
     cv.add_argument("--skip-bad", action="store_true")
 
-    s = sub.add_parser("sft", help="supervised fine-tuning (full, freeze, LoRA, DoRA, QLoRA, prompt, prefix, adapter)",
-                       epilog=EXAMPLES["sft"], formatter_class=fmt)
-    s.add_argument("--config", default=None, help="YAML file of SFT settings; flags override it")
-    add_dataclass_arguments(s, SFTConfig)
+    import chatsmith.config as config_module
 
-    from chatsmith.config import DPOConfig, RMConfig
-
-    r = sub.add_parser("rm", help="train a reward model on pairs or rankings; score or compare with one",
-                       epilog=EXAMPLES["rm"], formatter_class=fmt)
-    r.add_argument("--config", default=None, help="YAML file of reward-model settings; flags override it")
-    add_dataclass_arguments(r, RMConfig)
+    stages = {}
+    for name, (cls_name, _, _, help_text) in TRAIN_STAGES.items():
+        stages[name] = sub.add_parser(name, help=help_text, epilog=EXAMPLES[name], formatter_class=fmt)
+        stages[name].add_argument("--config", default=None, help=f"YAML file of {name} settings; flags override it")
+        add_dataclass_arguments(stages[name], getattr(config_module, cls_name))
+    r = stages["rm"]
     rsub = r.add_subparsers(dest="rm_command", metavar="RM_COMMAND")
     rs = rsub.add_parser("score", help="score a prompt and response with a trained reward model",
                          epilog=EXAMPLES["rm"], formatter_class=fmt)
@@ -128,21 +138,6 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--json", default=None, help="also write the table and every answer to this JSON file")
 
-    dp = sub.add_parser("dpo", help="preference tuning: dpo, ipo, cdpo, kto, orpo, simpo, rrhf",
-                        epilog=EXAMPLES["dpo"], formatter_class=fmt)
-    dp.add_argument("--config", default=None, help="YAML file of DPO settings; flags override it")
-    add_dataclass_arguments(dp, DPOConfig)
-
-    from chatsmith.config import GRPOConfig, PPOConfig
-
-    pp = sub.add_parser("ppo", help="online RL with a critic: PPO, KL to the reference, PPO-ptx",
-                        epilog=EXAMPLES["ppo"], formatter_class=fmt)
-    pp.add_argument("--config", default=None, help="YAML file of PPO settings; flags override it")
-    add_dataclass_arguments(pp, PPOConfig)
-    gr = sub.add_parser("grpo", help="online RL without a critic: GRPO, RLOO (group baselines)",
-                        epilog=EXAMPLES["grpo"], formatter_class=fmt)
-    gr.add_argument("--config", default=None, help="YAML file of GRPO settings; flags override it")
-    add_dataclass_arguments(gr, GRPOConfig)
 
     c = sub.add_parser("chat", help="streaming chat in the terminal", epilog=EXAMPLES["chat"], formatter_class=fmt)
     c.add_argument("model", help="alias, HF directory, run directory, adapter directory, .gguf file or hub id")
@@ -234,16 +229,18 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         _parser().parse_args(["data", "--help"])
         return 2
-    if args.command == "sft":
-        from chatsmith.config import SFTConfig, load_config
-        from chatsmith.train.sft import run_sft
+    if args.command in TRAIN_STAGES and getattr(args, "rm_command", None) is None:
+        import importlib
 
-        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-        cfg = load_config(SFTConfig, args.config, overrides)
-        run_sft(cfg)
+        import chatsmith.config as config_module
+
+        cls_name, module, function, _ = TRAIN_STAGES[args.command]
+        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "rm_command")}
+        cfg = config_module.load_config(getattr(config_module, cls_name), args.config, overrides)
+        getattr(importlib.import_module(module), function)(cfg)
         return 0
     if args.command == "rm":
-        if getattr(args, "rm_command", None) == "score":
+        if args.rm_command == "score":
             from chatsmith.train.rm import load_reward_model
 
             if len(args.prompt) != len(args.response):
@@ -252,38 +249,12 @@ def _run(args: argparse.Namespace) -> int:
             for p, resp, sc in zip(args.prompt, args.response, rm.score(args.prompt, args.response), strict=True):
                 print(f"{sc:+.4f}\t{p!r} -> {resp!r}")
             return 0
-        if getattr(args, "rm_command", None) == "compare":
+        if args.rm_command == "compare":
             from chatsmith.train.rm import compare_models
 
             compare_models(args.reward_model, args.models, prompts=args.prompts, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, json_path=args.json)
             return 0
-        from chatsmith.config import RMConfig, load_config
-        from chatsmith.train.rm import run_rm
-
-        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "rm_command")}
-        run_rm(load_config(RMConfig, args.config, overrides))
-        return 0
-    if args.command == "dpo":
-        from chatsmith.config import DPOConfig, load_config
-        from chatsmith.train.dpo import run_dpo
-
-        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-        run_dpo(load_config(DPOConfig, args.config, overrides))
-        return 0
-    if args.command in ("ppo", "grpo"):
-        from chatsmith.config import GRPOConfig, PPOConfig, load_config
-
-        overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-        if args.command == "ppo":
-            from chatsmith.train.ppo import run_ppo
-
-            run_ppo(load_config(PPOConfig, args.config, overrides))
-        else:
-            from chatsmith.train.grpo import run_grpo
-
-            run_grpo(load_config(GRPOConfig, args.config, overrides))
-        return 0
     if args.command == "chat":
         from chatsmith.chat import run_chat
         from chatsmith.infer.sampling import SamplingParams
