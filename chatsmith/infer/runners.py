@@ -7,7 +7,9 @@ Two kinds:
   window, qwen2) that calls the model's own norms, rotary embedding and projections, with a
   pre-allocated per-slot KV cache and per-row positions, so sequences of different lengths decode
   in one batch. `precision="module"` calls the module's linear layers themselves (fp32, exact, and
-  a PEFT LoRA wrapper applies itself), `precision="int8"` uses int8 copies of the weights.
+  a PEFT LoRA wrapper applies itself), `precision="int8"` uses int8 copies of the weights. In int8
+  the decode step runs in C++ (chatsmith/infer/native) when it can be built: the same ATen calls
+  as `_layers_int8`, so the same logits bit for bit, without the interpreter's cost per operation.
 - `ModuleRunner`: any Hugging Face causal LM, one `DynamicCache` per sequence and one forward per
   sequence per step. Slow, but it works for every architecture.
 
@@ -183,7 +185,8 @@ class LlamaRunner:
     """Lean batched decode for Llama-family models; see the module docstring."""
 
     def __init__(self, model: Any, *, max_batch_size: int, slot_tokens: int, precision: str = "module",
-                 adapters: dict[str, _Adapter] | None = None, calibration_ids: list[int] | None = None) -> None:
+                 adapters: dict[str, _Adapter] | None = None, calibration_ids: list[int] | None = None,
+                 native: bool = True) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
@@ -211,6 +214,7 @@ class LlamaRunner:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.allocated = 0
+        self.use_native = native and precision == "int8"
         self.sync_weights()
 
     @staticmethod
@@ -234,6 +238,7 @@ class LlamaRunner:
                     "down": m.down_proj,
                 })
             self.lm_head = self.base.lm_head
+            self.native = None
             return
         if self.precision != "int8":
             raise ChatsmithError(f"unknown precision '{self.precision}'; use 'module' (fp32, exact) or 'int8'")
@@ -292,6 +297,22 @@ class LlamaRunner:
                       "o": [a.o_proj.out_features if hasattr(a.o_proj, "out_features") else self.cfg.hidden_size],
                       "gate_up": [self.cfg.intermediate_size, self.cfg.intermediate_size],
                       "down": [self.cfg.hidden_size]}
+        self.native = self._build_native() if self.use_native else None
+
+    def _build_native(self) -> Any:
+        """The C++ decode step (chatsmith/infer/native) holding these int8 layers, or None if it cannot be built."""
+        from chatsmith.infer import native
+
+        module = native.load()
+        if module is None:
+            return None
+        dec = module.Decoder(self.n_heads, self.n_kv, self.head_dim, self.eps, REDUCE_RANGE)
+        entries = [(i, kind, L[name]) for i, L in enumerate(self.layers)
+                   for kind, name in enumerate(("qkv", "o", "gate_up", "down"))] + [(-1, 0, self.lm_head)]
+        for i, kind, lin in entries:
+            dec.add_linear(i, kind, lin.packed, lin.in_scale, lin.bias, lin.in_features, lin.out_features)
+        dec.set_gate_up_sizes(self.sizes["gate_up"])
+        return dec
 
     def _activation_maxima(self) -> dict[int, torch.Tensor]:
         """max |input| per channel of every linear layer, over a short calibration text (module id -> [in])."""
@@ -479,6 +500,11 @@ class LlamaRunner:
         dev = self.device
         h = self.inner.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(1)).to(self.dtype)
         pos = torch.tensor(positions, dtype=torch.long, device=dev).unsqueeze(1)
+        if self.native is not None and not (self.adapters and any(adapters)):
+            cos, sin = self.inner.rotary_emb(h, pos)
+            half = self.head_dim // 2
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
+            return self.native.decode(h, cos.unsqueeze(2), sin, list(slots), list(positions), self.k, self.v)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         groups = self.n_heads // self.n_kv
         scaled = self.precision != "int8"  # int8: 1/sqrt(head_dim) is folded into q

@@ -1,0 +1,57 @@
+"""chatsmith's native (C++) decode step, compiled on first use with torch's extension builder.
+
+`load()` returns the compiled module, or None when it cannot be built here (no C++ compiler, no
+Python headers, `CHATSMITH_NATIVE=0`); callers then use the Python path, which computes the same
+numbers more slowly. The build (about a minute) is cached under ~/.cache/chatsmith/torch_extensions,
+keyed by the source and the torch version, so it happens once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def build_dir() -> Path:
+    from chatsmith.models.registry import cache_dir
+
+    return cache_dir() / "torch_extensions"
+
+
+def enabled() -> bool:
+    return os.environ.get("CHATSMITH_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def load() -> Any | None:
+    """The compiled extension, or None (with the reason logged once) when it cannot be built."""
+    if not enabled():
+        return None
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        try:
+            import torch
+            from torch.utils import cpp_extension
+
+            key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            out = build_dir() / key
+            out.mkdir(parents=True, exist_ok=True)
+            module = cpp_extension.load(name=f"chatsmith_decode_{key}", sources=[str(SOURCE)],
+                                        build_directory=str(out), extra_cflags=["-O3"], verbose=False)
+        except Exception as e:  # a missing compiler or header: the Python path still works
+            log.warning("chatsmith's native decode step could not be built (%s: %s); using the Python path, "
+                        "which is slower. Install a C++ compiler and the Python headers to enable it, or set "
+                        "CHATSMITH_NATIVE=0 to silence this.", type(e).__name__, str(e).splitlines()[0][:300])
+        _state["module"] = module
+        return module
