@@ -43,8 +43,10 @@ TRL_SETTINGS: dict[str, dict[str, Any]] = {
     "trl-no-gc": {"gradient_checkpointing": False},
 }
 # chatsmith-gc: chatsmith with gradient checkpointing, to compare memory with TRL's defaults (which
-# checkpoint); it is run only when asked for with --only.
-CONTENDERS = ("chatsmith", "chatsmith-gc", *TRL_SETTINGS)
+# checkpoint). chatsmith-accum: the same optimizer batch as micro-batches of --micro-batch records with gradient
+# accumulation (the same gradient; activations of one micro-batch at a time, no recomputation).
+# Both run only when asked for with --only.
+CONTENDERS = ("chatsmith", "chatsmith-gc", "chatsmith-accum", *TRL_SETTINGS)
 TASKS = ("dpo", "rm")
 
 
@@ -69,13 +71,15 @@ def timed_rate(step_times: list[float], pairs_per_step: int) -> dict[str, float]
 
 
 # -- contenders (each in a child process) --------------------------------------------------------------
-def run_chatsmith(args: argparse.Namespace, out_dir: Path, gc: bool = False) -> dict[str, Any]:
+def run_chatsmith(args: argparse.Namespace, out_dir: Path, gc: bool = False, accum: bool = False) -> dict[str, Any]:
     from chatsmith.config import DPOConfig, RMConfig
 
     data = out_dir / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pair_records(args.records)))
     common = dict(model=MODEL, data=[str(data)], output=str(out_dir / "run"), method="lora", lora_r=LORA["r"],
-                  lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], batch_size=args.batch_size,
+                  lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                  batch_size=args.micro_batch if accum else args.batch_size,
+                  grad_accum=args.batch_size // args.micro_batch if accum else 1,
                   max_steps=args.steps, max_length=args.max_length, eval_split=0, lr=args.lr, seed=SEED,
                   precision="fp32", log_every=1, gradient_checkpointing=gc)
     if args.task == "dpo":
@@ -148,7 +152,8 @@ def child_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        res = (run_chatsmith(args, out, gc=args.child == "chatsmith-gc") if args.child.startswith("chatsmith")
+        res = (run_chatsmith(args, out, gc=args.child == "chatsmith-gc", accum=args.child == "chatsmith-accum")
+               if args.child.startswith("chatsmith")
                else run_trl(args, args.child, out))
     Path(args.result).write_text(json.dumps(res))
 
@@ -159,7 +164,7 @@ def run_child_measured(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result = f.name
     cmd = [sys.executable, __file__, "--child", name, "--result", result, "--task", args.task,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--records", str(args.records),
-           "--max-length", str(args.max_length), "--beta", str(args.beta), "--lr", str(args.lr)]
+           "--max-length", str(args.max_length), "--micro-batch", str(args.micro_batch), "--beta", str(args.beta), "--lr", str(args.lr)]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile(mode="w+") as errf:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
@@ -182,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", choices=TASKS, action="append", help="dpo and/or rm (default both)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per contender (default 20; --quick 3)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=2,
+                   help="chatsmith-accum: records per micro-batch (must divide --batch-size)")
     p.add_argument("--records", type=int, default=240, help="preference pairs (the demo set, cycled)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per prompt+answer")
     p.add_argument("--beta", type=float, default=0.1)
@@ -194,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 3 if args.quick else 20
+    if args.micro_batch < 1 or args.batch_size % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide --batch-size {args.batch_size}")
     return args
 
 
@@ -204,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args)
         return 0
     tasks = args.task or list(TASKS)
-    contenders = args.only or [c for c in CONTENDERS if c != "chatsmith-gc"]
+    contenders = args.only or [c for c in CONTENDERS if c not in ("chatsmith-gc", "chatsmith-accum")]
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
                                "settings": {"model": MODEL, "lora": LORA, "steps": args.steps,

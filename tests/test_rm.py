@@ -90,6 +90,27 @@ def test_reward_model_learns_and_scores_batches_like_single(tmp_path):
     assert float(r.stdout.split()[0]) == pytest.approx(single[0], abs=1e-4)
 
 
+def test_grad_accumulation_gives_the_same_step(tmp_path):
+    """4 pairs in one micro-batch and the same 4 pairs as 2 x 2 accumulated give the same update
+    (the memory-saving setting of benchmarks/dpo_throughput.py --only chatsmith-accum)."""
+    from safetensors.torch import load_file
+
+    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="full", lr=2e-3,
+                  max_steps=2, max_length=96, eval_split=0, warmup_ratio=0.0, scheduler="constant",
+                  max_grad_norm=0.0, seed=3)
+    a = run_rm(RMConfig(output=str(tmp_path / "a"), batch_size=4, grad_accum=1, **common))
+    b = run_rm(RMConfig(output=str(tmp_path / "b"), batch_size=2, grad_accum=2, **common))
+    wa, wb = (load_file(str(r / "final" / "model.safetensors")) for r in (a, b))
+    base, _ = load_backbone_with_head("tiny-random-llama")
+    ref = base.state_dict()
+    assert max((wa[k] - ref[k]).abs().max().item() for k in wa if k in ref and "score" not in k) > 1e-4
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-6, rtol=1e-4)
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert la and la == pytest.approx(lb, rel=1e-5)
+
+
 def test_rm_recipes_load_and_bad_spec(tmp_path):
     for recipe in sorted((REPO / "recipes").glob("rm_*.yaml")):
         cfg = load_config(RMConfig, recipe)

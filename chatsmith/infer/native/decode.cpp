@@ -56,7 +56,7 @@ class Decoder {
   // K, V: per layer [slots, n_kv, T, hd]. Returns logits [B, vocab].
   at::Tensor decode(at::Tensor h, at::Tensor cos, at::Tensor sin, std::vector<int64_t> slots,
                     std::vector<int64_t> positions, std::vector<at::Tensor> K, std::vector<at::Tensor> V) {
-    c10::InferenceMode guard;
+    at::NoGradGuard no_grad;  // like the Python path under torch.no_grad: plain tensors out
     const int64_t B = h.size(0);
     const int64_t H = h.size(-1);
     const int64_t half = hd_ / 2;
