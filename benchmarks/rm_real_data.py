@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     by_source: dict[str, list[bool]] = {}
     for x in rows:
         by_source.setdefault(x["source"], []).append(x["correct"])
-    print(f"\n| data | held-out pairs | reward model accuracy | longer answer wins |")
+    print("\n| data | held-out pairs | reward model accuracy | longer answer wins |")
     print("|---|---:|---:|---:|")
     for src, oks in by_source.items():
         lens = [x["longer_is_chosen"] for x in rows if x["source"] == src]
