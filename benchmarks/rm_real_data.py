@@ -15,6 +15,7 @@ The files are read by chatsmith's own readers, unchanged; each fold's training r
 
     python benchmarks/rm_real_data.py                 # 5 folds, LoRA r16, 3 epochs (~15 min here)
     python benchmarks/rm_real_data.py --folds 3 --epochs 1 --max-length 256   # quicker
+    python benchmarks/rm_real_data.py --data hh-rlhf-harmless-test.jsonl      # your own real file
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def messages(msgs: list[Any]) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="append", help="a real preference file (repeatable; default: the two "
+                   "files of ../shared/data named above); any format `chatsmith rm` reads")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from chatsmith.train.rm import load_reward_model, run_rm
 
     records: list[Any] = []
-    for f in FILES:
+    for f in [Path(x) for x in args.data] if args.data else FILES:
         got = read_preferences(str(f)).records
         print(f"{f.name}: {len(got)} pairs", flush=True)
         records.extend(got)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 prompt = messages(r.prompt)
                 chosen, rejected = r.responses[0][-1].content, r.responses[1][-1].content
                 s = rm.score([prompt, prompt], [chosen, rejected])
-                rows.append({"record": i, "source": Path(r.source.split(":")[0]).name if r.source else "",
+                rows.append({"record": i, "source": Path(r.source.split(",")[0].split(":")[0]).name if r.source else "",
                              "fold": k, "chosen_score": s[0], "rejected_score": s[1], "correct": s[0] > s[1],
                              "longer_is_chosen": len(chosen) > len(rejected)})
             acc = sum(x["correct"] for x in rows if x["fold"] == k) / len(held)
