@@ -429,17 +429,21 @@ class LlamaRunner:
                 start += size
         return out
 
+    def _rope_int8(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables [B, T, 1, head_dim] for `qk * cos + qk.roll(half, -1) * sin`: rotate_half(x) * sin
+        == roll(x, half) * sin_signed (HF's non-interleaved convention)."""
+        cos, sin = self.inner.rotary_emb(h, positions)  # [B, T, head_dim]
+        half = self.head_dim // 2
+        return cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
+
     def _layers_int8(self, h: torch.Tensor, positions: torch.Tensor, attend: Any,
                      adapters: list[str | None]) -> torch.Tensor:
         """`_layers` with fused int8 projections, the RMSNorms folded into them and RoPE on q and k together.
 
         Returns the last hidden state un-normalised: the final norm is folded into the LM head.
         """
-        cos, sin = self.inner.rotary_emb(h, positions)  # [B, T, head_dim]
+        cos, sin = self._rope_int8(h, positions)
         half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * sin_signed (HF's non-interleaved RoPE convention).
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
-        cos = cos.unsqueeze(2)
         B, T = h.shape[:2]
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         lora = bool(self.adapters) and any(adapters)
@@ -501,10 +505,8 @@ class LlamaRunner:
         h = self.inner.embed_tokens(torch.tensor(tokens, dtype=torch.long, device=dev).unsqueeze(1)).to(self.dtype)
         pos = torch.tensor(positions, dtype=torch.long, device=dev).unsqueeze(1)
         if self.native is not None and not (self.adapters and any(adapters)):
-            cos, sin = self.inner.rotary_emb(h, pos)
-            half = self.head_dim // 2
-            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
-            return self.native.decode(h, cos.unsqueeze(2), sin, list(slots), list(positions), self.k, self.v)
+            cos, sin = self._rope_int8(h, pos)
+            return self.native.decode(h, cos, sin, list(slots), list(positions), self.k, self.v)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         groups = self.n_heads // self.n_kv
         scaled = self.precision != "int8"  # int8: 1/sqrt(head_dim) is folded into q

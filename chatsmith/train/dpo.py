@@ -35,7 +35,7 @@ from chatsmith.train.losses import (
     token_logprobs,
 )
 from chatsmith.train.prepare import prepare_run_dir, say, split_eval, write_json
-from chatsmith.train.rm import collate_preferences, load_rankings
+from chatsmith.train.rm import collate_preferences, load_rankings, read_data_specs
 
 REFERENCE_FREE = ("orpo", "simpo", "rrhf")
 PEFT = ("lora", "dora")
@@ -145,21 +145,12 @@ def read_records(cfg: DPOConfig) -> list[Any]:
     """Every --data file as validated records: Feedback for kto (pairs are unpaired), else Ranking."""
     if cfg.loss != "kto":
         return load_rankings(cfg)
-    from chatsmith.data.formats import parse_data_spec
-    from chatsmith.data.preference import BUILTIN_PREFIX
 
-    if not cfg.data:
-        raise ChatsmithError("no training data: pass --data FILE ({messages, label} feedback or pairs)")
-    records: list[Any] = []
-    for spec in cfg.data:
-        path = spec if spec.startswith(BUILTIN_PREFIX) else parse_data_spec(spec).path
-        res = read_feedback(path, skip_bad=cfg.skip_bad)
-        if res.skipped:
-            say(f"{path}: skipped {len(res.skipped)} malformed record(s) (--skip-bad); first: {res.skipped[0]}")
-        good = sum(r.desirable for r in res.records)
-        say(f"{path}: {len(res.records)} feedback records ({good} desirable, {len(res.records) - good} not)")
-        records.extend(res.records)
-    return records
+    def describe(records: list[Any]) -> str:
+        good = sum(r.desirable for r in records)
+        return f"{len(records)} feedback records ({good} desirable, {len(records) - good} not)"
+
+    return read_data_specs(cfg, read_feedback, describe, "{messages, label} feedback or pairs")
 
 
 def encode_examples(cfg: DPOConfig, tokenizer: Any, records: list[Any]

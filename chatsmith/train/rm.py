@@ -229,22 +229,33 @@ def prepare_reward_trainable(model: Any, cfg: RMConfig) -> Any:
 
 # ---- the stage --------------------------------------------------------------------------------
 
-def load_rankings(cfg: Any) -> list[Any]:
+def read_data_specs(cfg: Any, reader: Any, describe: Any, what: str) -> list[Any]:
+    """Every --data spec read with `reader(path, skip_bad)` (a PreferenceData), each file summarised
+    with `describe(records)`; `what` names the expected records in the no-data error."""
     from chatsmith.data.formats import parse_data_spec
     from chatsmith.data.preference import BUILTIN_PREFIX
 
     if not cfg.data:
-        raise ChatsmithError("no training data: pass --data FILE (pairs or rankings; or builtin:identity-preferences)")
+        raise ChatsmithError(f"no training data: pass --data FILE ({what})")
     records: list[Any] = []
     for spec in cfg.data:
         path = spec if spec.startswith(BUILTIN_PREFIX) else parse_data_spec(spec).path
-        res = read_preferences(path, skip_bad=cfg.skip_bad)
+        res = reader(path, skip_bad=cfg.skip_bad)
         if res.skipped:
             say(f"{path}: skipped {len(res.skipped)} malformed record(s) (--skip-bad); first: {res.skipped[0]}")
-        kinds = sorted({len(r.responses) for r in res.records})
-        say(f"{path}: {len(res.records)} preference records ({'pairs' if kinds == [2] else f'K = {kinds}'})")
+        say(f"{path}: {describe(res.records)}")
         records.extend(res.records)
     return records
+
+
+def _describe_rankings(records: list[Any]) -> str:
+    kinds = sorted({len(r.responses) for r in records})
+    return f"{len(records)} preference records ({'pairs' if kinds == [2] else f'K = {kinds}'})"
+
+
+def load_rankings(cfg: Any) -> list[Any]:
+    return read_data_specs(cfg, read_preferences, _describe_rankings,
+                           "pairs or rankings; or builtin:identity-preferences")
 
 
 def run_rm(cfg: RMConfig) -> Path:

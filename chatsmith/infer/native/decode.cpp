@@ -22,6 +22,14 @@ struct Linear {
   int64_t in = 0, out = 0;
 };
 
+// Row 0 is [1, -1, 0, ...]: it pins the dynamic int8 range to [-1, 1] (see Int8Linear in runners.py).
+at::Tensor pinned_buffer(int64_t rows, int64_t in) {
+  auto buf = at::zeros({rows, in}, at::kFloat);
+  buf.index_put_({0, 0}, 1.0);
+  buf.index_put_({0, 1}, -1.0);
+  return buf;
+}
+
 class Decoder {
  public:
   Decoder(int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps, bool reduce_range)
@@ -37,9 +45,7 @@ class Decoder {
     l.bias = bias;
     l.in = in;
     l.out = out;
-    l.buf = at::zeros({17, in}, at::kFloat);
-    l.buf.index_put_({0, 0}, 1.0);
-    l.buf.index_put_({0, 1}, -1.0);
+    l.buf = pinned_buffer(17, in);
     if (layer < 0) {
       head_ = l;
       return;
@@ -97,9 +103,7 @@ class Decoder {
   at::Tensor unit(Linear& l, const at::Tensor& x2, const at::Tensor& m) {
     const int64_t n = x2.size(0);
     if (l.buf.size(0) < n + 1) {
-      l.buf = at::zeros({std::max<int64_t>(n + 1, 2 * l.buf.size(0)), l.in}, at::kFloat);
-      l.buf.index_put_({0, 0}, 1.0);
-      l.buf.index_put_({0, 1}, -1.0);
+      l.buf = pinned_buffer(std::max<int64_t>(n + 1, 2 * l.buf.size(0)), l.in);
     }
     auto buf = l.buf.slice(0, 0, n + 1);
     auto rows = buf.slice(0, 1);
