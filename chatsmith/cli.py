@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
                 print_stats(stats)
             return 0
         if args.data_command == "convert":
-            from chatsmith.data.formats import convert
+            from chatsmith.data.writers import convert
 
             print(convert(args.input, args.output, args.to, format=args.format, columns=_mapping(args.columns),
                           skip_bad=args.skip_bad))

@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded tokenizer and tiny models come from chatsmith's own cache
-(built offline from the embedded GGUF on first use)."""
+(built offline from the embedded GGUF on first use); the real dataset samples come from
+../shared/data, named in one place here."""
 
 from __future__ import annotations
 
@@ -11,8 +12,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# The repository sits beside shared/ (CI clones it the same way).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_file(name: str) -> Path:
+    """The path of one real dataset sample in ../shared/data, or a failure that says where it was expected."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.fail(f"the real dataset sample {name} is missing: expected {path} (the shared data folder "
+                    "that sits beside this repository; see ../shared/data/README.md)")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +35,6 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"expected the shared data samples at {SHARED_DATA}"
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"expected the shared data samples at {SHARED_DATA} (the folder beside this repository)")
     return SHARED_DATA

@@ -9,20 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA, shared_file
 
 from chatsmith.data.conversation import TEXT_ROLE, Conversation, Message
-from chatsmith.data.formats import (
-    FORMATS,
-    DataSource,
-    convert,
-    parse_data_spec,
-    read_conversations,
-    write_conversations,
-)
+from chatsmith.data.formats import read_conversations
+from chatsmith.data.spec import FORMATS, DataSource, parse_data_spec
+from chatsmith.data.writers import convert, write_conversations
 from chatsmith.errors import ChatsmithError, DataError
-
-# The repository sits beside shared/ (CI clones it the same way).
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # file -> (detected format, conversations)
 EXPECTED = {
@@ -34,11 +27,16 @@ EXPECTED = {
     "typed_parts_messages_10.jsonl": ("messages", 10),
     "hh_rlhf_transcripts_10.jsonl": ("hh", 10),
     "self_instruct_seed_tasks.jsonl": ("alpaca", 175),
+    "hh_rlhf_harmless_train_1600.jsonl": ("hh", 1600),
+}
+# Shared files that are not training conversations, and who reads them.
+NOT_CONVERSATIONS = {
+    "vicuna_bench_questions.jsonl": "FastChat judge questions {question_id, category, turns}: evaluation prompts",
 }
 
 
 def raw(name: str) -> list[dict]:
-    text = (SHARED / name).read_text(encoding="utf-8")
+    text = (shared_file(name)).read_text(encoding="utf-8")
     if name.endswith(".jsonl"):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
@@ -60,23 +58,32 @@ def write(path: Path, records: list, jsonl: bool = True) -> str:
 # ---- every shared file ---------------------------------------------------------------------
 
 def test_every_shared_file_is_covered() -> None:
-    files = {p.name for p in SHARED.iterdir() if p.suffix in (".json", ".jsonl")}
-    assert files == set(EXPECTED), "a new shared data file needs an entry (and a test) here"
+    files = {p.name for p in SHARED_DATA.iterdir() if p.suffix in (".json", ".jsonl")}
+    assert files == set(EXPECTED) | set(NOT_CONVERSATIONS), "a new shared data file needs an entry (and a test) here"
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CONVERSATIONS))
+def test_non_conversation_files_are_refused_with_their_fields_named(name: str) -> None:
+    with pytest.raises(DataError, match=r"line 1: cannot tell the format from this record \(its fields: "
+                                        r"category, question_id, turns\)"):
+        read_conversations(str(shared_file(name)))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shared_file_loads_unchanged(name: str) -> None:
     fmt, count = EXPECTED[name]
-    result = read_conversations(str(SHARED / name))
+    result = read_conversations(str(shared_file(name)))
     assert (result.format, len(result.conversations), result.skipped) == (fmt, count, [])
     for conv in result.conversations:
-        assert conv.source and conv.source.startswith(str(SHARED / name) + ", ")
-        assert any(m.role == "assistant" and m.content.strip() for m in conv.messages)
+        assert conv.source and conv.source.startswith(str(shared_file(name)) + ", ")
+        assert any(m.role == "assistant" for m in conv.messages)
+        # hh-rlhf alone has preferred answers that are empty (see test_preference_data.py)
+        assert fmt == "hh" or any(m.role == "assistant" and m.content.strip() for m in conv.messages)
 
 
 def test_alpaca_joins_instruction_and_input() -> None:
     records = raw("alpaca_50.json")
-    convs = read_conversations(str(SHARED / "alpaca_50.json")).conversations
+    convs = read_conversations(str(shared_file("alpaca_50.json"))).conversations
     assert convs[0].source.endswith("alpaca_50.json, record 0")
     for rec, conv in zip(records, convs, strict=True):
         user = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
@@ -85,7 +92,7 @@ def test_alpaca_joins_instruction_and_input() -> None:
 
 
 def test_sharegpt_multi_turn_and_ids() -> None:
-    convs = read_conversations(str(SHARED / "sharegpt_20.json")).conversations
+    convs = read_conversations(str(shared_file("sharegpt_20.json"))).conversations
     assert [len(c.messages) for c in convs][:3] == [4, 2, 6]
     assert sum(len(c.messages) for c in convs) == 78
     assert convs[0].meta == {"id": "identity_0"}
@@ -97,7 +104,7 @@ def test_sharegpt_multi_turn_and_ids() -> None:
 
 
 def test_sharegpt_single_object_is_one_conversation() -> None:
-    path = str(SHARED / "sharegpt_single_object.json")
+    path = str(shared_file("sharegpt_single_object.json"))
     (conv,) = read_conversations(path).conversations
     assert conv.source == f"{path}, record 0"
     assert [m.role for m in conv.messages] == ["user", "assistant"] * 6
@@ -110,7 +117,7 @@ def test_sharegpt_single_object_is_one_conversation() -> None:
 
 def test_sharegpt_preference_keeps_chosen_and_rejected() -> None:
     records = raw("sharegpt_preference_20.json")
-    convs = read_conversations(str(SHARED / "sharegpt_preference_20.json")).conversations
+    convs = read_conversations(str(shared_file("sharegpt_preference_20.json"))).conversations
     for rec, conv in zip(records, convs, strict=True):
         assert len(conv.messages) == len(rec["conversations"]) + 1
         assert conv.messages[-1] == Message("assistant", rec["chosen"]["value"])
@@ -123,14 +130,14 @@ def test_sharegpt_preference_keeps_chosen_and_rejected() -> None:
 
 def test_kto_labels_in_meta() -> None:
     records = raw("kto_messages_20.json")
-    convs = read_conversations(str(SHARED / "kto_messages_20.json")).conversations
+    convs = read_conversations(str(shared_file("kto_messages_20.json"))).conversations
     assert [c.meta["label"] for c in convs] == [r["label"] for r in records]
     assert sum(c.meta["label"] for c in convs) == 12
     assert [m["content"] for m in records[1]["messages"]] == [m.content for m in convs[1].messages]
 
 
 def test_typed_parts_and_loss_weight() -> None:
-    convs = read_conversations(str(SHARED / "typed_parts_messages_10.jsonl")).conversations
+    convs = read_conversations(str(shared_file("typed_parts_messages_10.jsonl"))).conversations
     assert convs[0].source.endswith("typed_parts_messages_10.jsonl, line 1")
     assert dumps(convs[0]) == [
         {"role": "user", "content": "hi", "train": False},
@@ -142,7 +149,7 @@ def test_typed_parts_and_loss_weight() -> None:
 
 def test_hh_transcripts_split_into_turns() -> None:
     records = raw("hh_rlhf_transcripts_10.jsonl")
-    convs = read_conversations(str(SHARED / "hh_rlhf_transcripts_10.jsonl")).conversations
+    convs = read_conversations(str(shared_file("hh_rlhf_transcripts_10.jsonl"))).conversations
     assert [len(c.messages) for c in convs] == [6, 6, 4, 10, 2, 6, 8, 6, 6, 2]
     first = convs[0]
     assert [m.role for m in first.messages] == ["user", "assistant"] * 3
@@ -157,7 +164,7 @@ def test_hh_transcripts_split_into_turns() -> None:
 
 def test_self_instruct_seed_tasks_as_alpaca() -> None:
     records = raw("self_instruct_seed_tasks.jsonl")
-    convs = read_conversations(str(SHARED / "self_instruct_seed_tasks.jsonl")).conversations
+    convs = read_conversations(str(shared_file("self_instruct_seed_tasks.jsonl"))).conversations
     assert convs[1].meta == {"id": "seed_task_1", "name": "antonym_relation", "is_classification": False}
     assert dumps(convs[1]) == [
         {"role": "user", "content": "What is the relation between the given pairs?\n\nNight : Day :: Right : Left"},
@@ -340,10 +347,14 @@ def test_non_text_part_and_bad_loss_weight(tmp_path: Path) -> None:
         read_conversations(write(tmp_path / "w.jsonl", [weight]))
 
 
-def test_hh_empty_final_reply(tmp_path: Path) -> None:
+def test_hh_empty_final_reply_is_kept_but_an_empty_earlier_one_is_an_error(tmp_path: Path) -> None:
+    # hh-rlhf's labellers sometimes preferred no answer: the real file has four such records.
     path = write(tmp_path / "h.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:",
                                          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: x"}])
-    with pytest.raises(DataError, match=r"line 1, field 'chosen \(turn 4, Assistant\)': assistant turn is empty"):
+    conv = read_conversations(path).conversations[0]
+    assert [(m.role, m.content) for m in conv.messages][-2:] == [("user", "and?"), ("assistant", "")]
+    path = write(tmp_path / "e.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: \n\nHuman: and?\n\nAssistant: x"}])
+    with pytest.raises(DataError, match=r"line 1, field 'chosen \(turn 2, Assistant\)': assistant turn is empty"):
         read_conversations(path)
 
 
@@ -376,7 +387,7 @@ def test_unrecognised_format_lists_known_formats(tmp_path: Path) -> None:
 
 def test_forced_format_mismatch(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"record 0, field 'instruction': missing 'instruction'"):
-        read_conversations(str(SHARED / "sharegpt_20.json"), format="alpaca")
+        read_conversations(str(shared_file("sharegpt_20.json")), format="alpaca")
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
@@ -429,7 +440,7 @@ def test_parse_data_spec_errors(tmp_path: Path) -> None:
 # ---- writing and converting ----------------------------------------------------------------
 
 def test_alpaca_messages_alpaca_round_trip(tmp_path: Path) -> None:
-    src = str(SHARED / "alpaca_50.json")
+    src = str(shared_file("alpaca_50.json"))
     summary = convert(src, str(tmp_path / "m.jsonl"), to="messages")
     assert summary == f"wrote 50 conversations from {src} (alpaca) to {tmp_path / 'm.jsonl'} (messages)"
     convert(str(tmp_path / "m.jsonl"), str(tmp_path / "back.json"), to="alpaca")
@@ -445,7 +456,7 @@ def test_alpaca_messages_alpaca_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name, to", [("sharegpt_20.json", "sharegpt"), ("kto_messages_20.json", "messages")])
 def test_same_format_round_trip_is_identical(tmp_path: Path, name: str, to: str) -> None:
-    convert(str(SHARED / name), str(tmp_path / "out.json"), to=to)
+    convert(str(shared_file(name)), str(tmp_path / "out.json"), to=to)
     assert json.loads((tmp_path / "out.json").read_text()) == raw(name)
 
 
@@ -457,9 +468,9 @@ def test_same_format_round_trip_is_identical(tmp_path: Path, name: str, to: str)
     ("sharegpt_single_object.json", "messages"),
 ])
 def test_conversations_survive_conversion(tmp_path: Path, name: str, via: str) -> None:
-    before = read_conversations(str(SHARED / name)).conversations
+    before = read_conversations(str(shared_file(name))).conversations
     out = tmp_path / f"out.{'jsonl' if via == 'sharegpt' else 'json'}"
-    convert(str(SHARED / name), str(out), to=via)
+    convert(str(shared_file(name)), str(out), to=via)
     after = read_conversations(str(out)).conversations
     assert [dumps(c) for c in after] == [dumps(c) for c in before]
     assert [c.meta for c in after] == [c.meta for c in before]
@@ -484,4 +495,4 @@ def test_alpaca_cannot_express_every_conversation(tmp_path: Path) -> None:
     with pytest.raises(ChatsmithError, match=r"must end in .json .* or .jsonl"):
         write_conversations([tool], str(tmp_path / "o.csv"), to="messages")
     with pytest.raises(ChatsmithError, match="cannot write format 'hh'"):
-        convert(str(SHARED / "alpaca_50.json"), str(tmp_path / "o.json"), to="hh")
+        convert(str(shared_file("alpaca_50.json")), str(tmp_path / "o.json"), to="hh")

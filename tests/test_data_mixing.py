@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import shared_file
 
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.formats import read_conversations
 from chatsmith.data.mixing import mix, mixture_sizes
 from chatsmith.errors import ChatsmithError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def source(name: str, n: int) -> list[Conversation]:
@@ -67,8 +65,8 @@ def test_no_weights_is_plain_concatenation() -> None:
 
 
 def test_real_files_mixed_half_and_half() -> None:
-    alpaca = read_conversations(str(SHARED / "alpaca_50.json")).conversations
-    sharegpt = read_conversations(str(SHARED / "sharegpt_20.json")).conversations
+    alpaca = read_conversations(str(shared_file("alpaca_50.json"))).conversations
+    sharegpt = read_conversations(str(shared_file("sharegpt_20.json"))).conversations
     mixed = mix([alpaca, sharegpt], [0.5, 0.5], seed=42)
     by_file = Counter(c.source.split(",")[0].rsplit("/", 1)[-1] for c in mixed)
     assert by_file == {"alpaca_50.json": 35, "sharegpt_20.json": 35}

@@ -6,11 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import shared_file
 
 from chatsmith.data.formats import read_conversations
 from chatsmith.data.stats import data_stats, length_summary, percentile, print_stats
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,8 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_character_stats_without_tokenizer() -> None:
-    stats = data_stats(str(SHARED / "sharegpt_20.json"))
-    convs = read_conversations(str(SHARED / "sharegpt_20.json")).conversations
+    stats = data_stats(str(shared_file("sharegpt_20.json")))
+    convs = read_conversations(str(shared_file("sharegpt_20.json"))).conversations
     chars = sorted(sum(len(m.content) for m in c.messages) for c in convs)
     assert {k: stats[k] for k in ("format", "records", "messages", "turns", "roles", "length_unit")} == {
         "format": "sharegpt", "records": 20, "messages": 78, "turns": 39,
@@ -50,7 +49,7 @@ def test_stats_count_skipped_and_text(tmp_path: Path) -> None:
 def test_token_stats_match_the_renderer(tokenizer: Any) -> None:
     from chatsmith.data.template import render_conversation
 
-    path = str(SHARED / "hh_rlhf_transcripts_10.jsonl")
+    path = str(shared_file("hh_rlhf_transcripts_10.jsonl"))
     rendered = [render_conversation(tokenizer, c) for c in read_conversations(path).conversations]
     lengths = sorted(len(r.input_ids) for r in rendered)
     cut = lengths[4]
@@ -65,7 +64,7 @@ def test_token_stats_match_the_renderer(tokenizer: Any) -> None:
 
 def test_print_stats(tokenizer: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "200")  # so a long checkout path is not wrapped
-    print_stats(data_stats(str(SHARED / "kto_messages_20.json"), tokenizer=tokenizer, max_length=64))
+    print_stats(data_stats(str(shared_file("kto_messages_20.json")), tokenizer=tokenizer, max_length=64))
     out = capsys.readouterr().out
     assert "kto_messages_20.json (messages)" in out
     assert "records" in out and "assistant turns" in out and "longer than 64" in out and "% trained" in out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_file
 
 from chatsmith.config import DPOConfig, load_config
 from chatsmith.data.preference import encode_feedback, encode_rankings, read_feedback, read_preferences
@@ -89,7 +90,7 @@ def test_full_finetuning_caches_reference_once(demo, tokenizer):
     batch = collate_preferences(examples)
     assert "ref_logps" in batch
     # KTO: the mismatched KL sequences get cached reference log-probs too
-    fb = read_feedback(str(REPO.parent / "shared" / "data" / "kto_messages_20.json")).records[:4]
+    fb = read_feedback(str(shared_file("kto_messages_20.json"))).records[:4]
     kto_ex, _ = encode_feedback(tokenizer, fb, None, 128)
     cache_reference_logps(model, kto_ex, batch_size=4)
     kb = collate_preferences(kto_ex, unit="examples")

@@ -46,6 +46,22 @@ def test_hh_transcripts_split_at_the_shared_prefix(shared_data):
     assert [m.trains() for m in conv.messages] == [False] * 5 + [True]
 
 
+def test_hh_empty_chosen_answer_is_a_real_preference(shared_data, tokenizer, tmp_path):
+    """hh-rlhf's labellers sometimes preferred no answer ("Assistant: " ends the chosen transcript):
+    the 1,600-pair file loads whole, and such an answer trains the end-of-turn token alone."""
+    recs = read_preferences(str(shared_data / "hh_rlhf_harmless_train_1600.jsonl")).records
+    assert len(recs) == 1600
+    empty = [r for r in recs if not r.responses[0][-1].content]
+    assert [r.source.rsplit(", ", 1)[1] for r in empty] == ["line 77", "line 507", "line 916", "line 1094"]
+    ex = encode_rankings(tokenizer, empty[:1], None, 512)[0][0]
+    trained = [t for t, m in zip(ex.answers[0].input_ids, ex.answers[0].loss_mask) if m]
+    assert tokenizer.convert_ids_to_tokens(trained) == ["<|im_end|>"]
+    # Elsewhere an empty answer is still a located error.
+    bad = write(tmp_path, [{"prompt": "Hi?", "chosen": " ", "rejected": "Go away."}])
+    with pytest.raises(DataError, match=r"line 1, field 'chosen': answer is empty"):
+        read_preferences(bad)
+
+
 def test_kto_feedback_file_and_unpaired_pairs(shared_data):
     fb = read_feedback(str(shared_data / "kto_messages_20.json")).records
     assert len(fb) == 20 and sum(f.desirable for f in fb) == 12

@@ -28,27 +28,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chatsmith.data.conversation import TEXT_ROLE, Conversation, Message
+from chatsmith.data.sources import SKIP_HINT, RecordContext, read_records
+from chatsmith.data.spec import FORMATS
 from chatsmith.errors import ChatsmithError, DataError
 
-FORMATS = ("alpaca", "sharegpt", "messages", "hh", "text", "columns")
-WRITE_FORMATS = ("messages", "alpaca", "sharegpt")
 COLUMN_KEYS = ("prompt", "response", "system", "text")
-DATA_EXTENSIONS = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
 
 _FORMAT_HELP = (
     "alpaca ({instruction, input, output}), sharegpt ({conversations: [{from, value}]}), "
     "messages ({messages: [{role, content}]}), hh ({chosen, rejected} 'Human:/Assistant:' transcripts), "
     "text (.txt or {text}), columns (any table with --columns, e.g. prompt=question,response=answer)"
 )
-_SKIP_HINT = "fix the record, or pass --skip-bad to drop malformed records"
 
 # ShareGPT speaker names -> our roles. "function_call" is the assistant calling a tool and
 # "observation" the tool's answer (LLaMA-Factory's convention).
@@ -68,17 +64,7 @@ MESSAGE_ROLES = {
 _DEFAULT_COLUMN_PAIRS = (("prompt", "response"), ("prompt", "completion"), ("question", "answer"),
                          ("query", "response"), ("input", "output"),
                          ("prompt", "chosen"))  # the last: TRL's {prompt, chosen, rejected} strings
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
-
-
-@dataclass
-class DataSource:
-    """One `--data` argument: a path or hub name, its mixing weight and an explicit format."""
-
-    path: str
-    weight: float | None = None
-    format: str | None = None
 
 
 @dataclass
@@ -88,40 +74,6 @@ class ReadResult:
     format: str
     path: str
 
-
-def parse_data_spec(spec: str) -> DataSource:
-    """Parse "PATH", "PATH:WEIGHT", "PATH@FORMAT" or "PATH@FORMAT:WEIGHT" (PATH may be a hub name)."""
-    spec = spec.strip()
-    if not spec:
-        raise ChatsmithError("empty --data value: pass a file as PATH or PATH:WEIGHT")
-    path, weight = spec, None
-    # The weight is after the *last* colon, so "C:\\data\\x.json" and "hf://..." stay paths.
-    if not os.path.exists(spec) and ":" in spec:
-        head, tail = spec.rsplit(":", 1)
-        try:
-            value = float(tail)
-        except ValueError:
-            if os.path.exists(head.split("@")[0]):
-                raise ChatsmithError(
-                    f"--data {spec}: weight '{tail}' is not a number (write PATH:WEIGHT, e.g. {head}:0.5)"
-                ) from None
-        else:
-            if not math.isfinite(value) or value <= 0:
-                raise ChatsmithError(f"--data {spec}: weight must be a positive number, got '{tail}'")
-            path, weight = head, value
-    fmt = None
-    if "@" in path and not os.path.exists(path):
-        head, tail = path.rsplit("@", 1)
-        if tail.lower() in FORMATS:
-            path, fmt = head, tail.lower()
-        elif re.fullmatch(r"[A-Za-z][\w-]*", tail):
-            raise ChatsmithError(f"--data {spec}: unknown format '{tail}'. Known formats: {', '.join(FORMATS)}")
-    return DataSource(path=path, weight=weight, format=fmt)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
 
 def read_conversations(path: str, format: str | None = None, columns: dict[str, str] | None = None,
                        skip_bad: bool = False, system_prompt: str | None = None) -> ReadResult:
@@ -140,7 +92,7 @@ def read_conversations(path: str, format: str | None = None, columns: dict[str, 
             raise ChatsmithError(f"a column mapping only applies to --format columns, not '{format}'")
         format = "columns"
 
-    records = _records(path)
+    records = read_records(path)
     if Path(path).suffix.lower() == ".txt" and format is None:
         format = "text"
 
@@ -150,7 +102,7 @@ def read_conversations(path: str, format: str | None = None, columns: dict[str, 
     columns_checked = False
     for where, record in records:
         seen += 1
-        ctx = _Ctx(path, where)
+        ctx = RecordContext(path, where)
         try:
             if isinstance(record, DataError):
                 raise record
@@ -176,141 +128,9 @@ def read_conversations(path: str, format: str | None = None, columns: dict[str, 
     return ReadResult(conversations=conversations, skipped=skipped, format=str(format), path=path)
 
 
-@dataclass
-class _Ctx:
-    """Where a record sits, for error messages and `Conversation.source`."""
-
-    path: str
-    where: str
-
-    @property
-    def source(self) -> str:
-        return f"{self.path}, {self.where}"
-
-    def error(self, message: str, field: str | None = None, hint: str | None = _SKIP_HINT) -> DataError:
-        return DataError(message, path=self.path, record=self.where, field=field, hint=hint)
-
-
-# ---- raw records ------------------------------------------------------------------------------
-
-def _records(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (where, record) pairs; a record that cannot be parsed is yielded as a DataError."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        if _HUB_NAME.fullmatch(path) and p.suffix.lower() not in DATA_EXTENSIONS:
-            return _hub_records(path)
-        raise ChatsmithError(f"data file not found: {path}")
-    if p.is_dir():
-        raise ChatsmithError(f"{path} is a directory: pass a data file ({', '.join(DATA_EXTENSIONS)})")
-    suffix = p.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        return _csv_records(p, path, sep="\t" if suffix == ".tsv" else ",")
-    if suffix == ".parquet":
-        return _parquet_records(p, path)
-    text = _read_text(p, path)
-    if suffix == ".txt":
-        return _txt_records(text)
-    if suffix in (".jsonl", ".ndjson"):
-        return _jsonl_records(text, path)
-    if suffix == ".json" or text.lstrip()[:1] in ("[", "{"):
-        return _json_records(text, path)
-    raise ChatsmithError(f"{path}: unsupported file type '{suffix}'. Use one of {', '.join(DATA_EXTENSIONS)}")
-
-
-def _read_text(p: Path, path: str) -> str:
-    try:
-        return p.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM some editors write
-    except UnicodeDecodeError as e:
-        raise ChatsmithError(f"{path}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
-
-
-def _jsonl_records(text: str, path: str) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"line {n}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, record=where,
-                                   hint="each line of a .jsonl file must be one complete JSON object")
-
-
-def _json_records(text: str, path: str) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several objects, one per line: JSON lines saved as .json
-            yield from _jsonl_records(text, path)
-            return
-        raise DataError(f"invalid JSON ({e.msg}) at line {e.lineno}, column {e.colno}", path=path,
-                        hint="a .json file must hold one JSON list of records (or one record)") from None
-    if isinstance(data, dict):
-        yield "record 0", data  # one conversation stored as an object, not a list
-    elif isinstance(data, list):
-        yield from ((f"record {i}", r) for i, r in enumerate(data))
-    else:
-        raise DataError(f"expected a JSON list of records, found a {type(data).__name__}", path=path)
-
-
-def _txt_records(text: str) -> Iterator[tuple[str, Any]]:
-    # One document per block of lines separated by blank lines; named by the block's first line.
-    block: list[str] = []
-    start = 0
-    for n, line in enumerate([*text.splitlines(), ""], start=1):
-        if line.strip():
-            if not block:
-                start = n
-            block.append(line)
-        elif block:
-            yield f"line {start}", "\n".join(block)
-            block = []
-
-
-def _csv_records(p: Path, path: str, sep: str) -> Iterator[tuple[str, Any]]:
-    import pandas as pd
-
-    try:
-        # Everything as text, and empty cells as "" rather than NaN.
-        df = pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ChatsmithError(f"{path}: cannot read as {'TSV' if sep == chr(9) else 'CSV'}: {e}") from None
-    # "row N" is the file line (line 1 is the header), exact unless a cell holds newlines.
-    for i, rec in enumerate(df.to_dict("records")):
-        yield f"row {i + 2}", rec
-
-
-def _parquet_records(p: Path, path: str) -> Iterator[tuple[str, Any]]:
-    # pyarrow's to_pylist (pandas' Parquet engine) gives plain lists and dicts for nested
-    # columns such as `messages`, where pandas would give numpy object arrays.
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(p).to_pylist()
-    except Exception as e:  # pyarrow raises several unrelated types for a damaged file
-        raise ChatsmithError(f"{path}: cannot read as Parquet: {e}") from None
-    yield from ((f"row {i}", r) for i, r in enumerate(rows))
-
-
-def _hub_records(name: str, split: str = "train") -> Iterator[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - a core dependency
-        raise ChatsmithError("loading a hub dataset needs the `datasets` package: pip install datasets") from None
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # network, auth, missing repo or split: all end the same way for the user
-        raise ChatsmithError(
-            f"could not load '{name}' from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "If you are offline, or this was meant to be a local file, download the data and pass "
-            "its path instead, e.g. --data data/train.jsonl (.json, .jsonl, .csv, .parquet or .txt)"
-        ) from None
-    yield from ((f"row {i}", dict(r)) for i, r in enumerate(ds))
-
-
 # ---- detection --------------------------------------------------------------------------------
 
-def _detect(record: Any, ctx: _Ctx, format: str | None,
+def _detect(record: Any, ctx: RecordContext, format: str | None,
             columns: dict[str, str] | None) -> tuple[str, dict[str, str] | None]:
     if isinstance(record, str):
         return "text", columns
@@ -358,7 +178,7 @@ def _check_column_mapping(columns: dict[str, str]) -> None:
                              "(e.g. prompt=question,response=answer), or 'text' for plain text")
 
 
-def _check_columns_present(record: Any, columns: dict[str, str], ctx: _Ctx) -> None:
+def _check_columns_present(record: Any, columns: dict[str, str], ctx: RecordContext) -> None:
     # A mapped column missing from the first record is missing from the whole table: stop with
     # the list of real column names rather than skipping every row.
     if not isinstance(record, dict):
@@ -371,7 +191,7 @@ def _check_columns_present(record: Any, columns: dict[str, str], ctx: _Ctx) -> N
 
 # ---- converters: one record -> conversations -------------------------------------------------
 
-def _text(value: Any, ctx: _Ctx, field: str, required: bool = True) -> str | None:
+def text_field(value: Any, ctx: RecordContext, field: str, required: bool = True) -> str | None:
     """A record's text value; numbers are accepted (CSV/Parquet cells), None means missing."""
     if isinstance(value, float) and math.isnan(value):
         value = None
@@ -386,7 +206,7 @@ def _text(value: Any, ctx: _Ctx, field: str, required: bool = True) -> str | Non
     raise ctx.error(f"must be text, got {type(value).__name__}", field)
 
 
-def _train_flag(msg: dict[str, Any], ctx: _Ctx, field: str) -> bool | None:
+def _train_flag(msg: dict[str, Any], ctx: RecordContext, field: str) -> bool | None:
     """Per-message training flag: `loss_weight` (LLaMA-Factory), `weight` (axolotl/OpenAI) or `train`."""
     for key in ("loss_weight", "weight"):
         if key in msg and msg[key] is not None:
@@ -401,16 +221,19 @@ def _train_flag(msg: dict[str, Any], ctx: _Ctx, field: str) -> bool | None:
     return None
 
 
-def _conversation(messages: list[tuple[Message, str]], ctx: _Ctx, list_field: str,
-                  meta: dict[str, Any] | None = None) -> Conversation:
-    """Validate (message, field-name) pairs and build the Conversation."""
-    for m, fld in messages:
+def _conversation(messages: list[tuple[Message, str]], ctx: RecordContext, list_field: str,
+                  meta: dict[str, Any] | None = None, allow_empty_last: bool = False) -> Conversation:
+    """Validate (message, field-name) pairs and build the Conversation. `allow_empty_last`: the final
+    assistant reply may be empty (hh-rlhf, where "say nothing" is sometimes the preferred answer)."""
+    for k, (m, fld) in enumerate(messages):
+        if allow_empty_last and k == len(messages) - 1:
+            continue
         if m.role == "assistant" and not m.content.strip():
             raise ctx.error("assistant turn is empty", fld,
                             hint="write the reply, or pass --skip-bad to drop such records")
     if not any(m.role == "assistant" for m, _ in messages):
         raise ctx.error("conversation has no assistant turn", list_field,
-                        hint="every training example needs at least one assistant reply; " + _SKIP_HINT)
+                        hint="every training example needs at least one assistant reply; " + SKIP_HINT)
     return Conversation([m for m, _ in messages], source=ctx.source, meta=meta or {})
 
 
@@ -418,13 +241,13 @@ def _meta(record: dict[str, Any], used: set[str]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in used}
 
 
-def _require_dict(record: Any, ctx: _Ctx) -> dict[str, Any]:
+def _require_dict(record: Any, ctx: RecordContext) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise ctx.error(f"expected a JSON object, found a {type(record).__name__}")
     return record
 
 
-def _from_alpaca(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conversation]:
+def _from_alpaca(record: Any, ctx: RecordContext, columns: dict[str, str]) -> list[Conversation]:
     rec = _require_dict(record, ctx)
     if "instances" in rec and "output" not in rec:  # self-instruct seed task: one example per instance
         instances = rec["instances"]
@@ -435,25 +258,25 @@ def _from_alpaca(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conver
         for i, inst in enumerate(instances):
             if not isinstance(inst, dict):
                 raise ctx.error("must be an object {input, output}", f"instances[{i}]")
-            sub = _Ctx(ctx.path, ctx.where if len(instances) == 1 else f"{ctx.where}, instance {i}")
+            sub = RecordContext(ctx.path, ctx.where if len(instances) == 1 else f"{ctx.where}, instance {i}")
             out += _from_alpaca({**base, **inst}, sub, columns)
         return out
-    instruction = _text(rec.get("instruction"), ctx, "instruction") or ""
-    inp = _text(rec.get("input"), ctx, "input", required=False) or ""
+    instruction = text_field(rec.get("instruction"), ctx, "instruction") or ""
+    inp = text_field(rec.get("input"), ctx, "input", required=False) or ""
     user = f"{instruction}\n\n{inp}" if instruction and inp else instruction or inp
     if not user.strip():
         raise ctx.error("'instruction' and 'input' are both empty", "instruction")
     meta = _meta(rec, {"instruction", "input", "output", "system", "history", "chosen", "rejected"})
     if "output" in rec or "chosen" not in rec:
         output_field = "output"
-        output = _text(rec.get("output"), ctx, "output")
+        output = text_field(rec.get("output"), ctx, "output")
     else:  # pairwise alpaca (LLaMA-Factory): train on the chosen answer
         output_field = "chosen"
-        output = _text(rec.get("chosen"), ctx, "chosen")
+        output = text_field(rec.get("chosen"), ctx, "chosen")
     if "rejected" in rec:
-        meta["rejected"] = _text(rec["rejected"], ctx, "rejected")
+        meta["rejected"] = text_field(rec["rejected"], ctx, "rejected")
     msgs: list[tuple[Message, str]] = []
-    system = _text(rec.get("system"), ctx, "system", required=False)
+    system = text_field(rec.get("system"), ctx, "system", required=False)
     if system:
         msgs.append((Message("system", system), "system"))
     history = rec.get("history") or []
@@ -462,14 +285,14 @@ def _from_alpaca(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conver
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise ctx.error("must be a [user, assistant] pair", f"history[{i}]")
-        msgs.append((Message("user", _text(pair[0], ctx, f"history[{i}][0]") or ""), f"history[{i}][0]"))
-        msgs.append((Message("assistant", _text(pair[1], ctx, f"history[{i}][1]") or ""), f"history[{i}][1]"))
+        msgs.append((Message("user", text_field(pair[0], ctx, f"history[{i}][0]") or ""), f"history[{i}][0]"))
+        msgs.append((Message("assistant", text_field(pair[1], ctx, f"history[{i}][1]") or ""), f"history[{i}][1]"))
     msgs.append((Message("user", user), "instruction"))
     msgs.append((Message("assistant", output or ""), output_field))
     return [_conversation(msgs, ctx, "output", meta)]
 
 
-def _sharegpt_message(item: Any, ctx: _Ctx, fld: str) -> Message:
+def sharegpt_message(item: Any, ctx: RecordContext, fld: str) -> Message:
     if not isinstance(item, dict):
         raise ctx.error("must be an object {from, value}", fld)
     speaker_key = "from" if "from" in item else "role" if "role" in item else None
@@ -483,37 +306,37 @@ def _sharegpt_message(item: Any, ctx: _Ctx, fld: str) -> Message:
     if role is None:
         raise ctx.error(f"unknown speaker {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}",
                         f"{fld}.{speaker_key}")
-    content = _text(item[text_key], ctx, f"{fld}.{text_key}") or ""
+    content = text_field(item[text_key], ctx, f"{fld}.{text_key}") or ""
     return Message(role, content, _train_flag(item, ctx, fld))
 
 
-def _from_sharegpt(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conversation]:
+def _from_sharegpt(record: Any, ctx: RecordContext, columns: dict[str, str]) -> list[Conversation]:
     rec = _require_dict(record, ctx)
     turns = rec.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise ctx.error("missing or empty (expected a list of {from, value})" if not turns
                         else f"must be a list of {{from, value}}, got {type(turns).__name__}", "conversations")
     msgs: list[tuple[Message, str]] = []
-    system = _text(rec.get("system"), ctx, "system", required=False)
+    system = text_field(rec.get("system"), ctx, "system", required=False)
     if system:
         msgs.append((Message("system", system), "system"))
     for i, item in enumerate(turns):
         fld = f"conversations[{i}]"
-        msgs.append((_sharegpt_message(item, ctx, fld), fld))
+        msgs.append((sharegpt_message(item, ctx, fld), fld))
     meta = _meta(rec, {"conversations", "system", "chosen", "rejected"})
     if "chosen" in rec:  # preference record: the prompt ends with the user; keep the chosen reply
         chosen = rec["chosen"]
-        m = _sharegpt_message(chosen, ctx, "chosen") if isinstance(chosen, dict) else \
-            Message("assistant", _text(chosen, ctx, "chosen") or "")
+        m = sharegpt_message(chosen, ctx, "chosen") if isinstance(chosen, dict) else \
+            Message("assistant", text_field(chosen, ctx, "chosen") or "")
         msgs.append((m, "chosen"))
     if "rejected" in rec:
         rej = rec["rejected"]
-        meta["rejected"] = _sharegpt_message(rej, ctx, "rejected").content if isinstance(rej, dict) \
-            else _text(rej, ctx, "rejected")
+        meta["rejected"] = sharegpt_message(rej, ctx, "rejected").content if isinstance(rej, dict) \
+            else text_field(rej, ctx, "rejected")
     return [_conversation(msgs, ctx, "conversations", meta)]
 
 
-def _message_content(content: Any, ctx: _Ctx, fld: str, item: dict[str, Any]) -> str:
+def _message_content(content: Any, ctx: RecordContext, fld: str, item: dict[str, Any]) -> str:
     if content is None and item.get("tool_calls"):
         return json.dumps(item["tool_calls"], ensure_ascii=False)  # a tool call has no text
     if isinstance(content, list):  # typed parts: [{type: "text", text|value: ...}, ...]
@@ -529,12 +352,12 @@ def _message_content(content: Any, ctx: _Ctx, fld: str, item: dict[str, Any]) ->
                 raise ctx.error(f"only text parts are supported, got type {part.get('type')!r}", f"{pf}.type",
                                 hint="remove image/audio parts, or pass --skip-bad to drop such records")
             key = "text" if "text" in part else "value"
-            texts.append(_text(part.get(key), ctx, f"{pf}.{key}") or "")
+            texts.append(text_field(part.get(key), ctx, f"{pf}.{key}") or "")
         return "".join(texts)
-    return _text(content, ctx, fld) or ""
+    return text_field(content, ctx, fld) or ""
 
 
-def _openai_messages(items: Any, ctx: _Ctx, list_field: str) -> list[tuple[Message, str]]:
+def openai_messages(items: Any, ctx: RecordContext, list_field: str) -> list[tuple[Message, str]]:
     if not isinstance(items, list) or not items:
         raise ctx.error("must be a non-empty list of {role, content}", list_field)
     out = []
@@ -554,13 +377,13 @@ def _openai_messages(items: Any, ctx: _Ctx, list_field: str) -> list[tuple[Messa
     return out
 
 
-def _from_messages(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conversation]:
+def _from_messages(record: Any, ctx: RecordContext, columns: dict[str, str]) -> list[Conversation]:
     rec = _require_dict(record, ctx)
     if "messages" in rec:
-        msgs = _openai_messages(rec["messages"], ctx, "messages")
+        msgs = openai_messages(rec["messages"], ctx, "messages")
         meta = _meta(rec, {"messages"})  # e.g. KTO's `label` ends up here
         if "rejected" in meta and isinstance(meta["rejected"], list):
-            meta["rejected"] = _last_content(_openai_messages(meta["rejected"], ctx, "rejected"))
+            meta["rejected"] = _last_content(openai_messages(meta["rejected"], ctx, "rejected"))
         return [_conversation(msgs, ctx, "messages", meta)]
     if "chosen" not in rec:
         raise ctx.error("missing 'messages' (a list of {role, content})", "messages")
@@ -568,11 +391,11 @@ def _from_messages(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conv
     prompt = rec.get("prompt") or []
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    msgs = _openai_messages(prompt, ctx, "prompt") if prompt else []
-    msgs += _openai_messages(rec["chosen"], ctx, "chosen")
+    msgs = openai_messages(prompt, ctx, "prompt") if prompt else []
+    msgs += openai_messages(rec["chosen"], ctx, "chosen")
     meta = _meta(rec, {"prompt", "chosen", "rejected"})
     if "rejected" in rec:
-        meta["rejected"] = _last_content(_openai_messages(rec["rejected"], ctx, "rejected"))
+        meta["rejected"] = _last_content(openai_messages(rec["rejected"], ctx, "rejected"))
     return [_conversation(msgs, ctx, "chosen", meta)]
 
 
@@ -580,7 +403,7 @@ def _last_content(msgs: list[tuple[Message, str]]) -> str:
     return msgs[-1][0].content
 
 
-def _hh_turns(transcript: str, ctx: _Ctx, fld: str) -> list[tuple[Message, str]]:
+def hh_turns(transcript: str, ctx: RecordContext, fld: str) -> list[tuple[Message, str]]:
     """Split "\\n\\nHuman: ...\\n\\nAssistant: ..." into user/assistant messages."""
     parts = _HH_TURN.split(transcript)
     if parts[0].strip():
@@ -595,45 +418,46 @@ def _hh_turns(transcript: str, ctx: _Ctx, fld: str) -> list[tuple[Message, str]]
     return out
 
 
-def _from_hh(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conversation]:
+def _from_hh(record: Any, ctx: RecordContext, columns: dict[str, str]) -> list[Conversation]:
     rec = _require_dict(record, ctx)
     fld = "chosen" if "chosen" in rec or "text" not in rec else "text"
-    transcript = _text(rec.get(fld), ctx, fld) or ""
-    msgs = _hh_turns(transcript, ctx, fld)
+    transcript = text_field(rec.get(fld), ctx, fld) or ""
+    msgs = hh_turns(transcript, ctx, fld)
     meta = _meta(rec, {"chosen", "rejected", "text"})
     if "rejected" in rec:
-        rejected = _hh_turns(_text(rec["rejected"], ctx, "rejected") or "", ctx, "rejected")
+        rejected = hh_turns(text_field(rec["rejected"], ctx, "rejected") or "", ctx, "rejected")
         meta["rejected"] = _last_content(rejected)
         if [m for m, _ in rejected[:-1]] != [m for m, _ in msgs[:-1]]:
             # Rare in hh-rlhf: the transcripts differ before the last reply; keep the whole thing.
             meta["rejected_messages"] = [m.to_dict() for m, _ in rejected]
-    return [_conversation(msgs, ctx, fld, meta)]
+    # hh-rlhf's labellers sometimes preferred no answer at all: "Assistant: " ends the chosen transcript.
+    return [_conversation(msgs, ctx, fld, meta, allow_empty_last=True)]
 
 
-def _from_text(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conversation]:
+def _from_text(record: Any, ctx: RecordContext, columns: dict[str, str]) -> list[Conversation]:
     if isinstance(record, str):
         text, meta = record, {}
     else:
         rec = _require_dict(record, ctx)
         key = columns.get("text", "text")
-        text = _text(rec.get(key), ctx, key) or ""
+        text = text_field(rec.get(key), ctx, key) or ""
         meta = _meta(rec, {key})
     if not text.strip():
         raise ctx.error("text is empty", None if isinstance(record, str) else columns.get("text", "text"))
     return [Conversation([Message(TEXT_ROLE, text)], source=ctx.source, meta=meta)]
 
 
-def _from_columns(record: Any, ctx: _Ctx, columns: dict[str, str]) -> list[Conversation]:
+def _from_columns(record: Any, ctx: RecordContext, columns: dict[str, str]) -> list[Conversation]:
     if "text" in columns:
         return _from_text(record, ctx, columns)
     rec = _require_dict(record, ctx)
-    prompt = _text(rec.get(columns["prompt"]), ctx, columns["prompt"]) or ""
-    response = _text(rec.get(columns["response"]), ctx, columns["response"]) or ""
+    prompt = text_field(rec.get(columns["prompt"]), ctx, columns["prompt"]) or ""
+    response = text_field(rec.get(columns["response"]), ctx, columns["response"]) or ""
     if not prompt.strip():
         raise ctx.error("prompt is empty", columns["prompt"])
     msgs = []
     if "system" in columns:
-        system = _text(rec.get(columns["system"]), ctx, columns["system"], required=False)
+        system = text_field(rec.get(columns["system"]), ctx, columns["system"], required=False)
         if system:
             msgs.append((Message("system", system), columns["system"]))
     msgs += [(Message("user", prompt), columns["prompt"]), (Message("assistant", response), columns["response"])]
@@ -650,101 +474,6 @@ _CONVERTERS = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
 
-def write_conversations(conversations: list[Conversation], path: str, to: str) -> None:
-    """Write conversations as `to` (messages, alpaca or sharegpt): a JSON list for .json, JSON lines for .jsonl.
-
-    `meta` fields are written as top-level fields of each record, so labels, ids and rejected
-    replies survive a round trip. Plain-text records are written as {"text": ...}.
-    """
-    if to not in WRITE_FORMATS:
-        raise ChatsmithError(f"cannot write format '{to}'. Choose one of {', '.join(WRITE_FORMATS)}")
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".jsonl"):
-        raise ChatsmithError(f"{path}: output must end in .json (a JSON list) or .jsonl (JSON lines)")
-    texts = sum(c.is_text for c in conversations)
-    if 0 < texts < len(conversations):
-        raise ChatsmithError(f"cannot write a mix of plain-text and chat records to {path}; "
-                             "convert them separately")
-    records = [_to_record(c, to) for c in conversations]
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        if suffix == ".json":
-            json.dump(records, f, ensure_ascii=False, indent=2, default=str)
-            f.write("\n")
-        else:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-
-
-def _to_record(conv: Conversation, to: str) -> dict[str, Any]:
-    if conv.is_text:
-        return {"text": conv.messages[0].content, **_extra(conv.meta, {"text"})}
-    if to == "messages":
-        msgs = []
-        for m in conv.messages:
-            d: dict[str, Any] = {"role": m.role, "content": m.content}
-            if m.train is not None:
-                d["loss_weight"] = 1.0 if m.train else 0.0
-            msgs.append(d)
-        return {"messages": msgs, **_extra(conv.meta, {"messages"})}
-    if to == "sharegpt":
-        names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "tool"}
-        turns = []
-        for m in conv.messages:
-            d = {"from": names.get(m.role, m.role), "value": m.content}
-            if m.train is not None:
-                d["loss_weight"] = 1.0 if m.train else 0.0
-            turns.append(d)
-        return {"conversations": turns, **_extra(conv.meta, {"conversations", "system", "chosen"})}
-    return _to_alpaca(conv)
-
-
-def _to_alpaca(conv: Conversation) -> dict[str, Any]:
-    msgs = list(conv.messages)
-    where = conv.source or "a conversation"
-    rec: dict[str, Any] = {}
-    if msgs and msgs[0].role == "system":
-        rec["system"] = msgs.pop(0).content
-    roles = [m.role for m in msgs]
-    if not msgs or len(msgs) % 2 or roles != ["user", "assistant"] * (len(msgs) // 2):
-        raise ChatsmithError(f"{where}: cannot be written as alpaca (it needs alternating user/assistant turns "
-                             f"after an optional system prompt, got {', '.join(m.role for m in conv.messages)}); "
-                             "write --to messages instead")
-    if any(m.trains() != (m.role == "assistant") for m in msgs):
-        raise ChatsmithError(f"{where}: has per-message training flags that alpaca cannot express; "
-                             "write --to messages instead")
-    pairs = [[msgs[i].content, msgs[i + 1].content] for i in range(0, len(msgs), 2)]
-    last = pairs.pop()
-    rec = {"instruction": last[0], "input": "", "output": last[1], **rec}
-    if pairs:
-        rec["history"] = pairs
-    return {**rec, **_extra(conv.meta, {"instruction", "input", "output", "system", "history", "chosen"})}
-
-
-def _extra(meta: dict[str, Any], reserved: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in meta.items() if k not in reserved}
-
-
-def convert(in_path: str, out_path: str, to: str, format: str | None = None,
-            columns: dict[str, str] | None = None, skip_bad: bool = False) -> str:
-    """Read any supported format and write it as `to`; returns a one-line summary."""
-    if to not in WRITE_FORMATS:
-        raise ChatsmithError(f"cannot write format '{to}'. Choose one of {', '.join(WRITE_FORMATS)}")
-    result = read_conversations(in_path, format=format, columns=columns, skip_bad=skip_bad)
-    write_conversations(result.conversations, out_path, to)
-    summary = (f"wrote {len(result.conversations)} conversations from {in_path} ({result.format}) "
-               f"to {out_path} ({to})")
-    if result.skipped:
-        summary += f"; skipped {len(result.skipped)} malformed records (first: {result.skipped[0]})"
-    return summary
-
-
-__all__ = [
-    "FORMATS", "DataSource", "ReadResult", "parse_data_spec", "read_conversations",
-    "write_conversations", "convert", "WRITE_FORMATS",
-]
+__all__ = ["FORMATS", "ReadResult", "read_conversations", "hh_turns", "openai_messages",
+           "sharegpt_message", "text_field", "MESSAGE_ROLES", "SHAREGPT_ROLES"]

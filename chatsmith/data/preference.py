@@ -25,15 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatsmith.data.conversation import Conversation, Message
-from chatsmith.data.formats import (
-    MESSAGE_ROLES,
-    _Ctx,
-    _hh_turns,
-    _openai_messages,
-    _records,
-    _sharegpt_message,
-    _text,
-)
+from chatsmith.data.formats import MESSAGE_ROLES, hh_turns, openai_messages, sharegpt_message, text_field
+from chatsmith.data.sources import RecordContext, read_records
 from chatsmith.errors import ChatsmithError, DataError
 
 PREFERENCE_HELP = (
@@ -119,10 +112,10 @@ def _read(path: str, convert: Any, skip_bad: bool) -> PreferenceData:
     out: list[Any] = []
     skipped: list[DataError] = []
     seen = 0
-    source = _builtin(path) if str(path).startswith(BUILTIN_PREFIX) else _records(str(path))
+    source = _builtin(path) if str(path).startswith(BUILTIN_PREFIX) else read_records(str(path))
     for where, record in source:
         seen += 1
-        ctx = _Ctx(str(path), where)
+        ctx = RecordContext(str(path), where)
         try:
             if isinstance(record, DataError):
                 raise record
@@ -140,32 +133,32 @@ def _read(path: str, convert: Any, skip_bad: bool) -> PreferenceData:
     return PreferenceData(out, skipped, str(path))
 
 
-def _prompt(rec: dict[str, Any], ctx: _Ctx) -> list[Message]:
+def _prompt(rec: dict[str, Any], ctx: RecordContext) -> list[Message]:
     """The prompt of a record: `prompt` (string or messages), `messages`, `conversations` (ShareGPT)
     or Alpaca `instruction`/`input`, plus an optional top-level `system`."""
     msgs: list[Message] = []
-    system = _text(rec.get("system"), ctx, "system", required=False)
+    system = text_field(rec.get("system"), ctx, "system", required=False)
     if system:
         msgs.append(Message("system", system))
     if "prompt" in rec:
         p = rec["prompt"]
         if isinstance(p, list):
-            msgs += [m for m, _ in _openai_messages(p, ctx, "prompt")]
+            msgs += [m for m, _ in openai_messages(p, ctx, "prompt")]
         else:
-            text = _text(p, ctx, "prompt") or ""
+            text = text_field(p, ctx, "prompt") or ""
             if not text.strip():
                 raise ctx.error("prompt is empty", "prompt")
             msgs.append(Message("user", text))
     elif "messages" in rec:
-        msgs += [m for m, _ in _openai_messages(rec["messages"], ctx, "messages")]
+        msgs += [m for m, _ in openai_messages(rec["messages"], ctx, "messages")]
     elif "conversations" in rec:
         turns = rec["conversations"]
         if not isinstance(turns, list) or not turns:
             raise ctx.error("must be a non-empty list of {from, value}", "conversations")
-        msgs += [_sharegpt_message(t, ctx, f"conversations[{i}]") for i, t in enumerate(turns)]
+        msgs += [sharegpt_message(t, ctx, f"conversations[{i}]") for i, t in enumerate(turns)]
     elif "instruction" in rec:
-        ins = _text(rec.get("instruction"), ctx, "instruction") or ""
-        inp = _text(rec.get("input"), ctx, "input", required=False) or ""
+        ins = text_field(rec.get("instruction"), ctx, "instruction") or ""
+        inp = text_field(rec.get("input"), ctx, "input", required=False) or ""
         text = f"{ins}\n\n{inp}" if ins and inp else ins or inp
         if not text.strip():
             raise ctx.error("'instruction' and 'input' are both empty", "instruction")
@@ -178,19 +171,19 @@ def _prompt(rec: dict[str, Any], ctx: _Ctx) -> list[Message]:
     return msgs
 
 
-def _answer(value: Any, ctx: _Ctx, fld: str) -> list[Message]:
+def _answer(value: Any, ctx: RecordContext, fld: str) -> list[Message]:
     """An answer: a string, one message ({role, content} or {from, value}) or a list of messages."""
     if isinstance(value, list):
-        msgs = [m for m, _ in _openai_messages(value, ctx, fld)] if all(
+        msgs = [m for m, _ in openai_messages(value, ctx, fld)] if all(
             isinstance(v, dict) and "role" in v for v in value) else \
-            [_sharegpt_message(v, ctx, f"{fld}[{i}]") for i, v in enumerate(value)]
+            [sharegpt_message(v, ctx, f"{fld}[{i}]") for i, v in enumerate(value)]
     elif isinstance(value, dict):
         if "role" in value and value.get("role") in MESSAGE_ROLES:
-            msgs = [m for m, _ in _openai_messages([value], ctx, fld)]
+            msgs = [m for m, _ in openai_messages([value], ctx, fld)]
         else:
-            msgs = [_sharegpt_message(value, ctx, fld)]
+            msgs = [sharegpt_message(value, ctx, fld)]
     else:
-        msgs = [Message("assistant", _text(value, ctx, fld) or "")]
+        msgs = [Message("assistant", text_field(value, ctx, fld) or "")]
     if not msgs or msgs[-1].role != "assistant":
         raise ctx.error("an answer must end with an assistant message", fld)
     if any(m.role == "assistant" and not m.content.strip() for m in msgs):
@@ -202,7 +195,7 @@ def _same(a: list[Message], b: list[Message]) -> bool:
     return [(m.role, m.content.strip()) for m in a] == [(m.role, m.content.strip()) for m in b]
 
 
-def _ranking(rec: dict[str, Any], ctx: _Ctx) -> list[Ranking]:
+def _ranking(rec: dict[str, Any], ctx: RecordContext) -> list[Ranking]:
     if "responses" in rec:
         return [_ranked(rec, ctx)]
     if "chosen" not in rec or "rejected" not in rec:
@@ -229,15 +222,18 @@ def _ranking(rec: dict[str, Any], ctx: _Ctx) -> list[Ranking]:
                     float(margin) if margin is not None else None)]
 
 
-def _hh_pair(rec: dict[str, Any], ctx: _Ctx) -> tuple[list[Message], list[Message], list[Message]]:
-    c = [m for m, _ in _hh_turns(_text(rec["chosen"], ctx, "chosen") or "", ctx, "chosen")]
-    r = [m for m, _ in _hh_turns(_text(rec["rejected"], ctx, "rejected") or "", ctx, "rejected")]
-    return _shared_prefix(c, r, ctx)
+def _hh_pair(rec: dict[str, Any], ctx: RecordContext) -> tuple[list[Message], list[Message], list[Message]]:
+    c = [m for m, _ in hh_turns(text_field(rec["chosen"], ctx, "chosen") or "", ctx, "chosen")]
+    r = [m for m, _ in hh_turns(text_field(rec["rejected"], ctx, "rejected") or "", ctx, "rejected")]
+    # hh-rlhf's labellers sometimes preferred no answer at all ("Assistant: " ends the transcript).
+    return _shared_prefix(c, r, ctx, allow_empty_last=True)
 
 
-def _shared_prefix(c: list[Message], r: list[Message], ctx: _Ctx) -> tuple[list[Message], list[Message], list[Message]]:
+def _shared_prefix(c: list[Message], r: list[Message], ctx: RecordContext,
+                   allow_empty_last: bool = False) -> tuple[list[Message], list[Message], list[Message]]:
     """Split two transcripts into their shared prompt and the differing answers (from the first
-    assistant turn at which they differ to the end)."""
+    assistant turn at which they differ to the end). `allow_empty_last`: an answer's final reply may
+    be empty (it then trains the end-of-turn token alone)."""
     n = 0
     while n < min(len(c), len(r)) and (c[n].role, c[n].content) == (r[n].role, r[n].content):
         n += 1
@@ -255,12 +251,13 @@ def _shared_prefix(c: list[Message], r: list[Message], ctx: _Ctx) -> tuple[list[
     for fld, ans in (("chosen", chosen), ("rejected", rejected)):
         if ans[-1].role != "assistant":
             raise ctx.error("an answer must end with an assistant turn", fld)
-        if any(m.role == "assistant" and not m.content.strip() for m in ans):
+        checked = ans[:-1] if allow_empty_last else ans
+        if any(m.role == "assistant" and not m.content.strip() for m in checked):
             raise ctx.error("answer is empty", fld, hint="write the answer, or pass --skip-bad to drop such records")
     return prompt, chosen, rejected
 
 
-def _ranked(rec: dict[str, Any], ctx: _Ctx) -> Ranking:
+def _ranked(rec: dict[str, Any], ctx: RecordContext) -> Ranking:
     prompt = _prompt(rec, ctx)
     raw = rec["responses"]
     if not isinstance(raw, list) or len(raw) < 2:
@@ -291,7 +288,7 @@ def _ranked(rec: dict[str, Any], ctx: _Ctx) -> Ranking:
     return Ranking(prompt, [answers[i] for i in order], [scores[i] for i in order], ctx.source)
 
 
-def _ranking_order(value: Any, k: int, ctx: _Ctx) -> list[int]:
+def _ranking_order(value: Any, k: int, ctx: RecordContext) -> list[int]:
     """`ranking`: indices best..worst ([1, 0, 3, 2]) or letters ("B>A>D>C" or ["B", "A", "D", "C"])."""
     letters = string.ascii_uppercase[:k]
     if isinstance(value, str):
@@ -313,7 +310,7 @@ def _ranking_order(value: Any, k: int, ctx: _Ctx) -> list[int]:
     return order
 
 
-def _label(value: Any, ctx: _Ctx) -> bool:
+def _label(value: Any, ctx: RecordContext) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
@@ -323,7 +320,7 @@ def _label(value: Any, ctx: _Ctx) -> bool:
     raise ctx.error(f"must be true or false, got {value!r}", "label")
 
 
-def _feedback(rec: dict[str, Any], ctx: _Ctx) -> list[Feedback]:
+def _feedback(rec: dict[str, Any], ctx: RecordContext) -> list[Feedback]:
     if "label" not in rec:
         if "chosen" in rec and "rejected" in rec:   # a pair: unpair it (TRL's unpair_preference_dataset)
             r = _ranking(rec, ctx)[0]
@@ -335,7 +332,7 @@ def _feedback(rec: dict[str, Any], ctx: _Ctx) -> list[Feedback]:
         prompt = _prompt(rec, ctx)
         response = _answer(rec["completion"], ctx, "completion")
     elif "messages" in rec:
-        msgs = [m for m, _ in _openai_messages(rec["messages"], ctx, "messages")]
+        msgs = [m for m, _ in openai_messages(rec["messages"], ctx, "messages")]
         if msgs[-1].role != "assistant":
             raise ctx.error("the last message must be the assistant's answer", "messages")
         if not msgs[-1].content.strip():

@@ -24,8 +24,9 @@ def say(msg: str) -> None:
 
 def load_conversations(cfg: Any) -> list[Conversation]:
     """Read every --data source (PATH[:WEIGHT]) and mix them."""
-    from chatsmith.data.formats import parse_data_spec, read_conversations
+    from chatsmith.data.formats import read_conversations
     from chatsmith.data.mixing import mix
+    from chatsmith.data.spec import parse_data_spec
 
     if not cfg.data:
         raise ChatsmithError("no training data: pass --data FILE (several allowed, FILE:WEIGHT to mix)")

@@ -232,8 +232,8 @@ def prepare_reward_trainable(model: Any, cfg: RMConfig) -> Any:
 def read_data_specs(cfg: Any, reader: Any, describe: Any, what: str) -> list[Any]:
     """Every --data spec read with `reader(path, skip_bad)` (a PreferenceData), each file summarised
     with `describe(records)`; `what` names the expected records in the no-data error."""
-    from chatsmith.data.formats import parse_data_spec
     from chatsmith.data.preference import BUILTIN_PREFIX
+    from chatsmith.data.spec import parse_data_spec
 
     if not cfg.data:
         raise ChatsmithError(f"no training data: pass --data FILE ({what})")
