@@ -252,7 +252,7 @@ def run_trl(args: argparse.Namespace, name: str) -> dict[str, Any]:
                 return super()._get_train_sampler(*a, **kw)
             # chatsmith's data order (it depends only on the number of examples and the seed), so
             # that every step trains on the same examples in both and the rates compare like for like.
-            from chatsmith.train.batching import plan_steps
+            from chatsmith.train.plan import plan_steps
 
             plan = plan_steps([1] * len(self.train_dataset), batch_size=args.batch_size, grad_accum=1,
                               max_steps=args.steps, epochs=1.0, seed=SEED)

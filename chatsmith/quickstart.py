@@ -72,7 +72,8 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
     from rich.console import Console
     from rich.table import Table
 
-    from chatsmith.data.builtin import general_heldout_checks, identity_heldout_checks, quickstart_data
+    from chatsmith.data.builtin import quickstart_data
+    from chatsmith.eval.identity import general_heldout_checks, identity_heldout_checks
     from chatsmith.models import load_model
     from chatsmith.train.sft import run_sft
 

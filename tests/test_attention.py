@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import torch
 
+from chatsmith.data.packing import collate_packed
+from chatsmith.data.template import Rendered
 from chatsmith.models import load_model
 from chatsmith.train.attention import NAME, disable_segment_attention, enable_segment_attention
-from chatsmith.train.batching import Example, collate_packed
 
 
-def _examples(tok) -> list[Example]:
+def _examples(tok) -> list[Rendered]:
     texts = ["Hello there, how are you doing today?", "The capital of France is Paris.",
              "One two three four five six seven eight nine ten eleven twelve."]
-    return [Example(ids, [1] * len(ids)) for ids in (tok(t)["input_ids"] for t in texts)]
+    return [Rendered(ids, [1] * len(ids)) for ids in (tok(t)["input_ids"] for t in texts)]
 
 
 def test_segment_attention_equals_each_example_alone_with_gradients():

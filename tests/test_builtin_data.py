@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chatsmith.data.builtin import (
-    general_heldout_checks,
     general_train_set,
-    identity_heldout_checks,
     identity_heldout_questions,
     identity_train_set,
     maker_keyword,
@@ -16,6 +14,7 @@ from chatsmith.data.builtin import (
 )
 from chatsmith.data.conversation import ROLES, Conversation
 from chatsmith.errors import ConfigError
+from chatsmith.eval.identity import general_heldout_checks, identity_heldout_checks
 
 
 def _user_questions(convs: list[Conversation]) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from conftest import shared_file
 
 from chatsmith.config import DPOConfig, load_config
+from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import encode_feedback, encode_rankings, read_feedback, read_preferences
 from chatsmith.errors import ChatsmithError
 from chatsmith.models import load_model
@@ -26,7 +27,6 @@ from chatsmith.train.dpo import (
     run_dpo,
     sequence_logps,
 )
-from chatsmith.train.rm import collate_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 

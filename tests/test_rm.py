@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from chatsmith.config import RMConfig, load_config
+from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import Ranking, encode_rankings, read_preferences
 from chatsmith.train.rm import (
-    collate_preferences,
     load_backbone_with_head,
     load_reward_model,
     prepare_reward_trainable,

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from chatsmith.config import SFTConfig, load_config
 from chatsmith.data import Conversation, Message
+from chatsmith.data.packing import collate_packed
+from chatsmith.data.template import Rendered
 from chatsmith.models import load_model
-from chatsmith.train.batching import Example, collate_packed, plan_steps
+from chatsmith.train.plan import plan_steps
 from chatsmith.train.sft import run_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +43,7 @@ def test_packed_rows_do_not_leak_attention():
     model, tok = load_model("tiny-random-llama")
     a = tok("Hello there, how are you doing today?")["input_ids"]
     b = tok("The capital of France is Paris.")["input_ids"]
-    batch = collate_packed([Example(a, [1] * len(a)), Example(b, [1] * len(b))])
+    batch = collate_packed([Rendered(a, [1] * len(a)), Rendered(b, [1] * len(b))])
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone_b = model(input_ids=torch.tensor([b]), use_cache=False).logits[0]

@@ -27,6 +27,7 @@ from typing import Any
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.formats import MESSAGE_ROLES, hh_turns, openai_messages, sharegpt_message, text_field
 from chatsmith.data.sources import RecordContext, read_records
+from chatsmith.data.template import Rendered, render_conversation
 from chatsmith.errors import ChatsmithError, DataError
 
 PREFERENCE_HELP = (
@@ -358,14 +359,14 @@ def rankings_to_feedback(rankings: list[Ranking]) -> list[Feedback]:
 
 @dataclass
 class PreferenceExample:
-    """A record rendered to token ids: one Example per answer (best first) with its score; for KTO
+    """A record rendered to token ids: one Rendered per answer (best first) with its score; for KTO
     one answer, its label and a mismatched (prompt, other answer) sequence for the KL estimate."""
 
-    answers: list[Any]                      # chatsmith.train.batching.Example
+    answers: list[Rendered]                 # prompt + answer, one per answer
     scores: list[float]
     margin: float | None = None
     desirable: bool | None = None
-    kl_answer: Any = None                   # Example: this prompt with another record's answer
+    kl_answer: Rendered | None = None       # this prompt with another record's answer
     ref_logps: list[float] | None = None    # cached reference log-probs, one per answer
     ref_kl_logp: float | None = None
 
@@ -375,11 +376,8 @@ class PreferenceExample:
 
 def encode_answer(tokenizer: Any, conversation: Conversation, template: str | None,
                   max_length: int) -> tuple[Any, bool]:
-    """Render prompt + answer with the one template renderer; returns (Example, truncated). Too long:
+    """Render prompt + answer with the one template renderer; returns (Rendered, truncated). Too long:
     prompt tokens go first (from the start), then answer tokens from the end."""
-    from chatsmith.data.template import render_conversation
-    from chatsmith.train.batching import Example
-
     r = render_conversation(tokenizer, conversation, template=template)
     ids, mask = r.input_ids, r.loss_mask
     if sum(mask[1:]) == 0:
@@ -393,7 +391,7 @@ def encode_answer(tokenizer: Any, conversation: Conversation, template: str | No
         if sum(mask[1:]) == 0:
             raise ChatsmithError(f"{conversation.source or 'a record'}: nothing of the answer is left after "
                                  f"truncation to --max-length {max_length}")
-    return Example(list(ids), list(mask)), truncated
+    return Rendered(list(ids), list(mask), truncated), truncated
 
 
 def encode_rankings(tokenizer: Any, records: list[Ranking], template: str | None,

@@ -63,6 +63,8 @@ FALLBACK_TEMPLATES: dict[str, tuple[str, str | None]] = {
 
 @dataclass
 class Rendered:
+    """Token ids and their loss mask: what the renderer returns and what every stage trains on."""
+
     input_ids: list[int]
     loss_mask: list[int]      # 1 where the token is a training target (its prediction is learned)
     truncated: bool = False
@@ -73,7 +75,8 @@ class Rendered:
 
     @property
     def n_targets(self) -> int:
-        return sum(self.loss_mask)
+        """Tokens whose prediction is trained. The first token is never one: nothing precedes it."""
+        return sum(self.loss_mask[1:])
 
 
 def template_names() -> list[str]:

@@ -90,12 +90,3 @@ def disable_segment_attention(model: Any) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME:
         base.set_attn_implementation("sdpa")
-
-
-def segment_bounds(lengths: list[int]) -> list[tuple[int, int]]:
-    """[(start, end)] of consecutive spans with these lengths."""
-    out, start = [], 0
-    for n in lengths:
-        out.append((start, start + n))
-        start += n
-    return out

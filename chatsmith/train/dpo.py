@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from chatsmith.config import DPOConfig
+from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import PreferenceExample, encode_feedback, encode_rankings, read_feedback
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.attention import disable_segment_attention, enable_segment_attention
@@ -35,7 +36,7 @@ from chatsmith.train.losses import (
     token_logprobs,
 )
 from chatsmith.train.prepare import prepare_run_dir, say, split_eval, write_json
-from chatsmith.train.rm import collate_preferences, load_rankings, read_data_specs
+from chatsmith.train.rm import load_rankings, read_data_specs
 
 REFERENCE_FREE = ("orpo", "simpo", "rrhf")
 PEFT = ("lora", "dora")
@@ -172,7 +173,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
 
     from chatsmith.models import load_model
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters
-    from chatsmith.train.batching import plan_steps
+    from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import add_template_tokens
     from chatsmith.train.sft import save_final
 

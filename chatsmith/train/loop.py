@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.train.batching import Plan
+from chatsmith.train.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,8 @@ def ptx_batches(cfg: PPOConfig, tokenizer: Any, steps: int) -> Callable[[int, in
         return None
     from types import SimpleNamespace
 
-    from chatsmith.train.batching import collate_packed, plan_steps
+    from chatsmith.data.packing import collate_packed
+    from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import load_conversations, say
     from chatsmith.train.sft import render_examples
 

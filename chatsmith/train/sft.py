@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from chatsmith.config import SFTConfig
-from chatsmith.data.template import render_conversation
+from chatsmith.data.packing import collate_packed, collate_padded
+from chatsmith.data.template import Rendered, render_conversation
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.attention import disable_segment_attention, enable_segment_attention
-from chatsmith.train.batching import Example, collate_packed, collate_padded, plan_steps
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import nll_sum
+from chatsmith.train.plan import plan_steps
 from chatsmith.train.prepare import (
     add_template_tokens,
     load_conversations,
@@ -51,16 +52,15 @@ def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str,
     return nll_sum(logits[keep], labels[keep]), {}
 
 
-def render_examples(tokenizer: Any, conversations: list, cfg: Any) -> tuple[list[Example], dict[str, int]]:
+def render_examples(tokenizer: Any, conversations: list, cfg: Any) -> tuple[list[Rendered], dict[str, int]]:
     examples, truncated, empty = [], 0, 0
     for conv in conversations:
         r = render_conversation(tokenizer, conv, template=cfg.template, max_length=cfg.max_length)
         truncated += int(r.truncated)
-        ex = Example(r.input_ids, r.loss_mask)
-        if ex.n_targets == 0:
+        if r.n_targets == 0:
             empty += 1
             continue
-        examples.append(ex)
+        examples.append(r)
     return examples, {"truncated": truncated, "dropped_no_targets": empty}
 
 
