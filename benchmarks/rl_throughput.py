@@ -43,7 +43,7 @@ def prompt_records(n: int) -> list[dict[str, Any]]:
 
 
 def reward_last_number(completions: list[str], answers: list[str]) -> list[float]:
-    from chatsmith.train.rewards import last_number
+    from chatsmith.eval.rewards import last_number
 
     return last_number([""] * len(completions), completions, answer=answers)
 

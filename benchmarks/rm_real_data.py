@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from chatsmith.config import RMConfig
     from chatsmith.data.preference import read_preferences
-    from chatsmith.train.rm import load_reward_model, run_rm
+    from chatsmith.models.reward import load_reward_model
+    from chatsmith.train.rm import run_rm
 
     records: list[Any] = []
     for f in [Path(x) for x in args.data] if args.data else FILES:

@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "rm":
         if args.rm_command == "score":
-            from chatsmith.train.rm import load_reward_model
+            from chatsmith.models.reward import load_reward_model
 
             if len(args.prompt) != len(args.response):
                 raise ChatsmithError("pass one --response for each --prompt")
@@ -250,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{sc:+.4f}\t{p!r} -> {resp!r}")
             return 0
         if args.rm_command == "compare":
-            from chatsmith.train.rm import compare_models
+            from chatsmith.eval.rm_compare import compare_models
 
             compare_models(args.reward_model, args.models, prompts=args.prompts, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, json_path=args.json)

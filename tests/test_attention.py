@@ -1,4 +1,4 @@
-"""Segment attention for packed rows (train/attention.py): the same numbers as running each example
+"""Segment attention for packed rows (models/attention.py): the same numbers as running each example
 alone, gradients included, and the model is plain SDPA again afterwards."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from chatsmith.data.packing import collate_packed
 from chatsmith.data.template import Rendered
 from chatsmith.models import load_model
-from chatsmith.train.attention import NAME, disable_segment_attention, enable_segment_attention
+from chatsmith.models.attention import NAME, disable_segment_attention, enable_segment_attention
 
 
 def _examples(tok) -> list[Rendered]:

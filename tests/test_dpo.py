@@ -162,8 +162,8 @@ def test_kto_on_the_shared_feedback_file_via_cli(tmp_path, shared_data):
 def test_shared_prompt_rows_give_the_same_logps_scores_and_gradients(demo):
     """With segment attention, chosen and rejected share one copy of their prompt in the row: the
     row is shorter and log-probs, reward-model scores and gradients are unchanged."""
-    from chatsmith.train.attention import enable_segment_attention
-    from chatsmith.train.rm import load_backbone_with_head, sequence_scores
+    from chatsmith.models.attention import enable_segment_attention
+    from chatsmith.models.reward import load_backbone_with_head, sequence_scores
 
     model, _ = load_model("tiny-random-llama", dtype=torch.float32)
     assert enable_segment_attention(model)

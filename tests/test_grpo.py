@@ -73,7 +73,7 @@ def test_rollout_logprobs_match_trainer_after_update(tmp_path):
     base, _ = load_model("tiny-random-llama", dtype=torch.float32)
     cfg = rl_cfg(tmp_path, method="lora", lr=5e-2, max_steps=2, kl_coef=0.1, lora_r=4, lora_alpha=8)
     model = prepare_trainable(base, cfg)
-    from chatsmith.train.attention import enable_segment_attention
+    from chatsmith.models.attention import enable_segment_attention
 
     assert enable_segment_attention(model)   # the trainer's packed forward, as in `chatsmith grpo`
     engine = make_engine(model, None, max_batch_size=16)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from chatsmith.errors import ConfigError
-from chatsmith.train.rewards import exact_answer, last_number, load_reward, load_rewards
+from chatsmith.eval.rewards import exact_answer, last_number, load_reward, load_rewards
 
 
 def test_exact_answer_is_strict():

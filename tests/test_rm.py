@@ -14,14 +14,8 @@ import torch
 from chatsmith.config import RMConfig, load_config
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import Ranking, encode_rankings, read_preferences
-from chatsmith.train.rm import (
-    load_backbone_with_head,
-    load_reward_model,
-    prepare_reward_trainable,
-    rm_loss,
-    run_rm,
-    sequence_scores,
-)
+from chatsmith.models.reward import load_backbone_with_head, load_reward_model, sequence_scores
+from chatsmith.train.rm import prepare_reward_trainable, rm_loss, run_rm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from chatsmith.data.tasks import parse_task_spec, task_records, task_splits
 from chatsmith.errors import ConfigError
-from chatsmith.train.rewards import exact_answer, format_match
+from chatsmith.eval.rewards import exact_answer, format_match
 
 
 @pytest.mark.parametrize("task", ["arithmetic", "arithmetic_mixed"])

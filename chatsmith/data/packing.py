@@ -3,7 +3,7 @@ padded batches. Training, scoring and evaluation all batch through here.
 
 - packed rows (the default): a micro-batch's examples are concatenated into one row with position
   ids restarting at 0 for each example; `segment_bounds` marks each example's span so attention
-  runs causally within it (train/attention.py; without it transformers builds a block-diagonal
+  runs causally within it (models/attention.py; without it transformers builds a block-diagonal
   mask from the restarts). Attention never crosses examples and no pad token is computed.
 - padded rows: for methods that prepend virtual tokens to every sequence (prompt/prefix tuning,
   LLaMA-Adapter), examples are right-padded into a [B, T] batch with an attention mask.
@@ -33,7 +33,7 @@ def segment_bounds(lengths: list[int]) -> list[tuple[int, int]]:
 def collate_packed(examples: list[Rendered]) -> dict[str, Any]:
     """One row of concatenated examples: input_ids/position_ids [1, L]; the positions whose next
     token is a target, and those targets [N]; each example's (start, end) span in the row, for
-    segment attention (train/attention.py)."""
+    segment attention (models/attention.py)."""
     ids: list[int] = []
     pos: list[int] = []
     tpos: list[int] = []
@@ -82,7 +82,7 @@ def collate_preferences(examples: list[PreferenceExample], unit: str = "pairs",
                         share_prefix: bool = False) -> dict[str, Any]:
     """Pack every answer of every example into one row.
 
-    share_prefix (needs segment attention on the model, train/attention.py): the tokens that all K
+    share_prefix (needs segment attention on the model, models/attention.py): the tokens that all K
     answers of an example start with (the prompt) go in the row once, and each answer continues
     that copy; the prompt then costs one forward instead of K. Same numbers either way (tested).
 

@@ -12,7 +12,6 @@ cached with the examples.
 
 from __future__ import annotations
 
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from chatsmith.config import DPOConfig
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import PreferenceExample, encode_feedback, encode_rankings, read_feedback
 from chatsmith.errors import ChatsmithError
-from chatsmith.train.attention import disable_segment_attention, enable_segment_attention
+from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import (
     dpo_loss,
@@ -35,8 +34,15 @@ from chatsmith.train.losses import (
     simpo_loss,
     token_logprobs,
 )
-from chatsmith.train.prepare import prepare_run_dir, say, split_eval, write_json
-from chatsmith.train.rm import load_rankings, read_data_specs
+from chatsmith.train.plots import plot_preference_metrics
+from chatsmith.train.prepare import (
+    load_rankings,
+    prepare_run_dir,
+    read_data_specs,
+    say,
+    split_eval,
+    write_json,
+)
 
 REFERENCE_FREE = ("orpo", "simpo", "rrhf")
 PEFT = ("lora", "dora")
@@ -173,9 +179,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
 
     from chatsmith.models import load_model
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters
+    from chatsmith.models.saving import save_final
     from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import add_template_tokens
-    from chatsmith.train.sft import save_final
 
     set_seed(cfg.seed)
     if cfg.loss == "cdpo" and not 0 < cfg.label_smoothing < 0.5:
@@ -231,37 +237,3 @@ def run_dpo(cfg: DPOConfig) -> Path:
             + (f", margin {result.eval_metrics['eval_margin']:.3f}" if "eval_margin" in result.eval_metrics else ""))
     say(f"done: {run}/final  (chat with it: chatsmith chat {run})")
     return run
-
-
-def plot_preference_metrics(run: Path, keys: list[str], title: str) -> Path | None:
-    """rewards.png: each logged preference metric per step (train line, held-out points)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    present = [k for k in keys if any(k in r or f"eval_{k}" in r for r in records)]
-    if not present:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.2), dpi=100, squeeze=False)
-    for ax, k in zip(axes[0], present, strict=True):
-        tr = [(r["step"], r[k]) for r in records if k in r]
-        ev = [(r["step"], r[f"eval_{k}"]) for r in records if f"eval_{k}" in r]
-        if tr:
-            ax.plot(*zip(*tr, strict=True), color="#17a", lw=1.2, label="train")
-        if ev:
-            ax.plot(*zip(*ev, strict=True), "o", color="#d62", label="held out")
-        ax.set_title(k.replace("_", " "))
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.suptitle(f"{title}: {run.name}")
-    fig.tight_layout()
-    out = run / "rewards.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out

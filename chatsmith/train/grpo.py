@@ -86,7 +86,7 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
                  evaluate: Callable[[], dict[str, Any]] | None = None) -> tuple[Any, Any]:
     """The one training loop wired to GRPO rollouts: returns (Trainer, RolloutBatches)."""
     from chatsmith.infer.sampling import SamplingParams
-    from chatsmith.train.attention import segment_attention_enabled
+    from chatsmith.models.attention import segment_attention_enabled
     from chatsmith.train.loop import Objective, Trainer
     from chatsmith.train.rollout import RLBatchSpec, RolloutBatches, prompt_order
 
@@ -126,10 +126,11 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     from transformers import set_seed
 
     from chatsmith.data.template import stop_token_ids
+    from chatsmith.eval.rewards import load_rewards
     from chatsmith.models.adapters import trainable_parameters
-    from chatsmith.train.attention import disable_segment_attention
+    from chatsmith.models.attention import disable_segment_attention
+    from chatsmith.models.saving import save_final
     from chatsmith.train.prepare import prepare_run_dir, say, write_json
-    from chatsmith.train.rewards import load_rewards
     from chatsmith.train.rollout import (
         append_metrics,
         evaluate_prompts,
@@ -142,7 +143,6 @@ def run_grpo(cfg: GRPOConfig) -> Path:
         score_episodes,
         total_steps,
     )
-    from chatsmith.train.sft import save_final
 
     set_seed(cfg.seed)
     rewards = load_rewards(cfg.reward)   # fail on a bad --reward before loading anything heavy

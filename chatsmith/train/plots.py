@@ -36,3 +36,39 @@ def plot_metrics(records: list[dict], out: Path, title: str = "training") -> Pat
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_preference_metrics(run: Path, keys: list[str], title: str) -> Path | None:
+    """rewards.png: each logged preference metric per step (train line, held-out points)."""
+    import json
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    present = [k for k in keys if any(k in r or f"eval_{k}" in r for r in records)]
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.2), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], present, strict=True):
+        tr = [(r["step"], r[k]) for r in records if k in r]
+        ev = [(r["step"], r[f"eval_{k}"]) for r in records if f"eval_{k}" in r]
+        if tr:
+            ax.plot(*zip(*tr, strict=True), color="#17a", lw=1.2, label="train")
+        if ev:
+            ax.plot(*zip(*ev, strict=True), "o", color="#d62", label="held out")
+        ax.set_title(k.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"{title}: {run.name}")
+    fig.tight_layout()
+    out = run / "rewards.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -276,11 +276,12 @@ def run_ppo(cfg: PPOConfig) -> Path:
     from transformers import set_seed
 
     from chatsmith.data.template import stop_token_ids
+    from chatsmith.eval.rewards import load_rewards
     from chatsmith.models.adapters import trainable_parameters
+    from chatsmith.models.attention import disable_segment_attention
+    from chatsmith.models.saving import save_final
     from chatsmith.models.value_head import PolicyWithValueHead
-    from chatsmith.train.attention import disable_segment_attention
     from chatsmith.train.prepare import prepare_run_dir, say, write_json
-    from chatsmith.train.rewards import load_rewards
     from chatsmith.train.rollout import (
         append_metrics,
         evaluate_prompts,
@@ -293,7 +294,6 @@ def run_ppo(cfg: PPOConfig) -> Path:
         score_episodes,
         total_steps,
     )
-    from chatsmith.train.sft import save_final
 
     set_seed(cfg.seed)
     rewards = load_rewards(cfg.reward)

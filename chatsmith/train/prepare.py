@@ -85,3 +85,35 @@ def add_template_tokens(model: Any, tokenizer: Any, template: str | None) -> int
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
+
+
+def read_data_specs(cfg: Any, reader: Any, describe: Any, what: str) -> list[Any]:
+    """Every --data spec read with `reader(path, skip_bad)` (a PreferenceData), each file summarised
+    with `describe(records)`; `what` names the expected records in the no-data error."""
+    from chatsmith.data.preference import BUILTIN_PREFIX
+    from chatsmith.data.spec import parse_data_spec
+
+    if not cfg.data:
+        raise ChatsmithError(f"no training data: pass --data FILE ({what})")
+    records: list[Any] = []
+    for spec in cfg.data:
+        path = spec if spec.startswith(BUILTIN_PREFIX) else parse_data_spec(spec).path
+        res = reader(path, skip_bad=cfg.skip_bad)
+        if res.skipped:
+            say(f"{path}: skipped {len(res.skipped)} malformed record(s) (--skip-bad); first: {res.skipped[0]}")
+        say(f"{path}: {describe(res.records)}")
+        records.extend(res.records)
+    return records
+
+
+def _describe_rankings(records: list[Any]) -> str:
+    kinds = sorted({len(r.responses) for r in records})
+    return f"{len(records)} preference records ({'pairs' if kinds == [2] else f'K = {kinds}'})"
+
+
+def load_rankings(cfg: Any) -> list[Any]:
+    """Every --data file of pairs or rankings (rm, dpo), validated into Ranking records."""
+    from chatsmith.data.preference import read_preferences
+
+    return read_data_specs(cfg, read_preferences, _describe_rankings,
+                           "pairs or rankings; or builtin:identity-preferences")

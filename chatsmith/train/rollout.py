@@ -407,7 +407,7 @@ def collate_episodes(episodes: Sequence[Episode], spec: RLBatchSpec) -> dict[str
         "old_logprobs": torch.tensor(old, dtype=torch.float32),
         "advantages": torch.tensor(adv, dtype=torch.float32),
         "n_seqs": len(episodes),
-        # per-episode causal attention instead of one masked [L, L] product (train/attention.py)
+        # per-episode causal attention instead of one masked [L, L] product (models/attention.py)
         "segment_bounds": bounds,
         "n_tokens": len(ids),
         "n_targets": rl_loss_units(len(tgt), len(episodes), spec.aggregation, spec.max_new_tokens),
@@ -598,7 +598,7 @@ def load_policy(cfg: Any, need_reference: bool) -> tuple[Any, Any, Any]:
 
     from chatsmith.models import load_model
     from chatsmith.models.adapters import PEFT_METHODS, prepare_trainable
-    from chatsmith.train.attention import enable_segment_attention
+    from chatsmith.models.attention import enable_segment_attention
     from chatsmith.train.prepare import add_template_tokens
 
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)

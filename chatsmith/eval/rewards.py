@@ -164,7 +164,7 @@ def _load_module_function(module: str, fn_name: str, spec: str) -> RewardFn:
 def reward_model_fn(path: str) -> RewardFn:
     """A reward model from `chatsmith rm` as a reward function; prompts are scored as conversations
     ("messages" field when the records have one, else the prompt text)."""
-    from chatsmith.train.rm import load_reward_model
+    from chatsmith.models.reward import load_reward_model
 
     rm = load_reward_model(path)
 
