@@ -24,7 +24,7 @@ def main() -> None:
     from chatsmith.config import SFTConfig
     from chatsmith.data import Conversation, Message
     from chatsmith.data.template import render_conversation, stop_token_ids
-    from chatsmith.infer.generate import generate
+    from chatsmith.infer.engine import Engine
     from chatsmith.infer.sampling import SamplingParams
     from chatsmith.models import load_model
     from chatsmith.train.sft import run_sft
@@ -65,7 +65,9 @@ def main() -> None:
         model, tk = load_model(str(run), device="cuda")
         r = render_conversation(tk, Conversation([Message("user", "What is 7 plus 7?")]), template="chatml",
                                 add_generation_prompt=True)
-        ids = generate(model, r.input_ids, SamplingParams(temperature=0, max_new_tokens=12), stop_token_ids(tk, "chatml"))
+        engine = Engine(model, tk, max_batch_size=1, kv_cache_mb=64)   # module precision: the GPU weights as they are
+        ids = engine.generate([r.input_ids], SamplingParams(temperature=0, max_new_tokens=12),
+                              stop_token_ids(tk, "chatml"))[0].token_ids
         results[f"{method}-{precision}"] = {
             "first_loss": losses[0], "last_loss": losses[-1], "wall_s": round(time.time() - t, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20), "answer": tk.decode(ids),

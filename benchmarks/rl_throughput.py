@@ -62,9 +62,11 @@ def run_chatsmith(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from chatsmith.config import GRPOConfig
+    from chatsmith.data.prompts import render_prompts
     from chatsmith.data.template import stop_token_ids
+    from chatsmith.infer.engine import Engine
     from chatsmith.train.grpo import grpo_trainer
-    from chatsmith.train.rollout import load_policy, make_engine, render_prompts
+    from chatsmith.train.rollout import load_policy
 
     torch.manual_seed(SEED)
     out = Path(tempfile.mkdtemp(prefix="rl-bench-chatsmith-"))
@@ -77,7 +79,7 @@ def run_chatsmith(args: argparse.Namespace) -> dict[str, Any]:
     recs = prompt_records(args.prompts * args.steps)
     prompts, _ = render_prompts(tok, recs, template=None, system_prompt=None, max_prompt_tokens=200)
     stops = stop_token_ids(tok)
-    engine = make_engine(model, tok, max_batch_size=cfg.generation_batch_size)
+    engine = Engine(model, tok, max_batch_size=cfg.generation_batch_size)
 
     def score(episodes: list[Any]) -> dict[str, float]:
         for e, r in zip(episodes, reward_last_number([e.text for e in episodes], [e.record["answer"] for e in episodes])):
@@ -85,7 +87,7 @@ def run_chatsmith(args: argparse.Namespace) -> dict[str, Any]:
         return {}
 
     trainer, _ = grpo_trainer(cfg, model, ref, engine, prompts, steps=args.steps, score=score, run=out,
-                              stop_ids=stops, tokenizer=tok)
+                              stop_ids=stops)
     trainer.fit()
     steps = [{"step_s": r["step_time_s"], "gen_s": r["rollout_time_s"],
               "gen_tokens": r["response_length"] * args.prompts * args.group_size}

@@ -91,7 +91,7 @@ engine = Engine(model, tok, precision=precision, max_batch_size=1)
 p = SamplingParams(temperature=0, max_new_tokens=n)
 engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=8), stop_ids=[])
 t0 = time.perf_counter(); first = []
-req = engine.submit(ids, p, stop_ids=[], on_token=lambda r, t, lp: first.append(time.perf_counter()) if not first else None)
+req = engine.submit(ids, p, stop_ids=[], on_token=lambda r, t, lp, text: first.append(time.perf_counter()) if not first else None)
 with torch.inference_mode():
     while not req.finished:
         engine._step()

@@ -1,8 +1,8 @@
 """`chatsmith chat MODEL`: talk to a model in the terminal, or answer one `--prompt` and exit.
 
 Every prompt is built by the one template renderer (`chatsmith.data.template`), so the model is
-spoken to exactly as it was trained. Generation is `chatsmith.infer.stream_generate`; this module
-only turns text into ids and ids back into text as they arrive.
+spoken to exactly as it was trained. Generation is the engine's (`chatsmith.infer.engine`), which
+also turns the new tokens into text; this module keeps the conversation and shows the answer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any, TextIO
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.template import render_conversation, stop_token_ids, template_source
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer.generate import context_length, stream_generate
 from chatsmith.infer.sampling import SamplingParams
 
 PROMPT = "you> "
@@ -28,66 +27,26 @@ HELP = """commands:
   //TEXT         send a message that starts with '/'"""
 
 
-class StreamDecoder:
-    """Incremental detokenisation of one answer.
-
-    Decoding token by token breaks a character whose UTF-8 bytes are split over several tokens
-    (emoji, CJK with byte-level BPE): each piece alone decodes to U+FFFD. So we decode the whole
-    answer so far and emit only the new suffix, holding back a trailing U+FFFD until the next token
-    completes it. Leading and trailing whitespace are held back too (trailing until text follows),
-    so the pieces add up to `text`, the stripped answer.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def _decode(self) -> str:
-        # clean_up_tokenization_spaces rewrites earlier text (" ." -> ".") once later tokens
-        # arrive, which would break the "new suffix" rule; the chat shows raw text instead.
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        """Add one token; return the text that is now safe to show (possibly "")."""
-        self.ids.append(token_id)
-        return self._advance(self._decode().rstrip("\ufffd").strip())
-
-    def finish(self) -> str:
-        """Return whatever is still held back (a U+FFFD that never completed is real now)."""
-        return self._advance(self.text)
-
-    @property
-    def text(self) -> str:
-        return self._decode().strip()
-
-    def _advance(self, stable: str) -> str:
-        # `stable` extends `emitted` unless a tokenizer rewrote earlier text; then show only what
-        # is beyond what was already printed (printed text cannot be taken back).
-        new = stable[len(self.emitted):] if len(stable) > len(self.emitted) else ""
-        if new:
-            self.emitted = stable
-        return new
-
-
 class ChatSession:
-    """One conversation with a loaded model: the history, the system prompt, and `reply`.
+    """One conversation with a model in an engine: the history, the system prompt, and `reply`.
 
     `conversation` is exactly what is rendered for the next answer (system message first, when
     set), so a test or a UI can inspect it.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, params: SamplingParams, *, system: str | None = None,
+    def __init__(self, engine: Any, params: SamplingParams, *, system: str | None = None,
                  template: str | None = None) -> None:
         params.validate()
+        tokenizer = engine.tokenizer
         template_source(tokenizer, template)  # fail now, not at the first answer, if there is no template
-        self.model, self.tokenizer, self.params, self.template = model, tokenizer, params, template
+        self.engine, self.tokenizer, self.params, self.template = engine, tokenizer, params, template
         self.system = system or None
         # End-of-turn ids of the template plus EOS (stop_token_ids includes EOS).
         self.stop_ids = stop_token_ids(tokenizer, template)
         self.conversation = Conversation([])
         self.last_prompt_ids: list[int] = []
         self.dropped_messages = 0  # oldest messages removed so far to fit the context
+        self._stream: Any = None   # the answer being generated, while `reply` runs
         self.reset()
 
     def reset(self) -> None:
@@ -106,10 +65,8 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         """`render()`, after dropping the oldest turns until the prompt and an answer fit the context."""
-        context = context_length(self.model)
+        context = self.engine.slot_tokens   # the model's context (or what the KV budget allows)
         ids = self.render()
-        if context is None:
-            return ids
         # Room for the answer: max_new_tokens, but never more than a quarter of the context, so a
         # large --max-new-tokens does not erase the whole history.
         reserve = min(self.params.max_new_tokens, context // 4)
@@ -135,25 +92,29 @@ class ChatSession:
     def reply(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
         """Add a user message and yield the answer as text pieces while it is generated.
 
-        The pieces join to the stripped answer. When generation ends (also when it is stopped, or
-        the caller stops iterating) the answer so far becomes the assistant message; an empty
+        Leading whitespace is not shown; the pieces join to the answer (stored stripped). When
+        generation ends (also when it is stopped, by `should_stop()` between pieces or by `stop()`,
+        or the caller stops iterating) the answer so far becomes the assistant message; an empty
         answer removes the user message instead, so the history keeps alternating user/assistant.
         """
         messages = self.conversation.messages
         messages.append(Message("user", text))
-        decoder = StreamDecoder(self.tokenizer)
+        stream = None
         try:
             self.last_prompt_ids = self.prompt_ids()
-            for token in stream_generate(self.model, self.last_prompt_ids, self.params, self.stop_ids,
-                                         should_stop):
-                piece = decoder.push(token)
+            stream = self._stream = self.engine.stream(self.last_prompt_ids, self.params, self.stop_ids)
+            started = False
+            for piece in stream:
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
                 if piece:
                     yield piece
-            tail = decoder.finish()
-            if tail:
-                yield tail
+                if should_stop is not None and should_stop():
+                    stream.cancel()
         finally:
-            answer = decoder.text
+            self._stream = None
+            answer = stream.request.detok.text.strip() if stream is not None else ""
             if answer:
                 # train=False: chat history is context, not a training target. It also lets the
                 # renderer skip the per-turn mask bookkeeping, which templates that rewrite past
@@ -161,6 +122,12 @@ class ChatSession:
                 messages.append(Message("assistant", answer, train=False))
             elif messages and messages[-1].role == "user":
                 messages.pop()
+
+    def stop(self) -> None:
+        """Stop the answer being written (safe from a signal handler): it ends after the current step."""
+        stream = self._stream
+        if stream is not None:
+            stream.cancel()
 
 
 def _read_line(stdin: TextIO, stdout: TextIO) -> str | None:
@@ -187,9 +154,10 @@ def _answer(session: ChatSession, text: str, stdout: TextIO, stderr: TextIO) -> 
     def on_interrupt(signum: int, frame: Any) -> None:
         nonlocal stopped
         stopped = True
+        session.stop()
 
-    # A SIGINT handler lets the current forward pass finish and then stops cleanly at the next
-    # `should_stop` check; only the main thread may install one.
+    # A SIGINT handler lets the current step finish and then stops the answer cleanly; only the
+    # main thread may install one.
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, on_interrupt)
@@ -260,12 +228,14 @@ def run_chat(
     device: str | None = None,
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
+    precision: str = "auto",
 ) -> int:
     """Run `chatsmith chat`. With `prompt`, print only its answer and a newline; else chat.
 
-    `device` None means CUDA when available, else CPU. stdin/stdout None mean sys.stdin/sys.stdout
-    at call time (not at import time, so redirection by the caller or pytest is honoured).
-    Returns the exit status.
+    `device` None means CUDA when available, else CPU. `precision` is the engine's: auto (int8 for
+    Llama-family models on a CPU), int8 or module (the model's own weights). stdin/stdout None mean
+    sys.stdin/sys.stdout at call time (not at import time, so redirection by the caller or pytest is
+    honoured). Returns the exit status.
     """
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
@@ -276,8 +246,11 @@ def run_chat(
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
+    from chatsmith.infer.engine import Engine, resolve_precision
+
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=device)
-    session = ChatSession(model, tokenizer, params, system=system, template=template)
+    engine = Engine(model, tokenizer, max_batch_size=1, precision=resolve_precision(model, precision))
+    session = ChatSession(engine, params, system=system, template=template)
     if prompt is not None:
         for piece in session.reply(prompt):
             stdout.write(piece)

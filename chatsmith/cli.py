@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    c.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
+                   help="auto: int8 weights for Llama-family models on a CPU, else the model's own (module)")
     c.add_argument("--trust-remote-code", action="store_true")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page", epilog=SERVE_EXAMPLES,
@@ -264,7 +266,7 @@ def _run(args: argparse.Namespace) -> int:
                                 seed=args.seed)
         params.validate()
         return run_chat(args.model, prompt=args.prompt, system=args.system, params=params, template=args.template,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, precision=args.precision)
     if args.command == "serve":
         from chatsmith.serve.app import run_server
 

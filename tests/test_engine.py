@@ -280,7 +280,7 @@ def test_continuous_batching_streaming_and_cancel(tiny, prompts):
     engine.start()
     try:
         long = engine.submit(prompts[0], SamplingParams(temperature=0, max_new_tokens=100000 // 50), stop_ids=[])
-        a = engine.submit(prompts[1], GREEDY, on_token=lambda r, t, lp: streamed.append(t),
+        a = engine.submit(prompts[1], GREEDY, on_token=lambda r, t, lp, text: streamed.append(t),
                           on_finish=lambda r: finished.set())
         b = engine.submit(prompts[2], GREEDY)  # waits for a slot, joins when `a` leaves
         assert a.wait(30).token_ids == streamed and finished.is_set()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer import SamplingParams, generate, next_token, next_token_probs, stream_generate
+from chatsmith.infer import SamplingParams, next_token, next_token_probs
+from chatsmith.infer.engine import Engine
 
 VOCAB = 97
 PROMPT = [5, 17, 42, 8, 63, 3, 77]
@@ -139,48 +140,86 @@ def test_sampling_params_importable_without_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-# --- stream_generate ----------------------------------------------------------------------------
+# --- the engine, seen as one generator (chat, eval) -----------------------------------------------
+
+
+def engine_for(model) -> Engine:
+    return Engine(model, None, max_batch_size=2, precision="module")
+
+
+def generate(model, prompt, params, stop_ids) -> list[int]:
+    """The new ids of one sequence, stop id excluded (the engine keeps it as the last token)."""
+    c = engine_for(model).generate([prompt], params, stop_ids=stop_ids)[0]
+    return c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+
+
+def hf(model, prompt, new, **kw) -> list[int]:
+    return model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=new, min_new_tokens=new, **kw)[0, len(prompt):].tolist()
 
 
 def test_greedy_matches_hf_generate(model):
-    new = 24
-    ours = list(stream_generate(model, PROMPT, greedy(max_new_tokens=new), stop_ids=set()))
-    ref = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-                         do_sample=False, max_new_tokens=new, min_new_tokens=new)[0, len(PROMPT):].tolist()
-    assert ours == ref
+    assert generate(model, PROMPT, greedy(max_new_tokens=24), set()) == hf(model, PROMPT, 24)
 
 
 def test_greedy_with_repetition_penalty_matches_hf_generate(model):
-    new = 24
-    ours = generate(model, PROMPT, greedy(max_new_tokens=new, repetition_penalty=1.5), stop_ids=[])
-    ref = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-                         do_sample=False, repetition_penalty=1.5, max_new_tokens=new,
-                         min_new_tokens=new)[0, len(PROMPT):].tolist()
-    assert ours == ref
+    assert generate(model, PROMPT, greedy(max_new_tokens=24, repetition_penalty=1.5), set()) == \
+        hf(model, PROMPT, 24, repetition_penalty=1.5)
 
 
-def test_one_prefill_then_one_token_per_forward(model):
-    # KV cache in use: the first forward sees the whole prompt, every later one a single token,
-    # and no forward runs after the last token is chosen.
-    seen: list[int] = []
-    hook = model.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["input_ids"].shape[1]),
-                                       with_kwargs=True)
-    try:
-        stream = stream_generate(model, PROMPT, greedy(max_new_tokens=6), stop_ids=set())
-        next(stream)
-        assert seen == [len(PROMPT)], "a token must be yielded as soon as it is chosen"
-        rest = list(stream)
-    finally:
-        hook.remove()
-    assert len(rest) == 5
-    assert seen == [len(PROMPT)] + [1] * 5
+def test_presence_and_frequency_penalties_hand_worked():
+    # OpenAI: logit -= count * frequency + presence, over generated tokens only.
+    # logits [3, 2, 1], generated {0: 2, 2: 1}, frequency 0.5, presence 0.25 -> [1.75, 2, 0.25]
+    from chatsmith.infer.sampling import apply_penalties
+
+    logits = torch.tensor([3.0, 2.0, 1.0])
+    p = greedy(presence_penalty=0.25, frequency_penalty=0.5)
+    torch.testing.assert_close(apply_penalties(logits, p, torch.tensor([]), {0: 2, 2: 1}),
+                               torch.tensor([1.75, 2.0, 0.25]))
+    assert next_token(logits, p, torch.tensor([]), None, {0: 2, 2: 1}) == 1
+    assert torch.equal(logits, torch.tensor([3.0, 2.0, 1.0])), "penalties must not modify the input"
 
 
-def test_inference_mode_not_held_across_yield(model):
-    stream = stream_generate(model, PROMPT, greedy(max_new_tokens=3), stop_ids=set())
-    next(stream)
-    assert not torch.is_inference_mode_enabled()
-    stream.close()
+def test_tiny_temperatures_are_greedy_not_overflow():
+    # 5 / 1e-40 overflows float32: such a temperature must act as 0, not produce NaN probabilities.
+    logits = torch.tensor([5.0, 4.0, -3.0])
+    for t in (1e-40, 1e-30, 1e-6):
+        p = SamplingParams(temperature=t)
+        p.validate()
+        assert p.greedy and next_token(logits, p, torch.tensor([]), torch.Generator().manual_seed(0)) == 0
+        assert torch.equal(next_token_probs(logits, p, torch.tensor([])), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_stream_does_not_hold_inference_mode_across_yield(model):
+    stream = engine_for(model).stream(PROMPT, greedy(max_new_tokens=3))
+    it = iter(stream)
+    assert stream.request.output == []   # nothing runs before the first piece is asked for
+    with pytest.raises(StopIteration):   # no tokenizer: no text, but the request runs to its end
+        next(it)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert len(stream.request.output) == 3 and stream.request.finish_reason == "length"
+
+
+def test_closing_a_stream_early_cancels_and_frees_the_slot(model):
+    from chatsmith.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-random-llama")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)).eval()
+    engine = Engine(m, tok, max_batch_size=1, precision="module")
+    stream = engine.stream(tok("Hello")["input_ids"], greedy(max_new_tokens=40), stop_ids=[])
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(stream.request.output) >= 5:
+            break
+    stream_iter_closed = stream.request.finish_reason
+    assert stream_iter_closed == "cancelled" and 5 <= len(stream.request.output) < 40
+    assert engine.running == 0 and engine.waiting == 0   # the slot is free for the next request
+    assert "".join(pieces) == stream.request.detok.text[: len("".join(pieces))]
 
 
 def test_seed_reproducible_and_different_seeds_differ(model):
@@ -198,11 +237,12 @@ def test_top_k_1_equals_greedy(model):
     assert sampled == generate(model, PROMPT, greedy(max_new_tokens=20), set())
 
 
-def test_stops_at_stop_id_without_yielding_it(model):
+def test_stops_at_stop_id(model):
     full = generate(model, PROMPT, greedy(max_new_tokens=20), set())
     stop = full[5]
     cut = full.index(stop)  # the first occurrence ends generation
-    assert generate(model, PROMPT, greedy(max_new_tokens=20), {stop}) == full[:cut]
+    c = engine_for(model).generate([PROMPT], greedy(max_new_tokens=20), stop_ids={stop})[0]
+    assert c.finish_reason == "stop" and c.token_ids == full[:cut + 1]   # the stop id is the last token
     assert generate(model, PROMPT, greedy(max_new_tokens=20), [stop, 10_000]) == full[:cut]
 
 
@@ -211,18 +251,11 @@ def test_max_new_tokens_respected(model):
     assert len(generate(model, PROMPT, SamplingParams(max_new_tokens=9, seed=0), set())) == 9
 
 
-def test_should_stop(model):
-    out: list[int] = []
-    stream = stream_generate(model, PROMPT, greedy(max_new_tokens=20), set(), should_stop=lambda: len(out) >= 3)
-    for token in stream:
-        out.append(token)
-    assert len(out) == 3
-
-
 def test_context_length_caps_generation(model):
     limit = model.config.max_position_embeddings  # 256
     prompt = [1] * (limit - 4)
-    assert len(generate(model, prompt, greedy(max_new_tokens=50), set())) == 4
+    c = engine_for(model).generate([prompt], greedy(max_new_tokens=50), stop_ids=set())[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 4   # prompt + answer fill the context
     with pytest.raises(ChatsmithError, match="context length"):
         generate(model, [1] * limit, greedy(), set())
 

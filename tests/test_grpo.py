@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from chatsmith.config import GRPOConfig
+from chatsmith.data.prompts import Prompt
+from chatsmith.infer.engine import Engine
 from chatsmith.infer.sampling import SamplingParams
 from chatsmith.train.grpo import grpo_trainer
-from chatsmith.train.rollout import Episode, Prompt, completion_logprobs, make_engine
+from chatsmith.train.rl_batches import Episode
+from chatsmith.train.rollout import completion_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 3   # the bandit's rewarded token id
@@ -54,7 +57,7 @@ def test_bandit_reward_goes_up(tmp_path, estimator):
     """Reward = fraction of generated tokens equal to TARGET: starts near 1/16 and must pass 0.5."""
     model = tiny_vocab_model()
     cfg = rl_cfg(tmp_path, estimator=estimator, max_steps=25)
-    engine = make_engine(model, None, max_batch_size=32)
+    engine = Engine(model, None, max_batch_size=32)
     trainer, source = grpo_trainer(cfg, model, None, engine, bandit_prompts(), steps=cfg.max_steps,
                                    score=target_fraction, run=tmp_path, stop_ids=set())
     trainer.fit()
@@ -76,10 +79,7 @@ def test_rollout_logprobs_match_trainer_after_update(tmp_path):
     from chatsmith.models.attention import enable_segment_attention
 
     assert enable_segment_attention(model)   # the trainer's packed forward, as in `chatsmith grpo`
-    engine = make_engine(model, None, max_batch_size=16)
-    from chatsmith.infer.engine import Engine
-
-    assert isinstance(engine, Engine)   # rollouts use the engine shared with serving
+    engine = Engine(model, None, max_batch_size=16)
     prompts = [Prompt(ids, "", {}) for ids in ([1, 520, 3412, 30], [1, 28, 9, 4000, 77, 12], [1, 5])]
 
     def score(episodes):   # any reward with spread will move the weights

@@ -13,9 +13,10 @@ import torch
 from test_grpo import bandit_prompts, target_fraction, tiny_vocab_model
 
 from chatsmith.config import PPOConfig
+from chatsmith.infer.engine import Engine
 from chatsmith.models.value_head import PolicyWithValueHead
 from chatsmith.train.ppo import AdaptiveKLController, RunningMoments, ppo_targets, ppo_trainer
-from chatsmith.train.rollout import Episode, make_engine
+from chatsmith.train.rl_batches import Episode
 
 
 def test_bandit_reward_goes_up_with_critic_and_kl(tmp_path):
@@ -25,7 +26,7 @@ def test_bandit_reward_goes_up_with_critic_and_kl(tmp_path):
     cfg = PPOConfig(model="unused", output=str(tmp_path), method="full", batch_size=16, max_new_tokens=8,
                     max_length=64, lr=1e-2, max_steps=40, ppo_epochs=2, num_minibatches=2, kl_coef=0.01,
                     kl_target=2.0, vf_coef=0.5, seed=0)
-    engine = make_engine(policy, None, max_batch_size=32)
+    engine = Engine(policy, None, max_batch_size=32)
     trainer, rollouts, kl_ctl = ppo_trainer(cfg, model, ref, engine, bandit_prompts(16), steps=cfg.max_steps,
                                             score=target_fraction, run=tmp_path, stop_ids=set())
     trainer.fit()

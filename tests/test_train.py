@@ -4,13 +4,13 @@ packing without leakage, every method, and that training learns."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import KILL_AFTER_STEP
 from safetensors.torch import load_file
 
 from chatsmith.config import SFTConfig, load_config
@@ -87,8 +87,8 @@ def _sft_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_resume_after_kill9_equals_uninterrupted(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic(40))
-    env = {**os.environ, "CHATSMITH_FAULT_KILL_AT_STEP": "10"}
-    crashed = subprocess.run(_sft_cmd(data, tmp_path / "crash"), env=env, capture_output=True, text=True, cwd=tmp_path)
+    killed = [sys.executable, "-c", KILL_AFTER_STEP, "10", *_sft_cmd(data, tmp_path / "crash")[3:]]
+    crashed = subprocess.run(killed, capture_output=True, text=True, cwd=tmp_path)
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     ckpts = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").iterdir())
     assert ckpts == ["step-000004", "step-000008"]          # keeps the last 2, none half-written

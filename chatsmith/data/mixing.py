@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 from chatsmith.data.conversation import Conversation
 from chatsmith.errors import ChatsmithError
@@ -57,3 +58,16 @@ def mix(results: list[list[Conversation]], weights: list[float | None], seed: in
     mixed = [r[i] for r, n in zip(results, counts, strict=True) for i in sample_indices(len(r), n, rng)]
     rng.shuffle(mixed)
     return mixed
+
+
+def split_eval(items: list[Any], eval_split: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(kept, held out): `eval_split` is a fraction (< 1) or a count (>= 1) of items, chosen by `seed`."""
+    if not eval_split or eval_split <= 0:
+        return items, []
+    n = int(eval_split) if eval_split >= 1 else max(1, int(round(len(items) * eval_split)))
+    if n >= len(items):
+        raise ChatsmithError(f"--eval-split {eval_split} leaves no training data ({len(items)} records)")
+    order = list(range(len(items)))
+    random.Random(seed + 17).shuffle(order)
+    held = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]

@@ -249,3 +249,37 @@ def load_rewards(specs: Sequence[str]) -> RewardSet:
         raise ConfigError("no reward: pass --reward NAME (e.g. exact_answer), module:function, "
                           "path/to/file.py or a reward model directory")
     return RewardSet([load_reward(s) for s in specs])
+
+
+def reward_fields(records: Sequence[dict[str, Any]], completion_tokens: Sequence[int]) -> dict[str, list[Any]]:
+    """The keyword fields a reward function receives: each record field as a list (one value per
+    completion; None where a record lacks it), and the completions' lengths in tokens."""
+    keys = sorted({k for r in records for k in r if k not in ("prompt", "_source")})
+    fields: dict[str, list[Any]] = {k: [r.get(k) for r in records] for k in keys}
+    fields["completion_tokens"] = list(completion_tokens)
+    return fields
+
+
+def evaluate_rewards(engine: Any, rewards: RewardSet, prompts: Sequence[Any], *, max_new_tokens: int,
+                     stop_ids: set[int], samples: int = 0) -> dict[str, Any]:
+    """Greedy answers to held-out prompts (data.prompts.Prompt) through the engine: the mean reward
+    (and each component's, when there are several), the mean length in tokens, and the first
+    `samples` (prompt, answer, reward) triples."""
+    from chatsmith.infer.sampling import SamplingParams
+
+    if not prompts:
+        return {}
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    comps = engine.generate([p.ids for p in prompts], params, stop_ids=stop_ids)
+    records = [p.record for p in prompts]
+    total, parts = rewards.score([p.text for p in prompts], [c.text for c in comps],
+                                 reward_fields(records, [len(c.token_ids) for c in comps]))
+    out: dict[str, Any] = {"eval_reward": sum(total) / len(total),
+                           "eval_length": sum(len(c.token_ids) for c in comps) / len(comps),
+                           "eval_prompts": len(comps)}
+    if len(parts) > 1:
+        out.update({f"eval_reward_{k}": sum(v) / len(v) for k, v in parts.items()})
+    if samples:
+        out["samples"] = [{"prompt": p.text, "answer": c.text, "reward": r}
+                          for p, c, r in list(zip(prompts, comps, total))[:samples]]
+    return out

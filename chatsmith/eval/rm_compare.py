@@ -6,31 +6,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from chatsmith.data.conversation import Conversation, Message
 from chatsmith.errors import ChatsmithError
 from chatsmith.models.reward import load_reward_model
 
 
 def sample_answers(model_spec: str, prompts: list[str], *, temperature: float = 0.0, max_new_tokens: int = 48,
                    seed: int = 0) -> list[str]:
-    """One answer per prompt from a model (KV-cached generation, stopping at the end of the turn)."""
-    from chatsmith.data.template import render_conversation, stop_token_ids
-    from chatsmith.infer.generate import generate
-    from chatsmith.infer.sampling import SamplingParams
+    """One answer per prompt from a model, generated together by the engine (stopping at the end of
+    the turn); with a temperature, prompt i samples with seed + i."""
+    from chatsmith.eval.answers import answer_questions
+    from chatsmith.infer.engine import Engine
     from chatsmith.models import load_model
 
     model, tok = load_model(model_spec)
-    stops = stop_token_ids(tok)
-    out = []
-    for i, q in enumerate(prompts):
-        ids = render_conversation(tok, Conversation([Message("user", q)]), add_generation_prompt=True).input_ids
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)
-        with torch.no_grad():
-            new = generate(model, ids, params, stops)
-        out.append(tok.decode(new, skip_special_tokens=True).strip())
-    return out
+    engine = Engine(model, tok, max_batch_size=min(16, len(prompts)), kv_cache_mb=1024)
+    return answer_questions(engine, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
 
 def compare_models(reward_model: str, models: list[str], *, prompts: str | list[str] = "builtin",

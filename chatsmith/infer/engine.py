@@ -1,12 +1,19 @@
 """The generation engine: continuous batching over a KV cache, token ids in and token ids out.
 
-No HTTP here (STYLE.md, principle 4). The server, RL rollouts and evaluation all use it:
+No HTTP here (STYLE.md, principle 4). Every caller generates through it: the server, `chatsmith
+chat`, quickstart and evaluation, RL rollouts and `rm compare`.
 
 - `Engine.generate(prompts, params)`: synchronous batched generation (RL, evaluation).
+- `Engine.stream(prompt, params)`: the text of one answer, piece by piece (the terminal chat).
 - `Engine.submit(prompt, params, on_token=..., on_finish=...)` with `Engine.start()`: a background
   thread steps the batch; new requests join between decode steps and finished ones leave
   (continuous batching, as in Orca, Yu et al. 2022). Prompts are prefilled in chunks of
   `prefill_chunk` tokens so a long prompt does not stall the running answers for long.
+
+Text: with a tokenizer, each request carries one `TextStream` (infer/detokenize.py), the one
+detokenizer: it turns tokens into text as they arrive, holds back what may be the start of a stop
+string, and ends the request at a stop string. A request can only fail itself: an error while
+choosing its next token finishes it with "error" and leaves the others running.
 
 Each step: drop cancelled requests, admit waiting ones into free slots, prefill up to
 `prefill_chunk` prompt tokens, then decode one token for every running sequence in one batch.
@@ -24,16 +31,16 @@ the same call gives the same samples again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from chatsmith.errors import ChatsmithError
+from chatsmith.infer.detokenize import TextStream
 from chatsmith.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -75,8 +82,29 @@ class RequestTooLarge(ChatsmithError):
     """The prompt does not fit the context or the per-sequence KV cache budget."""
 
 
+def context_length(model: Any) -> int | None:
+    """The model's maximum sequence length in tokens, or None when its config does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def resolve_precision(model: Any, precision: str = "auto") -> str:
+    """The engine precision for `precision`: "auto" is int8 for a Llama-family model on a CPU (several
+    times faster there), else "module" (the model's own weights and dtype)."""
+    from chatsmith.infer.runners import supports_fast_path
+
+    if precision not in ("auto", "int8", "module"):
+        raise ChatsmithError(f"precision must be auto, int8 or module, got '{precision}'")
+    if precision != "auto":
+        return precision
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return "int8" if on_cpu and supports_fast_path(model) else "module"
+
+
 @dataclass
 class Completion:
+    """One finished sequence."""
+
     token_ids: list[int]          # generated ids; ends with the stop token id when finish_reason is "stop" by token
     logprobs: list[float]         # log p(chosen) under the raw model distribution (log_softmax of the logits)
     finish_reason: str            # "stop" | "length" | "cancelled" | "error"
@@ -84,14 +112,20 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per step, when params.top_logprobs
     stop_string: str | None = None  # the stop string that ended generation, if one did
     error: str | None = None
+    text: str = ""                # the answer's text (up to a stop string); "" when the engine has no tokenizer
 
 
 class Request:
-    """One sequence in the engine. Created by `Engine.submit`; `cancel()` is safe from any thread."""
+    """One sequence in the engine. Created by `Engine.submit`; `cancel()` is safe from any thread.
+
+    `on_token(request, token_id, logprob, text)` receives each token with the text it made safe to
+    show (possibly ""); when the request finishes, `tail` holds the text still held back then.
+    """
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
                  adapter: str | None, seed: int | None, on_token: Callable[..., None] | None,
-                 on_finish: Callable[[Request], None] | None, constraint: Any = None) -> None:
+                 on_finish: Callable[[Request], None] | None, constraint: Any = None,
+                 tokenizer: Any = None) -> None:
         import torch
 
         self.id, self.prompt, self.params, self.stop_ids, self.adapter = rid, prompt, params, stop_ids, adapter
@@ -108,13 +142,13 @@ class Request:
         self.prompt_logits: Any = None     # logits after the whole prompt (prefix sharing), while running
         self.pending: int | None = None    # sampled token not yet fed to the model
         self.counts: dict[int, int] = {}   # generated token -> count (presence/frequency penalties)
+        self.detok = TextStream(tokenizer, params.stop) if tokenizer is not None else None
+        self.tail = ""                     # text held back until the end, set when the request finishes
         self.cancelled = False
         self.done = threading.Event()
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
-        # The sampler sees the repetition penalty and the OpenAI penalties applied by the engine first.
-        self.sample_params = dataclasses.replace(params, repetition_penalty=1.0)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.history = torch.tensor(prompt, dtype=torch.long)
 
@@ -126,10 +160,13 @@ class Request:
         return self.finish_reason is not None
 
     def completion(self) -> Completion:
+        """What the request produced so far (all of it once finished)."""
         return Completion(list(self.output), list(self.logprobs), self.finish_reason or "cancelled", len(self.prompt),
-                          list(self.top_logprobs), self.stop_string, self.error)
+                          list(self.top_logprobs), self.stop_string, self.error,
+                          self.detok.text if self.detok is not None else "")
 
     def wait(self, timeout: float | None = None) -> Completion:
+        """Block until the request finishes; its Completion."""
         if not self.done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return self.completion()
@@ -157,8 +194,8 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, precision: str = "module",
                  kv_cache_mb: float | None = None, prefill_chunk: int = 256, max_queue: int = 1024,
                  adapters: dict[str, str] | None = None, fast_path: bool = True) -> None:
-        from chatsmith.infer.generate import context_length
-        from chatsmith.infer.runners import LlamaRunner, ModuleRunner, load_lora_adapter, supports_fast_path
+        from chatsmith.infer.lora import load_lora_adapter
+        from chatsmith.infer.runners import LlamaRunner, ModuleRunner, supports_fast_path
 
         if max_batch_size < 1:
             raise ChatsmithError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -190,9 +227,8 @@ class Engine:
         self.adapter_names: list[str] = []
         loaded = {}
         if adapters:
-            n_layers = model.config.num_hidden_layers
             for name, path in adapters.items():
-                loaded[name] = load_lora_adapter(name, path, n_layers)
+                loaded[name] = load_lora_adapter(name, path)
             self.adapter_names = list(loaded)
         import torch
 
@@ -253,7 +289,7 @@ class Engine:
                                  retry_after=max(1, len(self._waiting) // max(self.max_batch_size, 1)))
             self._next_id += 1
             req = Request(self._next_id, prompt, params, stops, adapter, params.seed if seed is None else seed,
-                          on_token, on_finish, constraint)
+                          on_token, on_finish, constraint, self.tokenizer)
             self._waiting.append(req)
             self.stats["requests"] += 1
             self._wake.notify()
@@ -275,8 +311,9 @@ class Engine:
                 "Shorten the prompt" + (", raise the KV cache budget or lower the max concurrency" if budget else ""))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 stop_ids: Iterable[int] | None = None) -> list[Completion]:
-        """Generate for every prompt (n completions each, consecutive, when params.n > 1); see the module docstring."""
+                 stop_ids: Iterable[int] | None = None, *, seed_offset: int = 0) -> list[Completion]:
+        """Generate for every prompt (n completions each, consecutive, when params.n > 1). With a seed,
+        the r-th sequence of the call samples with seed + seed_offset + r (see the module docstring)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ChatsmithError(f"got {len(prompts)} prompts but {len(plist)} sampling parameter sets")
@@ -286,7 +323,7 @@ class Engine:
             r = 0
             for prompt, p in zip(prompts, plist):
                 for _ in range(p.n):
-                    seed = None if p.seed is None else (p.seed + r) % 2**64
+                    seed = None if p.seed is None else (p.seed + seed_offset + r) % 2**64
                     reqs.append(self.submit(prompt, p, stops, seed=seed, check_queue=False))
                     r += 1
         except Exception:
@@ -308,6 +345,23 @@ class Engine:
                 self._drop_cancelled()
                 raise
         return [q.completion() for q in reqs]
+
+    def stream(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
+               adapter: str | None = None) -> Stream:
+        """Generate one answer and iterate over its text as it is produced (`for piece in engine.stream(...)`).
+
+        Without the background thread, iterating steps the engine itself, one step per loop, and no
+        grad or inference mode is held across a `yield`. `Stream.cancel()` (e.g. on Ctrl-C) ends
+        the answer after the current step; closing the iterator early cancels it too.
+        """
+        return Stream(self, self.submit(prompt, params, stop_ids, adapter=adapter, check_queue=False))
+
+    def step_once(self) -> None:
+        """Run one scheduler step in the calling thread (when no background thread is running)."""
+        import torch
+
+        with self._step_lock, torch.inference_mode(), _EvalMode(self.model):
+            self._step()
 
     def start(self) -> None:
         """Run the scheduler in a background thread (for servers); `submit` then returns at once."""
@@ -452,7 +506,15 @@ class Engine:
             self._accept(r, logits[i], logp[i])
 
     def _accept(self, req: Request, logits: Any, logp: Any = None) -> None:
-        """Sample the next token of `req` from its logits [V] and check the stop conditions."""
+        """Sample the next token of `req` from its logits [V] and check the stop conditions. An
+        error here (a bad parameter that slipped through, a callback) fails this request only."""
+        try:
+            self._accept_token(req, logits, logp)
+        except Exception as e:
+            log.exception("choosing the next token of request %s failed", req.id)
+            self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
+    def _accept_token(self, req: Request, logits: Any, logp: Any) -> None:
         import torch
 
         if logp is None:
@@ -472,15 +534,18 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         self.stats["generated_tokens"] += 1
+        stop_token = token in req.stop_ids
+        text = req.detok.push(token) if req.detok is not None and not stop_token else ""
         if req.on_token is not None:
             try:
-                req.on_token(req, token, lp)
+                req.on_token(req, token, lp, text)
             except Exception:
                 log.exception("on_token callback failed; cancelling request %s", req.id)
                 req.cancel()
-        if token in req.stop_ids:
+        if stop_token:
             self._finish(req, "stop")
-        elif req.params.stop and self._hit_stop_string(req):
+        elif req.detok is not None and req.detok.stopped:
+            req.stop_string = req.detok.stop_string
             self._finish(req, "stop")
         elif len(req.output) >= req.params.max_new_tokens or req.cached + 1 >= self.slot_tokens:
             self._finish(req, "length")
@@ -488,37 +553,23 @@ class Engine:
             req.pending = token
 
     def _choose(self, req: Request, logits: Any) -> int:
-        import torch
+        from chatsmith.infer.sampling import apply_penalties, next_token
 
-        from chatsmith.infer.sampling import apply_repetition_penalty, next_token_probs
-
-        p = req.params
-        scores = logits
-        if p.repetition_penalty != 1.0:
-            scores = apply_repetition_penalty(scores, req.history, p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and req.counts:
-            # OpenAI's penalties over the generated tokens: logit -= count * frequency + presence.
-            ids = torch.tensor(list(req.counts), dtype=torch.long)
-            counts = torch.tensor(list(req.counts.values()), dtype=scores.dtype)
-            scores = scores.clone()
-            scores[ids] -= counts * p.frequency_penalty + p.presence_penalty
+        history = req.history if req.params.repetition_penalty != 1.0 else req.history[:0]
         if req.constraint is not None:
-            return self._choose_constrained(req, scores)
-        if p.greedy:
-            return int(scores.argmax())
-        probs = next_token_probs(scores, req.sample_params, req.history[:0])
-        return int(torch.multinomial(probs, 1, generator=req.generator))
+            return self._choose_constrained(req, apply_penalties(logits, req.params, history, req.counts))
+        return next_token(logits, req.params, history, req.generator, req.counts)
 
     def _choose_constrained(self, req: Request, scores: Any) -> int:
         """The most likely allowed token (greedy), or a draw among the allowed ones."""
         import torch
 
-        from chatsmith.infer.sampling import next_token_probs
+        from chatsmith.infer.sampling import warped_probs
 
         c = req.constraint
         if c.done:
             return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
-        probs = None if req.params.greedy else next_token_probs(scores, req.sample_params, req.history[:0])
+        probs = None if req.params.greedy else warped_probs(scores, req.params)
         values, order = (scores if probs is None else probs).sort(descending=True)
         values, order = values.tolist(), order.tolist()
         allowed: list[int] = []
@@ -539,25 +590,13 @@ class Engine:
         p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / len(allowed))
         return allowed[int(torch.multinomial(p, 1, generator=req.generator))]
 
-    def _hit_stop_string(self, req: Request) -> bool:
-        # Decode only the tail: a stop string is at most a few tokens long, so the last
-        # (longest stop + 8) tokens always contain a match that the newest token completed.
-        longest = max(len(s) for s in req.params.stop)
-        tail_ids = req.output[-(longest + 8):]
-        prev = self.tokenizer.decode(tail_ids[:-1], skip_special_tokens=True)
-        text = self.tokenizer.decode(tail_ids, skip_special_tokens=True)
-        for s in req.params.stop:
-            i = text.find(s)
-            if i >= 0 and s not in prev:
-                req.stop_string = s
-                return True
-        return False
-
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         if req.finished and req.done.is_set():
             return
         req.finish_reason = reason
         req.error = error
+        if req.detok is not None:
+            req.tail = req.detok.finish()
         req.finished_at = time.monotonic()
         req.prompt_logits = None
         if req in self._running:
@@ -576,3 +615,68 @@ class Engine:
             except Exception:
                 log.exception("on_finish callback failed for request %s", req.id)
         req.done.set()
+
+
+class Stream:
+    """The text of one request as it is generated; see `Engine.stream`. `request` is the engine's
+    Request (its output ids, finish reason and stop string once finished)."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.engine, self.request = engine, request
+        self._pieces: deque[str] = deque()
+        self._ready = threading.Condition()
+        self._ended = False   # set (under the lock) once the last piece, the held-back tail, is queued
+        previous_on_token, previous_on_finish = request.on_token, request.on_finish
+
+        def on_token(req: Request, token: int, logprob: float, text: str) -> None:
+            if previous_on_token is not None:
+                previous_on_token(req, token, logprob, text)
+            if text:
+                with self._ready:
+                    self._pieces.append(text)
+                    self._ready.notify_all()
+
+        def on_finish(req: Request) -> None:
+            if previous_on_finish is not None:
+                previous_on_finish(req)
+            with self._ready:
+                if req.tail:
+                    self._pieces.append(req.tail)
+                self._ended = True
+                self._ready.notify_all()
+
+        request.on_token, request.on_finish = on_token, on_finish
+
+    def cancel(self) -> None:
+        """End the answer after the current step (safe from a signal handler or another thread)."""
+        self.request.cancel()
+
+    def __iter__(self) -> Iterator[str]:
+        engine, req = self.engine, self.request
+        try:
+            while True:
+                with self._ready:
+                    while self._pieces:
+                        piece = self._pieces.popleft()
+                        self._ready.release()
+                        try:
+                            yield piece
+                        finally:
+                            self._ready.acquire()
+                    if self._ended and not self._pieces:
+                        return
+                    threaded = engine._thread is not None and engine._thread.is_alive()
+                    if threaded:
+                        self._ready.wait(timeout=0.5)
+                        continue
+                engine.step_once()
+        finally:
+            if not req.done.is_set():   # the caller stopped iterating early: free the slot
+                req.cancel()
+                if not (engine._thread is not None and engine._thread.is_alive()):
+                    while not req.done.is_set():
+                        engine.step_once()
+
+    def completion(self) -> Completion:
+        """The finished request's Completion (iterate first)."""
+        return self.request.completion()

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith.errors import ChatsmithError
+from chatsmith.infer.int8 import REDUCE_RANGE, SMOOTH_ALPHA, Int8Linear, effective_linear
+from chatsmith.infer.lora import LoraAdapter, add_lora_deltas
 
-REDUCE_RANGE = True
-SMOOTH_ALPHA = 0.8  # measured on smollm2-135m: mean KL(fp32 || int8) 0.17 without smoothing, 0.06 with
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
 
@@ -57,135 +57,11 @@ def supports_fast_path(model: Any) -> bool:
     return not hasattr(attn, "q_norm") and all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
 
 
-def effective_linear(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [out, in], bias [out] or None) that `module(x)` applies in eval mode.
-
-    Read by probing the module with an identity matrix, so a PEFT LoRA/DoRA wrapper (whose
-    adapters may be active, unmerged) yields its merged weight without knowing its internals.
-    """
-    first = next(module.parameters())
-    n_in = module.in_features if hasattr(module, "in_features") else first.shape[1]
-    eye = torch.eye(n_in, dtype=torch.float32, device=first.device)
-    zero = torch.zeros(1, n_in, dtype=torch.float32, device=first.device)
-    b = module(zero.to(first.dtype)).float()[0]
-    w = (module(eye.to(first.dtype)).float() - b).t().contiguous()
-    has_bias = getattr(module, "bias", None) is not None or bool(b.abs().max() > 0)
-    return w, (b if has_bias else None)
-
-
-class Int8Linear:
-    """y = x W^T + b with W in int8 (one scale per output row) and x quantized per row.
-
-    The matmul is fbgemm's dynamic int8 kernel (`quantized::linear_dynamic`), 5-10x faster than
-    fp32 on AVX2 CPUs at batch 1 because it reads a quarter of the bytes. That kernel quantizes the
-    whole input with one scale, which would make a row's result depend on the other rows; so each
-    row is first scaled to max |x| = 1 and a constant row [1, -1, 0, ...] is put in front, pinning
-    the quantization range to [-1, 1] whatever the batch holds. Integer accumulation is then exact
-    and every row's output is independent of the batch.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_scale: torch.Tensor | None = None) -> None:
-        import warnings
-
-        w = weight.float()
-        scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
-        zero_points = torch.zeros(w.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch 2.13, still the fast path
-            wq = torch.quantize_per_channel(w, scale.double(), zero_points, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(wq, None)
-        self.bias = bias.float() if bias is not None else None
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self.buf = torch.zeros(0, self.in_features)
-        # The RMSNorm weight in front of this layer, applied to x before quantization: folding it
-        # into W instead would let channels the norm shrinks set the activations' int8 grid.
-        self.in_scale = in_scale
-
-    def unit(self, x2: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """(x2 / m) W^T for x2 [N, in] and m [N, 1] = max |x2| per row (no bias)."""
-        n = x2.shape[0]
-        if self.buf.shape[0] < n + 1:
-            self.buf = torch.zeros(max(n + 1, 2 * self.buf.shape[0], 17), self.in_features)
-            self.buf[0, 0], self.buf[0, 1] = 1.0, -1.0  # the pinning row
-        buf = self.buf[: n + 1]
-        torch.div(x2, m, out=buf[1:])
-        return torch.ops.quantized.linear_dynamic(buf, self.packed, REDUCE_RANGE)[1:]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self.in_scale is not None:
-            x2 = x2 * self.in_scale
-        m = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
-        y = self.unit(x2, m) * m
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
-
-    def after_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        """linear(rms_norm(x)), with sqrt(hidden) folded into W's columns and the norm weight in `in_scale`.
-
-        rms_norm(x) = x sqrt(H) / sqrt(|x|^2 + H eps) * w: the division is a per-row scalar, which
-        the per-row quantization takes out anyway, so it is applied to the output instead:
-        y = (xw / max|xw|) W'^T * max|xw| / hypot(|x|, sqrt(H eps)) with xw = x * w.
-        """
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        n2 = torch.linalg.vector_norm(x2, 2, dim=-1, keepdim=True)
-        xw = x2 * self.in_scale if self.in_scale is not None else x2
-        m = torch.linalg.vector_norm(xw, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
-        y = self.unit(xw, m) * (m / torch.hypot(n2, torch.tensor(math.sqrt(shape[-1] * eps))))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
-
-
-class _Adapter:
-    """One LoRA adapter: per target linear name, (A [r, in], B [out, r], scale)."""
-
-    def __init__(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        self.name, self.weights = name, weights
-
-
-def load_lora_adapter(name: str, path: str, n_layers: int) -> _Adapter:
-    """Read a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    d = Path(path)
-    cfg_file, weights_file = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise ChatsmithError(f"--lora {name}={path}: expected a PEFT adapter directory with adapter_config.json "
-                             "and adapter_model.safetensors (what `chatsmith sft --method lora` saves)")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise ChatsmithError(f"--lora {name}={path}: only plain LoRA adapters can be served by name "
-                             f"(this one is {cfg.get('peft_type')}{', DoRA' if cfg.get('use_dora') else ''}); "
-                             "merge it into the model instead and serve the merged directory")
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    tensors = load_file(str(weights_file))
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight -> layers.3.self_attn.q_proj
-        target = key.split(".lora_A.")[0]
-        target = target[target.index("layers."):] if "layers." in target else target.rsplit(".", 1)[-1]
-        out[target] = (a.float(), b.float(), scale)
-    if not out:
-        raise ChatsmithError(f"--lora {name}={path}: the adapter holds no LoRA weights")
-    return _Adapter(name, out)
-
-
 class LlamaRunner:
     """Lean batched decode for Llama-family models; see the module docstring."""
 
     def __init__(self, model: Any, *, max_batch_size: int, slot_tokens: int, precision: str = "module",
-                 adapters: dict[str, _Adapter] | None = None, calibration_ids: list[int] | None = None,
+                 adapters: dict[str, LoraAdapter] | None = None, calibration_ids: list[int] | None = None,
                  native: bool = True) -> None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -348,9 +224,6 @@ class LlamaRunner:
         self.v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         self.allocated = self.slot_tokens
 
-    def free(self) -> None:
-        self.k, self.v, self.allocated = [], [], 0
-
     def release(self, slot: int) -> None:
         pass  # the slot's rows are overwritten by the next sequence's prefill
 
@@ -367,19 +240,8 @@ class LlamaRunner:
         fn = self.layers[layer_idx][name]
         out = fn(x)
         out = list(out) if isinstance(out, (list, tuple)) else [out]
-        if not self.adapters or not any(adapters):
-            return out
-        parts = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}[name]
-        for row, adapter_name in enumerate(adapters):
-            if adapter_name is None:
-                continue
-            ad = self.adapters[adapter_name]
-            for j, part in enumerate(parts):
-                w = ad.weights.get(f"layers.{layer_idx}.{part}")
-                if w is not None:
-                    a, b, scale = w
-                    out[j][row] = out[j][row] + (x[row] @ a.t() @ b.t()) * scale
+        if self.adapters and any(adapters):
+            add_lora_deltas(out, x, layer_idx, name, self.adapters, adapters)
         return out
 
     def _run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend: Any,
@@ -408,25 +270,10 @@ class LlamaRunner:
 
     def _add_adapters(self, i: int, name: str, x: torch.Tensor, out: torch.Tensor,
                       adapters: list[str | None]) -> torch.Tensor:
-        """Add each row's LoRA delta (x A^T B^T * scale) into the fused projection output [B, T, out]."""
-        if not self.adapters or not any(adapters):
-            return out
-        parts = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
-                 "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}[name]
-        sizes = self.sizes[name]
-        for row, adapter_name in enumerate(adapters):
-            if adapter_name is None:
-                continue
-            ad = self.adapters[adapter_name]
-            start = 0
-            for part, size in zip(parts, sizes):
-                w = ad.weights.get(f"layers.{i}.{part}")
-                if w is not None:
-                    a, b, scale = w
-                    if part == "self_attn.q_proj":
-                        scale = scale * self.q_scale  # q rows carry the attention scale in int8 mode
-                    out[row, :, start: start + size] += (x[row] @ a.t() @ b.t()) * scale
-                start += size
+        """Add each row's LoRA delta into the fused projection output [B, T, out] (q rows carry the
+        attention scale in int8 mode)."""
+        if self.adapters and any(adapters):
+            add_lora_deltas([out], x, i, name, self.adapters, adapters, q_scale=self.q_scale, sizes=self.sizes[name])
         return out
 
     def _rope_int8(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,9 +415,6 @@ class ModuleRunner:
 
     def sync_weights(self) -> None:
         pass
-
-    def free(self) -> None:
-        self.caches = {}
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)

@@ -2,7 +2,9 @@
 
 The processing order is Hugging Face's (`transformers.generation.utils._get_logits_processor`):
 repetition penalty, then temperature, top-k, top-p, min-p. Keeping that order means a user's
-settings behave here as they do in `model.generate`, and the parity test can check it.
+settings behave here as they do in `model.generate`, and the parity test can check it. OpenAI's
+presence and frequency penalties (over the generated tokens only) come right after the repetition
+penalty, before the temperature, as in vLLM.
 
 torch is imported inside the functions, not at module level, so `SamplingParams` can be imported
 by the CLI without loading torch (STYLE.md, principle 6).
@@ -19,19 +21,20 @@ from chatsmith.errors import ChatsmithError
 if TYPE_CHECKING:
     import torch
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to choose each new token. Field metadata holds the `--flag` help text."""
 
-    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 means greedy (always the most likely token)"})
+    temperature: float = field(default=0.7, metadata={"help": "softmax temperature; 0 (or below 1e-5) means greedy (always the most likely token)"})
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling: keep the smallest set of tokens whose probability adds up to at least this (1: off)"})
     top_k: int = field(default=0, metadata={"help": "keep only the K most likely tokens (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "drop tokens less likely than this fraction of the most likely token (0: off)"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "divide positive logits (multiply negative ones) of tokens already in the prompt or answer by this (1: off)"})
     max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens"})
     seed: int | None = field(default=None, metadata={"help": "random seed; the same seed gives the same answer"})
-    # Used by the batched engine (chatsmith.infer.engine) and the server; `stream_generate` ignores them.
     presence_penalty: float = field(default=0.0, metadata={"help": "subtract this from the logit of every token already generated (OpenAI semantics; 0: off)"})
     frequency_penalty: float = field(default=0.0, metadata={"help": "subtract this times the count of each token already generated (0: off)"})
     stop: list[str] = field(default_factory=list, metadata={"help": "end generation when the text contains one of these strings"})
@@ -74,7 +77,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether the most likely token is always chosen. Temperatures below MIN_TEMPERATURE count as
+        0: dividing logits by them overflows float32 (1e-40 would turn every logit into inf)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def _is_number(x: object) -> bool:
@@ -103,16 +108,26 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(0, history, seen)
 
 
-def next_token_probs(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor) -> torch.Tensor:
-    """The distribution the next token is drawn from: float32 [vocab], summing to 1.
-
-    Greedy (temperature 0) gives a one-hot at the arg-max of the penalised logits.
-    """
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
+                    counts: dict[int, int] | None = None) -> torch.Tensor:
+    """The repetition penalty over `history` (prompt and answer so far), then OpenAI's penalties
+    over `counts` (generated token -> times generated): logit -= count * frequency + presence.
+    Returns float32 [vocab]; the input is not modified."""
     import torch
 
     scores = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
-    if params.greedy:
-        return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
+    if (params.presence_penalty or params.frequency_penalty) and counts:
+        ids = torch.tensor(list(counts), dtype=torch.long, device=scores.device)
+        n = torch.tensor(list(counts.values()), dtype=scores.dtype, device=scores.device)
+        scores = scores.clone() if scores is logits else scores
+        scores[ids] -= n * params.frequency_penalty + params.presence_penalty
+    return scores
+
+
+def warped_probs(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p applied to penalised logits: float32 probabilities [vocab]."""
+    import torch
+
     scores = scores / params.temperature
     neg_inf = float("-inf")
     if 0 < params.top_k < scores.shape[-1]:
@@ -137,18 +152,31 @@ def next_token_probs(logits: torch.Tensor, params: SamplingParams, history: torc
     return scores.softmax(-1)
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
-               generator: torch.Generator | None) -> int:
-    """Choose the next token id from one step's logits [vocab].
+def next_token_probs(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
+                     counts: dict[int, int] | None = None) -> torch.Tensor:
+    """The distribution the next token is drawn from: float32 [vocab], summing to 1.
 
-    `history` holds the prompt and generated ids so far (1-D), used only by the repetition
-    penalty. Pure apart from drawing from `generator` (None: torch's global generator);
-    greedy decoding draws nothing.
+    Greedy (temperature 0) gives a one-hot at the arg-max of the penalised logits.
     """
     import torch
 
+    scores = apply_penalties(logits, params, history, counts)
     if params.greedy:
-        # Skip the one-hot: arg-max of the penalised logits directly.
-        return int(apply_repetition_penalty(logits.float(), history, params.repetition_penalty).argmax())
-    probs = next_token_probs(logits, params, history)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return torch.nn.functional.one_hot(scores.argmax(), scores.shape[-1]).float()
+    return warped_probs(scores, params)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor,
+               generator: torch.Generator | None, counts: dict[int, int] | None = None) -> int:
+    """Choose the next token id from one step's logits [vocab].
+
+    `history` holds the prompt and generated ids so far (1-D), used by the repetition penalty;
+    `counts` the generated ids' counts, used by the presence/frequency penalties. Pure apart from
+    drawing from `generator` (None: torch's global generator); greedy decoding draws nothing.
+    """
+    import torch
+
+    scores = apply_penalties(logits, params, history, counts)
+    if params.greedy:
+        return int(scores.argmax())
+    return int(torch.multinomial(warped_probs(scores, params), 1, generator=generator))

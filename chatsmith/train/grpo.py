@@ -50,15 +50,18 @@ def grpo_loss(model: Any, batch: dict[str, Any], *, clip_eps: float, clip_eps_hi
 
 def grpo_rollout(engine: Any, policy: Any, ref: Any, prompts: list[Any], *, params: Any, group_size: int,
                  stop_ids: set[int], score: Callable[[list[Any]], dict[str, float]], estimator: str = "grpo",
-                 scale_rewards: bool = True, kl_coef: float = 0.0, tokenizer: Any = None) -> tuple[list[Any], dict[str, float]]:
+                 scale_rewards: bool = True, kl_coef: float = 0.0,
+                 first_sequence: int = 0) -> tuple[list[Any], dict[str, float]]:
     """Sample G completions per prompt with the current policy, score them (`score` fills each
     episode's reward and returns component means), and attach group advantages and, when
-    kl_coef > 0, reference log-probs. Returns (episodes, rollout metrics)."""
+    kl_coef > 0, reference log-probs. Returns (episodes, rollout metrics over every process).
+    `first_sequence`: this process's first sequence in the whole rollout (it fixes the seeds)."""
     from chatsmith.train.losses import group_advantages
-    from chatsmith.train.rollout import generate_episodes, reference_logprobs
+    from chatsmith.train.rollout import episode_stats, generate_episodes, reference_logprobs
 
     t0 = time.perf_counter()
-    episodes = generate_episodes(engine, tokenizer, prompts, group_size=group_size, params=params, stop_ids=stop_ids)
+    episodes = generate_episodes(engine, prompts, group_size=group_size, params=params, stop_ids=stop_ids,
+                                 first_sequence=first_sequence)
     gen_s = time.perf_counter() - t0
     parts = score(episodes)
     r = torch.tensor([e.reward for e in episodes])
@@ -68,35 +71,31 @@ def grpo_rollout(engine: Any, policy: Any, ref: Any, prompts: list[Any], *, para
     if kl_coef > 0:
         for e, lp in zip(episodes, reference_logprobs(policy, ref, episodes)):
             e.ref_logprobs = lp
-    lengths = [len(e.completion_ids) for e in episodes]
-    groups = r.view(-1, group_size)
-    return episodes, {
-        "reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
-        "response_length": sum(lengths) / len(lengths),
-        "stopped_frac": sum(e.finish_reason == "stop" for e in episodes) / len(episodes),
-        # Groups whose completions all scored the same give zero advantage: no learning signal.
-        "zero_std_groups": float((groups.std(dim=1) == 0).float().mean()),
-        "generation_time_s": gen_s, "gen_tokens_per_s": sum(lengths) / max(gen_s, 1e-9),
-        **parts,
-    }
+    generated = sum(len(e.completion_ids) for e in episodes)
+    return episodes, {**episode_stats(episodes, parts, group_size),
+                      "generation_time_s": gen_s, "gen_tokens_per_s": generated / max(gen_s, 1e-9)}
 
 
 def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: list[Any], *, steps: int,
-                 score: Callable[[list[Any]], dict[str, float]], run: Path, stop_ids: set[int], tokenizer: Any = None,
-                 evaluate: Callable[[], dict[str, Any]] | None = None) -> tuple[Any, Any]:
-    """The one training loop wired to GRPO rollouts: returns (Trainer, RolloutBatches)."""
+                 score: Callable[[list[Any]], dict[str, float]], run: Path, stop_ids: set[int],
+                 extra_metrics: Callable[[int], dict[str, float]] | None = None) -> tuple[Any, Any]:
+    """The one training loop wired to GRPO rollouts: returns (Trainer, RolloutBatches). With P
+    processes, each rollout takes batch_size x P prompts and this process generates its share."""
     from chatsmith.infer.sampling import SamplingParams
     from chatsmith.models.attention import segment_attention_enabled
+    from chatsmith.train.dist import rank, world_size
     from chatsmith.train.loop import Objective, Trainer
-    from chatsmith.train.rollout import RLBatchSpec, RolloutBatches, prompt_order
+    from chatsmith.train.rl_batches import RLBatchSpec, RolloutBatches
+    from chatsmith.train.rollout import prompt_order
 
     def make_rollout(index: int) -> tuple[list, dict[str, float]]:
-        chosen = [prompts[i] for i in prompt_order(len(prompts), index, cfg.batch_size, cfg.seed)]
+        chosen = [prompts[i] for i in prompt_order(len(prompts), index, cfg.batch_size, cfg.seed,
+                                                   processes=world_size(), rank=rank())]
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 100_003 + index)
         return grpo_rollout(engine, model, ref, chosen, params=params, group_size=cfg.group_size, stop_ids=stop_ids,
                             score=score, estimator=cfg.estimator, scale_rewards=cfg.scale_rewards,
-                            kl_coef=cfg.kl_coef, tokenizer=tokenizer)
+                            kl_coef=cfg.kl_coef, first_sequence=rank() * cfg.batch_size * cfg.group_size)
 
     # The G answers of a prompt share one copy of it in the training row (segment attention).
     spec = RLBatchSpec(cfg.loss_aggregation, cfg.max_new_tokens, share_prompts=segment_attention_enabled(model))
@@ -104,12 +103,8 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
                             ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches, grad_accum=cfg.grad_accum,
                             seed=cfg.seed, after_update=engine.sync_weights)
 
-    def extra_metrics() -> dict[str, float]:
-        out = source.metrics()
-        done = source.step + 1
-        if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-            out.update({k: v for k, v in evaluate().items() if k != "samples"})
-        return out
+    def metrics(done: int) -> dict[str, float]:
+        return {**source.metrics(), **(extra_metrics(done) if extra_metrics else {})}
 
     objective = Objective("grpo" if cfg.estimator == "grpo" else "rloo",
                           partial(grpo_loss, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
@@ -117,73 +112,30 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
                                   max_new_tokens=cfg.max_new_tokens),
                           collate=lambda x: x, unit="sequences")
     trainer = Trainer(model=model, objective=objective, train_examples=[], plan=[[[]]] * steps, cfg=cfg, run_dir=run,
-                      extra_metrics=extra_metrics, batch_source=source)
+                      extra_metrics=metrics, batch_source=source)
     return trainer, source
 
 
 def run_grpo(cfg: GRPOConfig) -> Path:
     """Train and write the run directory (metrics.jsonl, rl.png, summary.json, final/)."""
-    from transformers import set_seed
-
-    from chatsmith.data.template import stop_token_ids
-    from chatsmith.eval.rewards import load_rewards
     from chatsmith.models.adapters import trainable_parameters
     from chatsmith.models.attention import disable_segment_attention
     from chatsmith.models.saving import save_final
-    from chatsmith.train.prepare import prepare_run_dir, say, write_json
-    from chatsmith.train.rollout import (
-        append_metrics,
-        evaluate_prompts,
-        load_policy,
-        load_prompt_records,
-        make_engine,
-        plot_rl_metrics,
-        prompt_text,
-        render_prompt_splits,
-        score_episodes,
-        total_steps,
-    )
+    from chatsmith.train.dist import is_main
+    from chatsmith.train.prepare import say, write_json
+    from chatsmith.train.rl import describe_prompts, periodic_evaluation, prepare_rl, rl_summary, train_rl
 
-    set_seed(cfg.seed)
-    rewards = load_rewards(cfg.reward)   # fail on a bad --reward before loading anything heavy
-    train_records, held_records = load_prompt_records(cfg)
-    run = prepare_run_dir(cfg)
-    model, tokenizer, ref = load_policy(cfg, need_reference=cfg.kl_coef > 0)
-    stops = stop_token_ids(tokenizer, cfg.template)
-    prompts, held, dropped, limit = render_prompt_splits(cfg, tokenizer, train_records, held_records)
-    steps = total_steps(cfg, len(prompts))
-    n_train, n_total = trainable_parameters(model)
-    say(f"{len(prompts)} training prompts ({dropped} longer than {limit} tokens dropped), {len(held)} held out; "
-        f"method {cfg.method}: training {n_train:,} of {n_total:,} parameters; {steps} steps of "
-        f"{cfg.batch_size} prompts x {cfg.group_size} completions ({cfg.estimator})")
-    engine = make_engine(model, tokenizer, max_batch_size=cfg.generation_batch_size)
-    evaluate = partial(evaluate_prompts, engine, tokenizer, rewards, held, max_new_tokens=cfg.max_new_tokens,
-                       stop_ids=stops)
+    setup = prepare_rl(cfg, need_reference=cfg.kl_coef > 0)
+    n_train, n_total = trainable_parameters(setup.model)
+    say(f"{describe_prompts(setup)}; method {cfg.method}: training {n_train:,} of {n_total:,} parameters; "
+        f"{setup.steps} steps of {cfg.batch_size} prompts x {cfg.group_size} completions ({cfg.estimator})")
     trainer, source = grpo_trainer(
-        cfg, model, ref, engine, prompts, steps=steps, run=run, stop_ids=stops, tokenizer=tokenizer,
-        score=lambda eps: score_episodes(rewards, eps, [prompt_text(e) for e in eps]),
-        evaluate=evaluate if held else None)
-    t0 = time.perf_counter()
-    before = evaluate(samples=3) if held else {}
-    eval_s = time.perf_counter() - t0
-    if before:
-        say(f"held-out before: reward {before['eval_reward']:.3f} on {before['eval_prompts']} prompts")
-        if not cfg.resume:   # step 0 of the curve: the policy before any update
-            append_metrics(trainer, {"step": 0, **{k: v for k, v in before.items() if k != "samples"}})
-    t1 = time.perf_counter()
-    result = trainer.fit()
-    train_s = time.perf_counter() - t1
-    after = evaluate(samples=3) if held else {}
-    if after:
-        say(f"held-out after:  reward {after['eval_reward']:.3f} (before {before['eval_reward']:.3f})")
-        append_metrics(trainer, {"step": steps, **{k: v for k, v in after.items() if k != "samples"}})
-    plot_rl_metrics(trainer.history, run / "rl.png", f"{trainer.objective.name}: {run.name}")
-    disable_segment_attention(trainer.unwrapped())
-    save_final(trainer.unwrapped(), tokenizer, cfg, run)
-    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_prompts": len(prompts),
-               "heldout_prompts": len(held), "dropped_prompts": dropped, "rollouts": source.rollouts,
-               "train_time_s": train_s, "eval_time_s": eval_s, "before": before, "after": after,
-               "final": result.final_metrics}
-    write_json(run / "summary.json", summary)
-    say(f"done: {run}/final  (chat with it: chatsmith chat {run})")
-    return run
+        cfg, setup.model, setup.ref, setup.engine, setup.prompts, steps=setup.steps, run=setup.run,
+        stop_ids=setup.stops, score=setup.score, extra_metrics=periodic_evaluation(setup))
+    result, before, after = train_rl(setup, trainer, trainer.objective.name)
+    if is_main():
+        disable_segment_attention(trainer.unwrapped())
+        save_final(trainer.unwrapped(), setup.tokenizer, cfg, setup.run)
+        write_json(setup.run / "summary.json", rl_summary(setup, result, before, after, source.rollouts))
+    say(f"done: {setup.run}/final  (chat with it: chatsmith chat {setup.run})")
+    return setup.run

@@ -4,8 +4,15 @@ live here once (STYLE.md, principle 2). Devices, precision, distribution, checkp
 TensorBoard come from accelerate.
 
 Loss normalisation: an objective returns a SUM over its units (target tokens, pairs...). The loop
-divides by the number of units in the whole optimizer step (known in advance from the plan), so
-batch 8 x 1 accumulation and batch 2 x 4 accumulation produce the same gradient.
+divides by the number of units in the whole optimizer step, summed over every micro-batch of every
+process, so batch 8 x 1 accumulation, batch 2 x 4 accumulation and 2 processes x batch 4 produce
+the same gradient.
+
+Several processes (`accelerate launch`): each optimizer step of the plan holds `grad_accum x
+processes` micro-batches (train/plan.py), and process r runs micro-batches r, r + P, r + 2P, ...:
+whole micro-batches of distinct data, the same number on every process, so every process calls
+backward equally often. With a `batch_source` (RL) each process makes its own micro-batches. Only
+the main process writes files.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +32,7 @@ from typing import Any
 import torch
 
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.dist import all_sum
 from chatsmith.train.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,9 @@ class Objective:
 
 @dataclass
 class LoopResult:
+    """What `Trainer.fit` returns: steps run, the last step's metrics, the last evaluation's, and the
+    step a resumed run started from (None when it started afresh)."""
+
     steps: int
     final_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
@@ -61,6 +71,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run (checkpoints/step-N), or None."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return None
@@ -69,6 +80,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def precision_mode(precision: str) -> str:
+    """accelerate's mixed_precision for a --precision value: "no" (fp32), "bf16" or "fp16"."""
     if precision == "fp32":
         return "no"
     if precision in ("bf16", "fp16"):
@@ -81,12 +93,19 @@ def precision_mode(precision: str) -> str:
 
 
 class Trainer:
+    """The one training loop: `fit()` runs the plan's optimizer steps on `model` with `objective`.
+
+    `extra_metrics(steps_done)` adds numbers to each step's record; `batch_source(step)` makes a step's
+    collated micro-batches on the fly (RL rollouts; the plan then only fixes the number of steps);
+    `checkpoint_objects` (each with state_dict/load_state_dict) are saved in every checkpoint and
+    restored on resume, beside the weights, optimizer, scheduler and random states.
+    """
+
     def __init__(self, *, model: Any, objective: Objective, train_examples: Sequence[Any], plan: Plan,
                  cfg: Any, run_dir: Path, eval_examples: Sequence[Any] = (), eval_batch_size: int | None = None,
-                 extra_metrics: Callable[[], dict[str, float]] | None = None,
-                 batch_source: Callable[[int], list[dict[str, Any]]] | None = None) -> None:
-        """batch_source(step) -> that step's collated micro-batches, for stages whose batches are
-        made on the fly (RL rollouts); the plan then only fixes the number of steps."""
+                 extra_metrics: Callable[[int], dict[str, float]] | None = None,
+                 batch_source: Callable[[int], list[dict[str, Any]]] | None = None,
+                 checkpoint_objects: Sequence[Any] = ()) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -100,10 +119,17 @@ class Trainer:
         self.extra_metrics = extra_metrics
         self.batch_source = batch_source
         self.accelerator = Accelerator(
+            # Without a GPU, processes launched by `accelerate launch`/torchrun train together over gloo
+            # (accelerate only does so when told the run is a CPU one).
+            cpu=not torch.cuda.is_available(),
             mixed_precision=precision_mode(cfg.precision),
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tb")),
         )
+        world = self.accelerator.num_processes
+        if batch_source is None and any(len(step) % world for step in plan):
+            raise ChatsmithError(f"the plan's steps must hold a multiple of {world} micro-batches (one share per "
+                                 "process); build it with plan_steps(..., processes=world_size())")
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
@@ -122,6 +148,8 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         # Checkpoints hold only what trains (a LoRA checkpoint is megabytes, not the whole base).
         self.accelerator.register_save_state_pre_hook(self._keep_trainable_weights)
+        for obj in checkpoint_objects:
+            self.accelerator.register_for_checkpointing(obj)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.history: list[dict[str, float]] = []
 
@@ -139,7 +167,9 @@ class Trainer:
         tmp = root / f".tmp-step-{step:06d}"
         if self.accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()   # the main process has cleared tmp before anyone writes
         self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()   # every process has written its part before the rename
         if self.accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, "total_steps": len(self.plan)}))
             if final.exists():
@@ -167,6 +197,14 @@ class Trainer:
         return step
 
     # -- logging ---------------------------------------------------------------------------------
+    def append_record(self, record: dict[str, Any]) -> None:
+        """Add a record to the history and metrics.jsonl without TensorBoard (e.g. a held-out
+        evaluation before the first step or after the last)."""
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
         if self.accelerator.is_main_process:
@@ -177,20 +215,29 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """The objective's mean loss (and per-unit metrics) on the held-out examples: each process
+        takes every P-th batch with the unwrapped model (no collective in a forward), then the sums
+        are added up over processes."""
         if not self.eval_examples:
             return {}
-        self.model.eval()
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        model.eval()
         total, units, sums = 0.0, 0, {}
-        for i in range(0, len(self.eval_examples), self.eval_batch_size):
+        starts = range(0, len(self.eval_examples), self.eval_batch_size)
+        for n, i in enumerate(starts):
+            if n % acc.num_processes != acc.process_index:
+                continue
             batch = self.objective.collate(list(self.eval_examples[i:i + self.eval_batch_size]))
             if batch["n_targets"] == 0:
                 continue
-            loss_sum, extra = self.objective.loss(self.model, _to_device(batch, self.accelerator.device))
+            loss_sum, extra = self.objective.loss(model, _to_device(batch, acc.device))
             total += float(loss_sum)
             units += batch["n_targets"]
             for k, v in extra.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        self.model.train()
+        model.train()
+        total, units, sums = _sum_over_processes(total, units, sums)
         if units == 0:
             return {}
         out = {"eval_loss": total / units}
@@ -201,6 +248,8 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> LoopResult:
+        """Run the remaining steps (from the last checkpoint with cfg.resume), evaluate, checkpoint,
+        plot; returns the LoopResult. Ctrl-C saves a checkpoint and says how to continue."""
         from tqdm.auto import tqdm
 
         acc = self.accelerator
@@ -220,22 +269,22 @@ class Trainer:
         step = start
         try:
             for step in range(start, len(self.plan)):
-                micro = self.plan[step]
                 t0 = time.perf_counter()
+                if self.batch_source is not None:   # this process's micro-batches, made now
+                    mine = self.batch_source(step)
+                else:                               # this process's share of the step's micro-batches
+                    mine = [self.objective.collate([self.train_examples[i] for i in mb])
+                            for mb in self.plan[step][acc.process_index::world]]
                 # Units in the whole step across all processes: the loss denominator.
-                if self.batch_source is not None:
-                    batches = self.batch_source(step)
-                else:
-                    batches = [self.objective.collate([self.train_examples[i] for i in mb]) for mb in micro]
-                denom = sum(b["n_targets"] for b in batches)
-                mine = batches[acc.process_index::world]
-                loss_total = torch.zeros((), device=acc.device)
+                local_units = sum(b["n_targets"] for b in mine)
+                denom = all_sum([local_units])[0] if world > 1 else local_units
+                loss_total = 0.0
                 sums: dict[str, float] = {}
                 n_tokens = 0
                 for j, batch in enumerate(mine):
                     n_tokens += batch["n_tokens"]
-                    if batch["n_targets"] == 0:
-                        continue
+                    if batch["n_targets"] == 0 and world == 1:
+                        continue   # nothing to learn; with several processes every one must still call backward
                     batch = _to_device(batch, acc.device)
                     sync = j == len(mine) - 1
                     ctx = acc.no_sync(self.model) if (world > 1 and not sync) else _nullcontext()
@@ -243,9 +292,12 @@ class Trainer:
                         loss_sum, extra = self.objective.loss(self.model, batch)
                         # DDP averages gradients over processes; scale so the result is sum/denom.
                         acc.backward(loss_sum * world / max(denom, 1))
-                    loss_total += loss_sum.detach()
+                    loss_total += float(loss_sum.detach())
                     for k, v in extra.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
+                if world > 1:
+                    loss_total, n_tokens, sums = _sum_over_processes(loss_total, n_tokens, sums)
+                    n_tokens = int(n_tokens)
                 grad_norm = None
                 if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -253,17 +305,16 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 dt = time.perf_counter() - t0
-                tokens_seen += n_tokens * world
-                loss = float(acc.reduce(loss_total, reduction="sum")) / max(denom, 1)
+                tokens_seen += n_tokens
+                loss = loss_total / max(denom, 1)
                 last = {"step": step + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                        "tokens": n_tokens * world, "tokens_per_s": n_tokens * world / max(dt, 1e-9),
-                        "step_time_s": dt}
+                        "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 last.update({k: v / max(denom, 1) for k, v in sums.items()})
-                if self.extra_metrics:
-                    last.update(self.extra_metrics())
                 done = step + 1
+                if self.extra_metrics:
+                    last.update(self.extra_metrics(done))
                 if self.eval_examples and self.cfg.eval_every and done % self.cfg.eval_every == 0 and done < len(self.plan):
                     eval_metrics = self.evaluate()
                     last.update(eval_metrics)
@@ -274,9 +325,6 @@ class Trainer:
                 bar.update(1)
                 if self.cfg.save_every and done % self.cfg.save_every == 0 and done < len(self.plan):
                     self.save_checkpoint(done)
-                if os.environ.get("CHATSMITH_FAULT_KILL_AT_STEP") == str(done):
-                    # Fault injection for the crash-resume test: die like `kill -9` would.
-                    os.kill(os.getpid(), signal.SIGKILL)
         except KeyboardInterrupt:
             bar.close()
             path = self.save_checkpoint(step)
@@ -304,7 +352,19 @@ class Trainer:
         plot_metrics(records, self.run_dir / "loss.png", title=f"{self.objective.name}: {self.run_dir.name}")
 
     def unwrapped(self) -> Any:
+        """The trained model without accelerate's wrappers (what to save)."""
         return self.accelerator.unwrap_model(self.model)
+
+
+def _sum_over_processes(a: float, b: float, sums: dict[str, float]) -> tuple[float, float, dict[str, float]]:
+    """(a, b, sums) added up over all processes; a metric a process did not report counts as 0."""
+    from chatsmith.train.dist import all_gather, world_size
+
+    if world_size() == 1:
+        return a, b, sums
+    keys = sorted(set(all_gather(sorted(sums))))
+    a, b, *values = all_sum([a, b, *(sums.get(k, 0.0) for k in keys)])
+    return a, b, dict(zip(keys, values))
 
 
 class _nullcontext:

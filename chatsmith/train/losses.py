@@ -173,10 +173,15 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, gamma: float = 1
     return adv, adv + v
 
 
-def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over all elements (advantage whitening); shift_mean=False keeps the mean."""
+def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, mean: float | None = None,
+           var: float | None = None) -> torch.Tensor:
+    """(x - mean) / std over all elements (advantage whitening); shift_mean=False keeps the mean.
+    `mean`/`var` (biased) given: use them instead of x's own (e.g. those of every process's x)."""
     x = x.float()
-    mean, var = x.mean(), x.var(unbiased=False)
+    if mean is None or var is None:
+        mean, var = x.mean(), x.var(unbiased=False)
+    else:
+        mean, var = torch.tensor(mean), torch.tensor(var)
     out = (x - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
 

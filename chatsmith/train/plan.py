@@ -31,10 +31,16 @@ def epoch_micro_batches(lengths: list[int], batch_size: int, token_budget: int |
 
 
 def plan_steps(lengths: list[int], *, batch_size: int, grad_accum: int, max_steps: int, epochs: float,
-               seed: int, token_budget: int | None = None) -> Plan:
-    """The whole run's data order, fixed by the seed, so a resumed run sees the same batches."""
+               seed: int, token_budget: int | None = None, processes: int = 1) -> Plan:
+    """The whole run's data order, fixed by the seed, so a resumed run sees the same batches.
+
+    Each optimizer step holds `grad_accum x processes` micro-batches (process r runs the r-th,
+    (r+P)-th, ...), so P processes with accumulation A see exactly the micro-batches one process
+    with accumulation A x P sees, and an epoch is one pass over the data whatever P is.
+    """
     if not lengths:
         return []
+    grad_accum = grad_accum * max(1, processes)
     per_epoch = len(epoch_micro_batches(lengths, batch_size, token_budget, random.Random(seed)))
     if max_steps and max_steps > 0:
         total_steps = max_steps

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 
 def plot_metrics(records: list[dict], out: Path, title: str = "training") -> Path | None:
@@ -69,6 +71,40 @@ def plot_preference_metrics(run: Path, keys: list[str], title: str) -> Path | No
     fig.suptitle(f"{title}: {run.name}")
     fig.tight_layout()
     out = run / "rewards.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+RL_PANELS = [("reward_mean", "reward (mean of rollout)"), ("eval_reward", "held-out reward (greedy)"),
+             ("kl", "KL to reference"), ("entropy", "entropy"), ("value_loss", "value loss"),
+             ("clip_frac", "clip fraction"), ("response_length", "response length (tokens)"),
+             ("explained_variance", "explained variance"), ("loss", "loss")]
+
+
+def plot_rl_metrics(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """One small panel per logged RL metric."""
+    panels = [(k, label) for k, label in RL_PANELS if any(k in r for r in records)]
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, (k, label) in zip(axes.flat, panels):
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) < 30 else "-", ms=3, color="#17a")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out

@@ -25,6 +25,7 @@ import torch
 
 from chatsmith.config import PPOConfig
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.dist import unwrap
 from chatsmith.train.losses import (
     aggregate_token_loss,
     clipped_policy_loss,
@@ -42,10 +43,18 @@ class AdaptiveKLController:
         self.value, self.target, self.horizon = init, target, horizon
 
     def update(self, kl: float, n_episodes: int) -> float:
+        """Move the coefficient towards the target after a rollout of n_episodes with mean KL `kl`."""
         if self.target:
             error = max(-0.2, min(0.2, kl / self.target - 1.0))
             self.value *= 1.0 + error * n_episodes / self.horizon
         return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        """The coefficient, saved in every checkpoint (a resumed run continues from it)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
 
 
 @dataclass
@@ -71,6 +80,13 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(max(self.var, 1e-8))
 
+    def state_dict(self) -> dict[str, float]:
+        """The moments, saved in every checkpoint (a resumed run continues from them)."""
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
 
 def ppo_loss(model: Any, batch: dict[str, Any], *, clip_eps: float, clip_eps_high: float | None, value_clip: float,
              vf_coef: float, ent_coef: float, ptx_coef: float, aggregation: str,
@@ -93,7 +109,7 @@ def ppo_loss(model: Any, batch: dict[str, Any], *, clip_eps: float, clip_eps_hig
                "value_clip_frac": float(agg(vclipped)),
                "approx_kl_old": float(agg(0.5 * (logp.detach() - batch["old_logprobs"]) ** 2))}
     if ptx_coef > 0 and "ptx_input_ids" in batch:
-        policy = model.policy
+        policy = unwrap(model).policy
         out = policy(input_ids=batch["ptx_input_ids"], position_ids=batch["ptx_position_ids"],
                      logits_to_keep=batch["ptx_target_positions"], use_cache=False,
                      segment_bounds=batch["ptx_segment_bounds"])
@@ -105,7 +121,7 @@ def ppo_loss(model: Any, batch: dict[str, Any], *, clip_eps: float, clip_eps_hig
 
 def values_and_logprobs(model: Any, episodes: list[Any], chunk: int = 16) -> tuple[list[list[float]], list[list[float]]]:
     """Current policy log-probs and critic values of each episode's completion tokens (no gradient)."""
-    from chatsmith.train.rollout import RLBatchSpec, collate_episodes
+    from chatsmith.train.rl_batches import RLBatchSpec, collate_episodes
 
     dev = next(model.parameters()).device
     lps, vals = [], []
@@ -129,7 +145,10 @@ def ppo_targets(episodes: list[Any], scores: list[float], *, kl_coef: float, gam
                 whiten_advantages: bool) -> dict[str, float]:
     """Per-token rewards (score at the last token minus the KL penalty), GAE advantages and
     returns, written into the episodes (which already carry logprobs, ref_logprobs, values).
-    Returns the rollout's KL and explained-variance statistics."""
+    Returns the rollout's KL and explained-variance statistics. With several processes the
+    whitening and the statistics are over every process's episodes."""
+    from chatsmith.train.dist import all_sum
+
     kls, all_adv, all_ret, all_val = [], [], [], []
     for e, s in zip(episodes, scores):
         lp, ref, v = torch.tensor(e.logprobs), torch.tensor(e.ref_logprobs), torch.tensor(e.values)
@@ -142,27 +161,36 @@ def ppo_targets(episodes: list[Any], scores: list[float], *, kl_coef: float, gam
         all_adv.append(adv)
         all_ret.append(ret)
         all_val.append(v)
+    adv, ret, val = torch.cat(all_adv).double(), torch.cat(all_ret).double(), torch.cat(all_val).double()
+    err = ret - val
+    n, a1, a2, r1, r2, e1, e2, kl_sum, n_eps = all_sum(
+        [adv.numel(), float(adv.sum()), float((adv * adv).sum()), float(ret.sum()), float((ret * ret).sum()),
+         float(err.sum()), float((err * err).sum()), sum(kls), len(kls)])
     if whiten_advantages:
-        flat = whiten(torch.cat(all_adv))
+        mean = a1 / n
+        flat = whiten(adv.float(), mean=mean, var=max(a2 / n - mean * mean, 0.0))
         start = 0
         for e in episodes:
-            n = len(e.completion_ids)
-            e.advantages = flat[start:start + n].tolist()
-            start += n
-    ret, val = torch.cat(all_ret), torch.cat(all_val)
-    var = float(ret.var(unbiased=False))
-    explained = 1.0 - float((ret - val).var(unbiased=False)) / var if var > 1e-12 else 0.0
-    return {"kl": sum(kls) / len(kls), "explained_variance": explained}
+            k = len(e.completion_ids)
+            e.advantages = flat[start:start + k].tolist()
+            start += k
+    var = r2 / n - (r1 / n) ** 2
+    explained = 1.0 - (e2 / n - (e1 / n) ** 2) / var if var > 1e-12 else 0.0
+    return {"kl": kl_sum / n_eps, "explained_variance": explained}
 
 
 def ppo_rollout(engine: Any, model: Any, ref: Any, prompts: list[Any], *, params: Any, stop_ids: set[int],
                 score: Callable[[list[Any]], dict[str, float]], cfg: PPOConfig, kl_ctl: AdaptiveKLController,
-                moments: RunningMoments, tokenizer: Any = None) -> tuple[list[Any], dict[str, float]]:
-    """Generate, score, evaluate critic and reference, build PPO targets; update the KL coefficient."""
-    from chatsmith.train.rollout import generate_episodes, reference_logprobs
+                moments: RunningMoments, first_sequence: int = 0) -> tuple[list[Any], dict[str, float]]:
+    """Generate, score, evaluate critic and reference, build PPO targets; update the KL coefficient.
+    With several processes the reward moments, the KL coefficient and the statistics follow every
+    process's episodes (`first_sequence`: this process's first sequence of the rollout)."""
+    from chatsmith.train.dist import all_gather, world_size
+    from chatsmith.train.rollout import episode_stats, generate_episodes, reference_logprobs
 
     t0 = time.perf_counter()
-    episodes = generate_episodes(engine, tokenizer, prompts, group_size=1, params=params, stop_ids=stop_ids)
+    episodes = generate_episodes(engine, prompts, group_size=1, params=params, stop_ids=stop_ids,
+                                 first_sequence=first_sequence)
     gen_s = time.perf_counter() - t0
     parts = score(episodes)
     raw = [e.reward for e in episodes]
@@ -174,22 +202,17 @@ def ppo_rollout(engine: Any, model: Any, ref: Any, prompts: list[Any], *, params
         e.logprobs, e.values, e.ref_logprobs = lp, v, r
     scores = list(raw)
     if cfg.reward_norm:
-        moments.update(raw)
+        moments.update(all_gather(raw))   # the same update on every process
         scores = [(s - moments.mean) / moments.std for s in raw]
     if cfg.reward_clip > 0:
         scores = [max(-cfg.reward_clip, min(cfg.reward_clip, s)) for s in scores]
     coef = kl_ctl.value
     stats = ppo_targets(episodes, scores, kl_coef=coef, gamma=cfg.gamma, lam=cfg.lam,
                         whiten_advantages=cfg.whiten_advantages)
-    kl_ctl.update(stats["kl"], len(episodes))
-    r = torch.tensor(raw)
-    lengths = [len(e.completion_ids) for e in episodes]
-    return episodes, {
-        "reward_mean": float(r.mean()), "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
-        "kl_coef": coef, "response_length": sum(lengths) / len(lengths),
-        "stopped_frac": sum(e.finish_reason == "stop" for e in episodes) / len(episodes),
-        "generation_time_s": gen_s, "gen_tokens_per_s": sum(lengths) / max(gen_s, 1e-9), **stats, **parts,
-    }
+    kl_ctl.update(stats["kl"], len(episodes) * world_size())
+    generated = sum(len(e.completion_ids) for e in episodes)
+    return episodes, {**episode_stats(episodes, parts), "kl_coef": coef, "generation_time_s": gen_s,
+                      "gen_tokens_per_s": generated / max(gen_s, 1e-9), **stats}
 
 
 def ptx_batches(cfg: PPOConfig, tokenizer: Any, steps: int) -> Callable[[int, int], dict[str, Any]] | None:
@@ -199,6 +222,7 @@ def ptx_batches(cfg: PPOConfig, tokenizer: Any, steps: int) -> Callable[[int, in
     from types import SimpleNamespace
 
     from chatsmith.data.packing import collate_packed
+    from chatsmith.train.dist import rank, world_size
     from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import load_conversations, say
     from chatsmith.train.sft import render_examples
@@ -209,11 +233,11 @@ def ptx_batches(cfg: PPOConfig, tokenizer: Any, steps: int) -> Callable[[int, in
     if not examples:
         raise ChatsmithError(f"--ptx-data {' '.join(cfg.ptx_data)}: no example has a trained (assistant) token")
     plan = plan_steps([len(e) for e in examples], batch_size=cfg.ptx_batch_size, grad_accum=cfg.grad_accum,
-                      max_steps=steps, epochs=1, seed=cfg.seed + 1)
+                      max_steps=steps, epochs=1, seed=cfg.seed + 1, processes=world_size())
     say(f"PPO-ptx: {len(examples)} SFT examples from {', '.join(cfg.ptx_data)}, coefficient {cfg.ptx_coef}")
 
     def get(step: int, micro: int) -> dict[str, Any]:
-        mbs = plan[step]
+        mbs = plan[step][rank()::world_size()]   # this process's share of the step's SFT micro-batches
         b = collate_packed([examples[i] for i in mbs[micro % len(mbs)]])
         return {"ptx_input_ids": b["input_ids"], "ptx_position_ids": b["position_ids"],
                 "ptx_target_positions": b["target_positions"], "ptx_targets": b["targets"],
@@ -223,23 +247,28 @@ def ptx_batches(cfg: PPOConfig, tokenizer: Any, steps: int) -> Callable[[int, in
 
 
 def ppo_trainer(cfg: PPOConfig, model: Any, ref: Any, engine: Any, prompts: list[Any], *, steps: int,
-                score: Callable[[list[Any]], dict[str, float]], run: Path, stop_ids: set[int], tokenizer: Any = None,
-                evaluate: Callable[[], dict[str, Any]] | None = None,
+                score: Callable[[list[Any]], dict[str, float]], run: Path, stop_ids: set[int],
+                extra_metrics: Callable[[int], dict[str, float]] | None = None,
                 ptx: Callable[[int, int], dict[str, Any]] | None = None) -> tuple[Any, Any, AdaptiveKLController]:
-    """The one training loop wired to PPO rollouts. `model` is a PolicyWithValueHead."""
+    """The one training loop wired to PPO rollouts. `model` is a PolicyWithValueHead. The KL
+    controller and the reward moments are saved in every checkpoint. With P processes each
+    rollout takes batch_size x P prompts and this process generates its share."""
     from chatsmith.infer.sampling import SamplingParams
+    from chatsmith.train.dist import rank, world_size
     from chatsmith.train.loop import Objective, Trainer
-    from chatsmith.train.rollout import RLBatchSpec, RolloutBatches, prompt_order
+    from chatsmith.train.rl_batches import RLBatchSpec, RolloutBatches
+    from chatsmith.train.rollout import prompt_order
 
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     moments = RunningMoments()
 
     def make_rollout(index: int) -> tuple[list, dict[str, float]]:
-        chosen = [prompts[i] for i in prompt_order(len(prompts), index, cfg.batch_size, cfg.seed)]
+        chosen = [prompts[i] for i in prompt_order(len(prompts), index, cfg.batch_size, cfg.seed,
+                                                   processes=world_size(), rank=rank())]
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 100_003 + index)
         return ppo_rollout(engine, model, ref, chosen, params=params, stop_ids=stop_ids, score=score, cfg=cfg,
-                           kl_ctl=kl_ctl, moments=moments, tokenizer=tokenizer)
+                           kl_ctl=kl_ctl, moments=moments, first_sequence=rank() * cfg.batch_size)
 
     rollouts = RolloutBatches(make_rollout, spec=RLBatchSpec(cfg.loss_aggregation, cfg.max_new_tokens),
                               ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
@@ -252,12 +281,8 @@ def ppo_trainer(cfg: PPOConfig, model: Any, ref: Any, engine: Any, prompts: list
                 b.update(ptx(step, j))
         return batches
 
-    def extra_metrics() -> dict[str, float]:
-        out = rollouts.metrics()
-        done = rollouts.step + 1
-        if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
-            out.update({k: v for k, v in evaluate().items() if k != "samples"})
-        return out
+    def metrics(done: int) -> dict[str, float]:
+        return {**rollouts.metrics(), **(extra_metrics(done) if extra_metrics else {})}
 
     objective = Objective("ppo", partial(ppo_loss, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
                                          value_clip=cfg.value_clip, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef,
@@ -265,80 +290,41 @@ def ppo_trainer(cfg: PPOConfig, model: Any, ref: Any, engine: Any, prompts: list
                                          aggregation=cfg.loss_aggregation, max_new_tokens=cfg.max_new_tokens),
                           collate=lambda x: x, unit="tokens")
     trainer = Trainer(model=model, objective=objective, train_examples=[], plan=[[[]]] * steps, cfg=cfg, run_dir=run,
-                      extra_metrics=extra_metrics, batch_source=source)
-    rollouts.kl_ctl = kl_ctl
+                      extra_metrics=metrics, batch_source=source, checkpoint_objects=[kl_ctl, moments])
     return trainer, rollouts, kl_ctl
 
 
 def run_ppo(cfg: PPOConfig) -> Path:
     """Train and write the run directory (metrics.jsonl, rl.png, summary.json, final/, value_head.safetensors)."""
     from safetensors.torch import save_file
-    from transformers import set_seed
 
-    from chatsmith.data.template import stop_token_ids
-    from chatsmith.eval.rewards import load_rewards
     from chatsmith.models.adapters import trainable_parameters
     from chatsmith.models.attention import disable_segment_attention
     from chatsmith.models.saving import save_final
     from chatsmith.models.value_head import PolicyWithValueHead
-    from chatsmith.train.prepare import prepare_run_dir, say, write_json
-    from chatsmith.train.rollout import (
-        append_metrics,
-        evaluate_prompts,
-        load_policy,
-        load_prompt_records,
-        make_engine,
-        plot_rl_metrics,
-        prompt_text,
-        render_prompt_splits,
-        score_episodes,
-        total_steps,
-    )
+    from chatsmith.train.dist import is_main
+    from chatsmith.train.prepare import say, write_json
+    from chatsmith.train.rl import describe_prompts, periodic_evaluation, prepare_rl, rl_summary, train_rl
 
-    set_seed(cfg.seed)
-    rewards = load_rewards(cfg.reward)
-    train_records, held_records = load_prompt_records(cfg)
-    run = prepare_run_dir(cfg)
-    policy, tokenizer, ref = load_policy(cfg, need_reference=True)
-    model = PolicyWithValueHead(policy)
-    stops = stop_token_ids(tokenizer, cfg.template)
-    prompts, held, dropped, limit = render_prompt_splits(cfg, tokenizer, train_records, held_records)
-    steps = total_steps(cfg, len(prompts))
+    setup = prepare_rl(cfg, need_reference=True)
+    model = PolicyWithValueHead(setup.model)
     n_train, n_total = trainable_parameters(model)
-    say(f"{len(prompts)} training prompts ({dropped} longer than {limit} tokens dropped), {len(held)} held out; "
-        f"method {cfg.method} + value head: training {n_train:,} of {n_total:,} parameters; {steps} steps "
-        f"({cfg.batch_size} prompts per rollout, {cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches)")
-    engine = make_engine(policy, tokenizer, max_batch_size=cfg.generation_batch_size)
-    evaluate = partial(evaluate_prompts, engine, tokenizer, rewards, held, max_new_tokens=cfg.max_new_tokens,
-                       stop_ids=stops)
+    say(f"{describe_prompts(setup)}; method {cfg.method} + value head: training {n_train:,} of {n_total:,} "
+        f"parameters; {setup.steps} steps ({cfg.batch_size} prompts per rollout, {cfg.ppo_epochs} epochs x "
+        f"{cfg.num_minibatches} minibatches)")
     trainer, rollouts, kl_ctl = ppo_trainer(
-        cfg, model, ref, engine, prompts, steps=steps, run=run, stop_ids=stops, tokenizer=tokenizer,
-        score=lambda eps: score_episodes(rewards, eps, [prompt_text(e) for e in eps]),
-        evaluate=evaluate if held else None, ptx=ptx_batches(cfg, tokenizer, steps))
-    before = evaluate(samples=3) if held else {}
-    if before:
-        say(f"held-out before: reward {before['eval_reward']:.3f} on {before['eval_prompts']} prompts")
-        if not cfg.resume:   # step 0 of the curve: the policy before any update
-            append_metrics(trainer, {"step": 0, **{k: v for k, v in before.items() if k != "samples"}})
-    t1 = time.perf_counter()
-    result = trainer.fit()
-    train_s = time.perf_counter() - t1
-    after = evaluate(samples=3) if held else {}
-    if after:
-        say(f"held-out after:  reward {after['eval_reward']:.3f} (before {before['eval_reward']:.3f})")
-        append_metrics(trainer, {"step": steps, **{k: v for k, v in after.items() if k != "samples"}})
-    plot_rl_metrics(trainer.history, run / "rl.png", f"ppo: {run.name}")
-    unwrapped = trainer.unwrapped()
-    disable_segment_attention(unwrapped.policy)
-    save_file({k: v.detach().contiguous() for k, v in unwrapped.value_head.state_dict().items()},
-              str(run / "value_head.safetensors"))
-    save_final(unwrapped.policy, tokenizer, cfg, run)
-    kls = [r["kl"] for r in trainer.history if "kl" in r]
-    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_prompts": len(prompts),
-               "heldout_prompts": len(held), "dropped_prompts": dropped, "rollouts": rollouts.rollouts,
-               "train_time_s": train_s, "before": before, "after": after, "kl_target": cfg.kl_target,
-               "kl_max": max(kls) if kls else None, "kl_last": kls[-1] if kls else None,
-               "kl_coef_final": kl_ctl.value, "final": result.final_metrics}
-    write_json(run / "summary.json", summary)
-    say(f"done: {run}/final  (chat with it: chatsmith chat {run})")
-    return run
+        cfg, model, setup.ref, setup.engine, setup.prompts, steps=setup.steps, run=setup.run, stop_ids=setup.stops,
+        score=setup.score, extra_metrics=periodic_evaluation(setup), ptx=ptx_batches(cfg, setup.tokenizer, setup.steps))
+    result, before, after = train_rl(setup, trainer, "ppo")
+    if is_main():
+        unwrapped = trainer.unwrapped()
+        disable_segment_attention(unwrapped.policy)
+        save_file({k: v.detach().contiguous() for k, v in unwrapped.value_head.state_dict().items()},
+                  str(setup.run / "value_head.safetensors"))
+        save_final(unwrapped.policy, setup.tokenizer, cfg, setup.run)
+        kls = [r["kl"] for r in trainer.history if "kl" in r]
+        write_json(setup.run / "summary.json", rl_summary(
+            setup, result, before, after, rollouts.rollouts, kl_target=cfg.kl_target,
+            kl_max=max(kls) if kls else None, kl_last=kls[-1] if kls else None, kl_coef_final=kl_ctl.value))
+    say(f"done: {setup.run}/final  (chat with it: chatsmith chat {setup.run})")
+    return setup.run

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,16 @@ from typing import Any
 from chatsmith.config import to_yaml
 from chatsmith.data.conversation import Conversation
 from chatsmith.errors import ChatsmithError
+from chatsmith.train.dist import is_main
 from chatsmith.train.loop import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Tell the user something on stderr (the main process only, so P processes say it once)."""
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def load_conversations(cfg: Any) -> list[Conversation]:
@@ -43,19 +45,9 @@ def load_conversations(cfg: Any) -> list[Conversation]:
     return mix(results, weights, seed=cfg.seed)
 
 
-def split_eval(items: list[Any], eval_split: float, seed: int) -> tuple[list[Any], list[Any]]:
-    if not eval_split or eval_split <= 0:
-        return items, []
-    n = int(eval_split) if eval_split >= 1 else max(1, int(round(len(items) * eval_split)))
-    if n >= len(items):
-        raise ChatsmithError(f"--eval-split {eval_split} leaves no training data ({len(items)} records)")
-    order = list(range(len(items)))
-    random.Random(seed + 17).shuffle(order)
-    held = set(order[:n])
-    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
-
-
 def prepare_run_dir(cfg: Any) -> Path:
+    """The run directory, checked (no finished run or checkpoints there unless --resume) and created,
+    with config.yaml: the resolved config, which `--config` takes back."""
     run = Path(cfg.output)
     if run.exists() and latest_checkpoint(run) is not None and not cfg.resume:
         raise ChatsmithError(f"{run} already holds checkpoints of a run. Pass --resume to continue it, "
@@ -64,7 +56,8 @@ def prepare_run_dir(cfg: Any) -> Path:
         raise ChatsmithError(f"{run} already holds a finished run (final/). Choose another --output "
                              "or delete it first")
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(to_yaml(cfg))
+    if is_main():
+        (run / "config.yaml").write_text(to_yaml(cfg))
     return run
 
 
@@ -84,7 +77,9 @@ def add_template_tokens(model: Any, tokenizer: Any, template: str | None) -> int
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))
+    """Write `data` as indented JSON (the main process only)."""
+    if is_main():
+        path.write_text(json.dumps(data, indent=2))
 
 
 def read_data_specs(cfg: Any, reader: Any, describe: Any, what: str) -> list[Any]:

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from chatsmith.config import SFTConfig
+from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_packed, collate_padded
 from chatsmith.data.template import Rendered, render_conversation
 from chatsmith.errors import ChatsmithError
 from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
 from chatsmith.models.saving import save_final
+from chatsmith.train.dist import is_main, world_size
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import nll_sum
 from chatsmith.train.plan import plan_steps
@@ -27,7 +29,6 @@ from chatsmith.train.prepare import (
     load_conversations,
     prepare_run_dir,
     say,
-    split_eval,
     write_json,
 )
 
@@ -104,7 +105,7 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
     lengths = [len(e) for e in train_ex]
     plan = plan_steps(lengths, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
                       epochs=cfg.epochs, seed=cfg.seed,
-                      token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None)
+                      token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None, processes=world_size())
     model = prepare_trainable(model, cfg)
     if uses_packed_rows(cfg.method):
         enable_segment_attention(model)
@@ -116,7 +117,8 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
                       run_dir=run, eval_examples=eval_ex)
     result = trainer.fit()
     disable_segment_attention(trainer.unwrapped())
-    save_final(trainer.unwrapped(), tokenizer, cfg, run)
+    if is_main():
+        save_final(trainer.unwrapped(), tokenizer, cfg, run)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_examples": len(train_ex),
                "eval_examples": len(eval_ex), **counts, "final": result.final_metrics, "eval": result.eval_metrics}
     write_json(run / "summary.json", summary)

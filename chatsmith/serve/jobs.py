@@ -1,0 +1,217 @@
+"""One OpenAI generation request: its n engine requests, their events bridged from the engine's
+thread into asyncio, and the OpenAI response (or stream of chunks) made from them.
+
+The engine gives each token with the text it made safe to show (its one detokenizer holds back
+partial characters and what may start a stop string); this module only formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+
+from chatsmith.errors import ChatsmithError
+from chatsmith.serve.schemas import APIError
+
+# The engine's finish reasons -> OpenAI's. A cancelled request has no client left to tell.
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+class GenerationJob:
+    """A chat or text completion: `run()` for one JSON answer, `stream()` for server-sent events."""
+
+    def __init__(self, state: Any, kind: str, ids: list[int], params: Any, n: int, adapter: str | None,
+                 model_name: str, *, logprobs: bool = False, json_mode: bool = False, echo: str | None = None) -> None:
+        self.state, self.kind, self.ids, self.params, self.n = state, kind, ids, params, n
+        self.adapter, self.model_name, self.want_logprobs, self.echo = adapter, model_name, logprobs, echo
+        self.json_mode = json_mode
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.requests: list[Any] = []
+        self.start = time.monotonic()
+
+    def submit(self) -> asyncio.Queue:
+        """Queue the n requests in the engine; their events arrive on the returned asyncio queue as
+        ("token", choice, token count so far, text, request) and ("done", choice, 0, "", request)."""
+        from chatsmith.infer.engine import EngineBusy, RequestTooLarge
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        engine = self.state.engine
+        constraint = None
+        try:
+            for i in range(self.n):
+                def on_token(req: Any, tok: int, lp: float, text: str, i: int = i) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("token", i, len(req.output), text, req))
+
+                def on_finish(req: Any, i: int = i) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("done", i, 0, "", req))
+
+                if self.json_mode:
+                    from chatsmith.infer.constraints import JsonObjectConstraint
+
+                    constraint = JsonObjectConstraint(self.state.tokenizer)
+                seed = None if self.params.seed is None else self.params.seed + i
+                self.requests.append(engine.submit(self.ids, self.params, adapter=self.adapter, seed=seed,
+                                                   on_token=on_token, on_finish=on_finish, constraint=constraint))
+        except EngineBusy as e:
+            self.cancel()
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except RequestTooLarge as e:
+            self.cancel()
+            raise APIError(400, str(e), code="context_length_exceeded") from None
+        except ChatsmithError as e:
+            self.cancel()
+            raise APIError(400, str(e)) from None
+        self.state.metrics.submitted(len(self.ids) * self.n)
+        return queue
+
+    def cancel(self) -> None:
+        """Cancel every engine request of this job that is still running."""
+        for r in self.requests:
+            if not r.finished:
+                r.cancel()
+
+    # ---- formatting ------------------------------------------------------------------------------
+
+    def _usage(self) -> dict[str, int]:
+        completion = sum(len(r.output) for r in self.requests)
+        return {"prompt_tokens": len(self.ids), "completion_tokens": completion,
+                "total_tokens": len(self.ids) + completion}
+
+    def _logprob_entries(self, req: Any, start: int, end: int) -> list[dict[str, Any]]:
+        tok = self.state.tokenizer
+        out = []
+        for j in range(start, end):
+            t = req.output[j]
+            piece = tok.decode([t])
+            entry: dict[str, Any] = {"token": piece, "logprob": req.logprobs[j], "bytes": list(piece.encode())}
+            if req.top_logprobs:
+                entry["top_logprobs"] = [{"token": tok.decode([a]), "logprob": lp, "bytes": list(tok.decode([a]).encode())}
+                                         for a, lp in req.top_logprobs[j]]
+            else:
+                entry["top_logprobs"] = []
+            out.append(entry)
+        return out
+
+    def _completion_logprobs(self, r: Any) -> dict[str, Any]:
+        tok = self.state.tokenizer
+        tokens = [tok.decode([t]) for t in r.output]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        top = [{tok.decode([a]): lp for a, lp in alts} for alts in r.top_logprobs] if r.top_logprobs else None
+        return {"tokens": tokens, "token_logprobs": list(r.logprobs), "top_logprobs": top, "text_offset": offsets}
+
+    def _record(self) -> None:
+        m = self.state.metrics
+        for r in self.requests:
+            ttft = (r.first_token_at - r.arrival) if r.first_token_at else None
+            m.finished(len(r.output), time.monotonic() - self.start, ttft)
+
+    def _response(self) -> dict[str, Any]:
+        choices = []
+        for i, r in enumerate(self.requests):
+            text = r.detok.text
+            finish = FINISH_REASONS[r.finish_reason]
+            if self.kind == "chat.completion":
+                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": finish,
+                                          "logprobs": {"content": self._logprob_entries(r, 0, len(r.output))}
+                                          if self.want_logprobs else None}
+            else:
+                choice = {"index": i, "text": (self.echo or "") + text, "finish_reason": finish,
+                          "logprobs": self._completion_logprobs(r) if self.want_logprobs else None}
+            choices.append(choice)
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": self._usage(), "system_fingerprint": self.state.fingerprint}
+
+    def _chunk(self, i: int, text: str | None, finish: str | None, req: Any = None,
+               lp_range: tuple[int, int] | None = None, first: bool = False) -> str:
+        if self.kind == "chat.completion":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish}
+            if self.want_logprobs:
+                choice["logprobs"] = ({"content": self._logprob_entries(req, *lp_range)}
+                                      if req is not None and lp_range and lp_range[1] > lp_range[0] else None)
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        data = {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
+                "system_fingerprint": self.state.fingerprint, "choices": [choice]}
+        return f"data: {json.dumps(data)}\n\n"
+
+    # ---- the two ways to answer ------------------------------------------------------------------
+
+    async def run(self, request: Request) -> dict[str, Any]:
+        """Wait for every choice and return the whole response; a client that leaves cancels it."""
+        queue = self.submit()
+        try:
+            remaining = self.n
+            while remaining:
+                try:
+                    kind, *_ = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise APIError(400, "the client disconnected; generation was cancelled") from None
+                    continue
+                if kind == "done":
+                    remaining -= 1
+        finally:
+            self.cancel()
+        self._record()
+        errors = [r.error for r in self.requests if r.finish_reason == "error"]
+        if errors:
+            raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
+        return self._response()
+
+    async def stream(self, request: Request, include_usage: bool) -> Any:
+        """Server-sent events: a role chunk, text chunks as the engine makes them safe to show, one
+        chunk with each choice's finish reason, the usage (when asked), then [DONE]."""
+        queue = self.submit()
+        logged = [0] * self.n      # log-prob entries already sent per choice
+        remaining = self.n
+        try:
+            if self.kind == "chat.completion":
+                for i in range(self.n):
+                    yield self._chunk(i, "", None, first=True)
+            elif self.echo:
+                for i in range(self.n):
+                    yield self._chunk(i, self.echo, None)
+            while remaining:
+                kind, i, count, text, req = await queue.get()
+                if kind == "token":
+                    if text:
+                        yield self._chunk(i, text, None, req, (logged[i], count))
+                        logged[i] = count
+                    continue
+                remaining -= 1
+                if req.finish_reason == "error":
+                    err = APIError(500, f"generation failed: {req.error}", type="server_error").body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    continue
+                end = len(req.output)
+                yield self._chunk(i, req.tail, FINISH_REASONS[req.finish_reason], req, (logged[i], end))
+                logged[i] = end
+            self._record()
+            if include_usage:
+                data = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat.completion"
+                        else "text_completion", "created": self.created, "model": self.model_name,
+                        "system_fingerprint": self.state.fingerprint, "choices": [], "usage": self._usage()}
+                yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            # A client that goes away mid-stream lands here (the task is cancelled): free its slots.
+            self.cancel()

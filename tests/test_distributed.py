@@ -1,0 +1,135 @@
+"""Several processes: 2 processes under `accelerate launch` (gloo on this CPU) train to the same
+weights as 1 process with the same global batch, for sft, rm, dpo and grpo.
+
+Tolerance: 1e-5 absolute on every weight after 3 steps. The two runs see the same micro-batches and
+the same loss denominators; only the order of the gradient sums differs (DDP adds the processes'
+gradients, one process accumulates them), which moves float32 weights by ~1e-7.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatsmith.config import DPOConfig, GRPOConfig, RMConfig, SFTConfig
+
+
+def launch_two(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch` two processes of `python -m chatsmith ARGS` on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "chatsmith", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 processes on 2 cores
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def flags(cfg_overrides: dict) -> list[str]:
+    out = []
+    for k, v in cfg_overrides.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, list):
+            out += [flag, *map(str, v)]
+        elif isinstance(v, bool):
+            out.append(flag if v else f"--no-{k.replace('_', '-')}")
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def assert_same_weights(a: Path, b: Path, base_dir: str | None = None) -> None:
+    wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0, msg=k)
+    if base_dir is not None:   # non-vacuous: the weights moved
+        base = load_file(str(Path(base_dir) / "model.safetensors"))
+        moved = max((wa[k] - base[k]).abs().max().item() for k in wa if k in base)
+        assert moved > 1e-4, moved
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def tiny_dir() -> str:
+    from chatsmith.models.loading import tiny_random_dir
+
+    return str(tiny_random_dir())
+
+
+def test_sft_two_processes_equal_one(tmp_path, shared_data):
+    from chatsmith.train.sft import run_sft
+
+    common = dict(model="tiny-random-llama", data=[str(shared_data / "alpaca_50.json")], method="full", max_steps=3,
+                  batch_size=2, lr=1e-3, max_length=96, max_grad_norm=1.0, warmup_ratio=0.0, scheduler="constant",
+                  seed=3, eval_split=6, packing=True)
+    one = run_sft(SFTConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    launch_two(["sft", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
+    assert_same_weights(one, tmp_path / "two", tiny_dir())
+    assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-6)
+    ev1, ev2 = (json.loads((r / "summary.json").read_text())["eval"] for r in (one, tmp_path / "two"))
+    assert ev2["eval_loss"] == pytest.approx(ev1["eval_loss"], rel=1e-6)   # evaluation split over processes
+    assert not (tmp_path / "two" / "final" / "adapter_config.json").exists()
+
+
+def test_rm_two_processes_equal_one(tmp_path):
+    from chatsmith.train.rm import run_rm
+
+    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="full", max_steps=3,
+                  batch_size=2, lr=2e-3, max_length=96, eval_split=8, warmup_ratio=0.0, scheduler="constant", seed=4)
+    one = run_rm(RMConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    launch_two(["rm", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
+    assert_same_weights(one, tmp_path / "two")
+    assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
+    ev1, ev2 = (json.loads((r / "summary.json").read_text())["eval"] for r in (one, tmp_path / "two"))
+    assert ev2["eval_accuracy"] == ev1["eval_accuracy"] and ev2["eval_loss"] == pytest.approx(ev1["eval_loss"], rel=1e-5)
+
+
+def test_dpo_lora_two_processes_equal_one(tmp_path):
+    """DPO with LoRA: the reference is the adapter switched off inside each process's model."""
+    from chatsmith.train.dpo import run_dpo
+
+    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="lora", lora_r=4,
+                  max_steps=3, batch_size=2, lr=3e-2, max_length=96, eval_split=0, warmup_ratio=0.0,
+                  scheduler="constant", seed=5)
+    one = run_dpo(DPOConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    launch_two(["dpo", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
+    assert_same_weights(one, tmp_path / "two", tiny_dir())
+    assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
+
+
+def test_grpo_two_processes_equal_one(tmp_path):
+    """Each process samples its half of every rollout, with the seeds one process would use for
+    those sequences; advantages are per group, the loss denominator counts every process's tokens."""
+    from chatsmith.train.grpo import run_grpo
+
+    (tmp_path / "chars.py").write_text("def reward(prompts, completions, **kw):\n"
+                                       "    return [len(c) / 40.0 for c in completions]\n")
+    common = dict(model="tiny-random-llama", data=["builtin:arithmetic"], reward=["chars.py"], method="lora",
+                  lora_r=4, group_size=4, max_new_tokens=6, max_steps=3, lr=5e-2, eval_prompts=2, seed=6)
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        one = run_grpo(GRPOConfig(output=str(tmp_path / "one"), batch_size=4, **common))
+    finally:
+        os.chdir(old)
+    launch_two(["grpo", *flags({**common, "output": str(tmp_path / "two"), "batch_size": 2})], tmp_path)
+    assert_same_weights(one, tmp_path / "two", tiny_dir())
+    r1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    r2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip([x for x in r1 if "loss" in x], [x for x in r2 if "loss" in x], strict=True):
+        assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-6)   # the same episodes
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
