@@ -126,6 +126,7 @@ class DPOConfig(TrainConfig):
 
 
 def validate_choices(cfg: Any) -> None:
+    """Raise ConfigError naming the first field whose value is not one of its allowed choices."""
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
@@ -134,6 +135,7 @@ def validate_choices(cfg: Any) -> None:
 
 
 def field_type(cls: type, name: str) -> Any:
+    """The resolved type annotation of field `name` of dataclass `cls`."""
     hints = typing.get_type_hints(cls)
     return hints[name]
 
@@ -215,6 +217,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[st
 
 
 def to_yaml(cfg: Any) -> str:
+    """The config as YAML text (what `--config` reads back)."""
     import yaml
 
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
@@ -229,7 +232,14 @@ def add_dataclass_arguments(parser: Any, cls: type, skip: tuple[str, ...] = ()) 
             continue
         flag = "--" + f.name.replace("_", "-")
         t = field_type(cls, f.name)
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            text += f" (one of: {', '.join(f.metadata['choices'])})"
+        if default not in (None, [], {}) and t is not bool:
+            text += f" [default: {default}]"
+        # argparse formats help with %: a literal % must be doubled.
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if t is bool:

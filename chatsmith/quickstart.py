@@ -47,6 +47,8 @@ def score(engine: Any, checks: list, template: str | None = None) -> tuple[float
 
 def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", model: str = "smollm2-135m",
                    output: str = "runs/quickstart", max_steps: int | None = None, seed: int = 0) -> int:
+    """Run `chatsmith quickstart`: evaluate, train the new identity, evaluate again and print the tables;
+    returns the exit status."""
     from rich.console import Console
     from rich.table import Table
 

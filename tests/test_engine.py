@@ -259,6 +259,47 @@ def test_lora_adapters_served_by_name(tiny, prompts, tmp_path):
         engine.submit(prompts[0], GREEDY, adapter="other")
 
 
+@pytest.mark.parametrize("precision", ["module", "int8"])
+def test_lora_adapter_with_rank_and_alpha_patterns_gets_peft_scales(tiny, prompts, tmp_path, precision):
+    """peft scales each module by its own alpha / r when rank_pattern/alpha_pattern override them
+    (and alpha / sqrt(r) with rsLoRA): the adapter served by name gives the logits of peft's own model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = tiny
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 8},
+                     alpha_pattern={"down_proj": 32, "q_proj": 2})
+    peft_model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    assert peft_model.base_model.model.model.layers[1].self_attn.q_proj.r["default"] == 8   # the patterns apply
+    peft_model.save_pretrained(tmp_path / "ad")
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    from chatsmith.infer.lora import load_lora_adapter
+
+    ad = load_lora_adapter("p", str(tmp_path / "ad"))
+    assert ad.weights["layers.1.self_attn.q_proj"][2] == pytest.approx(2 / 8)     # alpha_pattern / rank_pattern
+    assert ad.weights["layers.0.self_attn.v_proj"][2] == pytest.approx(8 / 2)     # lora_alpha / rank_pattern
+    assert ad.weights["layers.0.mlp.down_proj"][2] == pytest.approx(32 / 4)       # alpha_pattern / r
+    served = Engine(base, tok, precision=precision, adapters={"p": str(tmp_path / "ad")})
+    reference = Engine(merged, tok, precision="module")   # peft's own numbers, merged, in fp32
+    with torch.inference_mode():
+        for ids in prompts[:2]:
+            with_adapter = served.runner.prefill(0, ids, 0, "p")
+            without = served.runner.prefill(1, ids, 0, None)
+            expected = reference.runner.prefill(0, ids, 0, None)
+            gap = (without - expected).abs().max().item()
+            assert gap > 0.1   # the adapter matters: the checks below are not vacuous
+            if precision == "module":
+                torch.testing.assert_close(with_adapter, expected, atol=1e-4, rtol=0)
+            else:   # int8 rounds the base weights; the deltas must still land close to peft's logits
+                assert (with_adapter - expected).abs().max().item() < 0.5 * gap
+
+
 def test_kv_budget_rejects_what_cannot_fit(tiny):
     model, tok = tiny
     engine = Engine(model, tok, max_batch_size=4, kv_cache_mb=0.05)  # 512 bytes/token -> 25 tokens per slot

@@ -154,12 +154,20 @@ def test_native_routes(server):
     tok = httpx.post(f"{url}/tokenize", json={"content": "hello world"}).json()
     assert tok["tokens"] == state.tokenizer("hello world", add_special_tokens=False)["input_ids"]
     assert httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()["content"] == "hello world"
+    httpx.get(f"{url}/no/such/'path\"")   # a made-up path with quotes: counted as "other", never as a label
     m = httpx.get(f"{url}/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for fam in text_string_to_metric_families(m) for x in fam.samples}   # parses: the format is valid
+    names = {name for name, _ in samples}
     for name in ("chatsmith_http_requests_total", "chatsmith_generation_tokens_total", "chatsmith_queue_waiting",
-                 "chatsmith_time_to_first_token_seconds_bucket", "chatsmith_request_seconds_count"):
-        assert name in m
-    gen = [line for line in m.splitlines() if line.startswith("chatsmith_generation_tokens_total ")]
-    assert int(gen[0].split()[1]) > 0
+                 "chatsmith_time_to_first_token_seconds_bucket", "chatsmith_request_seconds_count",
+                 "chatsmith_http_request_duration_seconds_count"):
+        assert name in names, name
+    assert samples[("chatsmith_generation_tokens_total", ())] > 0
+    routes = {dict(labels)["route"] for name, labels in samples if name == "chatsmith_http_requests_total"}
+    assert "other" in routes and "/tokenize" in routes and not any("no/such" in r for r in routes)
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and "<title>chatsmith</title>" in page.text
 

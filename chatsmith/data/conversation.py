@@ -13,6 +13,7 @@ TEXT_ROLE = "text"
 
 @dataclass
 class Message:
+    """One turn: a role (system, user, assistant, tool or text) and its content."""
     role: str
     content: str
     # Whether this message's tokens are trained on. None means the default: assistant turns
@@ -21,11 +22,13 @@ class Message:
     train: bool | None = None
 
     def trains(self) -> bool:
+        """Whether this message's tokens are training targets."""
         if self.train is not None:
             return self.train
         return self.role in ("assistant", TEXT_ROLE)
 
     def to_dict(self) -> dict[str, Any]:
+        """{role, content} (and train, when set explicitly)."""
         d: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.train is not None:
             d["train"] = self.train
@@ -34,6 +37,7 @@ class Message:
 
 @dataclass
 class Conversation:
+    """A list of messages with where it came from and the record's other fields."""
     messages: list[Message]
     # Where the record came from, e.g. "data/alpaca.json, record 12" -- used in error messages.
     source: str | None = None
@@ -42,6 +46,7 @@ class Conversation:
 
     @property
     def is_text(self) -> bool:
+        """Whether this is a plain-text document (continued pre-training), not a chat."""
         return len(self.messages) == 1 and self.messages[0].role == TEXT_ROLE
 
     def turns(self) -> int:
@@ -49,8 +54,5 @@ class Conversation:
         return sum(1 for m in self.messages if m.role == "assistant")
 
     def to_openai(self) -> list[dict[str, str]]:
+        """The messages as OpenAI-style [{role, content}]."""
         return [{"role": m.role, "content": m.content} for m in self.messages]
-
-    @classmethod
-    def from_openai(cls, messages: list[dict[str, Any]], source: str | None = None) -> Conversation:
-        return cls([Message(m["role"], m["content"]) for m in messages], source=source)

@@ -69,6 +69,7 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 @dataclass
 class ReadResult:
+    """The conversations read from one file, the records skipped (with --skip-bad), the format and the path."""
     conversations: list[Conversation]
     skipped: list[DataError]  # malformed records dropped because of skip_bad, in file order
     format: str
@@ -293,6 +294,7 @@ def _from_alpaca(record: Any, ctx: RecordContext, columns: dict[str, str]) -> li
 
 
 def sharegpt_message(item: Any, ctx: RecordContext, fld: str) -> Message:
+    """One ShareGPT turn {from, value} (or {role, content}) as a Message; errors name `fld`."""
     if not isinstance(item, dict):
         raise ctx.error("must be an object {from, value}", fld)
     speaker_key = "from" if "from" in item else "role" if "role" in item else None
@@ -358,6 +360,7 @@ def _message_content(content: Any, ctx: RecordContext, fld: str, item: dict[str,
 
 
 def openai_messages(items: Any, ctx: RecordContext, list_field: str) -> list[tuple[Message, str]]:
+    """OpenAI {role, content} messages as (Message, field name) pairs; errors name the field."""
     if not isinstance(items, list) or not items:
         raise ctx.error("must be a non-empty list of {role, content}", list_field)
     out = []

@@ -68,11 +68,13 @@ class Feedback:
     source: str = ""
 
     def conversation(self) -> Conversation:
+        """Prompt + the answer, with only the answer trained."""
         return Conversation(_context(self.prompt) + self.response, source=self.source)
 
 
 @dataclass
 class PreferenceData:
+    """The records read from one preference file and those skipped with --skip-bad."""
     records: list[Any]
     skipped: list[DataError] = field(default_factory=list)
     path: str = ""
@@ -396,6 +398,7 @@ def encode_answer(tokenizer: Any, conversation: Conversation, template: str | No
 
 def encode_rankings(tokenizer: Any, records: list[Ranking], template: str | None,
                     max_length: int) -> tuple[list[PreferenceExample], int]:
+    """Rankings rendered to token ids (one Rendered per answer); returns (examples, answers truncated)."""
     out, truncated = [], 0
     for rec in records:
         answers = []

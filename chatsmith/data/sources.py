@@ -31,6 +31,7 @@ class RecordContext:
 
     @property
     def source(self) -> str:
+        """"PATH, WHERE": how a conversation names its record."""
         return f"{self.path}, {self.where}"
 
     def error(self, message: str, field: str | None = None, hint: str | None = SKIP_HINT) -> DataError:

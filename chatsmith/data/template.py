@@ -79,10 +79,6 @@ class Rendered:
         return sum(self.loss_mask[1:])
 
 
-def template_names() -> list[str]:
-    return list(FALLBACK_TEMPLATES)
-
-
 def template_source(tokenizer: Any, template: str | None) -> str:
     """The Jinja source used for this tokenizer: a named fallback, else the model's own."""
     if template:
@@ -147,15 +143,24 @@ def _probe_end_of_turn(tokenizer: Any, source: str) -> str | None:
     return best[1] if best else tokenizer.eos_token
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries a chat template of its own."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def stop_token_ids(tokenizer: Any, template: str | None = None) -> set[int]:
-    """Token ids that end generation: the template's end-of-turn token and EOS."""
+    """Token ids that end generation: the template's end-of-turn token and EOS.
+
+    A model without a chat template (and no `template`) is a plain text model: EOS alone ends its
+    text. A `template` that cannot be used (an unknown name) raises, rather than silently leaving
+    generation to run past the end of the turn.
+    """
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    try:
-        eot = end_of_turn(tokenizer, template)
-    except ChatsmithError:
-        eot = None
+    if template is None and not has_chat_template(tokenizer):
+        return ids
+    eot = end_of_turn(tokenizer, template)
     if eot:
         tid = tokenizer.convert_tokens_to_ids(eot)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:

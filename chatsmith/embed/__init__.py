@@ -45,6 +45,7 @@ class Embedder:
 
     @property
     def name(self) -> str:
+        """The model's name as the API reports it."""
         return DEFAULT_MODEL if self.path is None else self.path.name
 
     def _load(self) -> tuple[Any, Any]:

@@ -215,6 +215,7 @@ class RewardSet:
 
     def score(self, prompts: list[str], completions: list[str],
               fields: dict[str, list[Any]]) -> tuple[list[float], dict[str, list[float]]]:
+        """(weighted total per completion, each reward's values by name)."""
         total = [0.0] * len(completions)
         parts: dict[str, list[float]] = {}
         for r in self.rewards:
@@ -245,6 +246,7 @@ def _call(r: Reward, prompts: list[str], completions: list[str], fields: dict[st
 
 
 def load_rewards(specs: Sequence[str]) -> RewardSet:
+    """The RewardSet of several --reward SPEC[=WEIGHT] (see the module docstring)."""
     if not specs:
         raise ConfigError("no reward: pass --reward NAME (e.g. exact_answer), module:function, "
                           "path/to/file.py or a reward model directory")

@@ -139,6 +139,7 @@ def _closes(mode: str, ch: str) -> bool:
 
 
 def feed(state: State, text: str, closing: bool = False) -> State | None:
+    """The parser state after `text`, or None when `text` cannot continue a JSON object from `state`."""
     for ch in text:
         nxt = step(state, ch, closing)
         if nxt is None:
@@ -173,13 +174,16 @@ class JsonObjectConstraint:
 
     @property
     def done(self) -> bool:
+        """Whether a complete JSON object has been written."""
         return self.state[0] == "DONE"
 
     def allows(self, token: int) -> bool:
+        """Whether `token` keeps the text a valid prefix of a JSON object."""
         piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
         return bool(piece) and "\ufffd" not in piece and feed(self.state, piece, self.chars >= CLOSE_AFTER) is not None
 
     def advance(self, token: int) -> None:
+        """Record that `token` was chosen."""
         piece = self.pieces[token] if 0 <= token < len(self.pieces) else None
         nxt = feed(self.state, piece, self.chars >= CLOSE_AFTER) if piece else None
         if nxt is not None:

@@ -153,10 +153,12 @@ class Request:
         self.history = torch.tensor(prompt, dtype=torch.long)
 
     def cancel(self) -> None:
+        """Ask the engine to stop this request at its next step (safe from any thread)."""
         self.cancelled = True
 
     @property
     def finished(self) -> bool:
+        """Whether the request has a finish reason."""
         return self.finish_reason is not None
 
     def completion(self) -> Completion:
@@ -391,10 +393,12 @@ class Engine:
 
     @property
     def waiting(self) -> int:
+        """Requests queued for a slot."""
         return len(self._waiting)
 
     @property
     def running(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
         return len(self._running)
 
     # ---- scheduler ----------------------------------------------------------------------------------

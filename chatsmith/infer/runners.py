@@ -95,6 +95,7 @@ class LlamaRunner:
 
     @staticmethod
     def bytes_per_token(model: Any) -> int:
+        """KV-cache bytes one token takes in this runner (fp32 keys and values, all layers)."""
         cfg = base_model(model).config
         n_heads = cfg.num_attention_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -225,6 +226,7 @@ class LlamaRunner:
         self.allocated = self.slot_tokens
 
     def release(self, slot: int) -> None:
+        """Give a slot back (nothing to free: the next prefill overwrites it)."""
         pass  # the slot's rows are overwritten by the next sequence's prefill
 
     def copy_prefix(self, src: int, dst: int, n: int) -> bool:
@@ -405,6 +407,7 @@ class ModuleRunner:
 
     @staticmethod
     def bytes_per_token(model: Any) -> int:
+        """KV-cache bytes one token takes (fp32 keys and values, all layers)."""
         cfg = base_model(model).config
         n_heads = getattr(cfg, "num_attention_heads", 1)
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -414,12 +417,15 @@ class ModuleRunner:
         return 2 * layers * n_kv * head_dim * 4
 
     def sync_weights(self) -> None:
+        """Nothing to refresh: the module's own weights are read live."""
         pass
 
     def release(self, slot: int) -> None:
+        """Drop the slot's cache."""
         self.caches.pop(slot, None)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """False: a DynamicCache cannot be cut to a prefix in general, so the prompt is prefilled again."""
         return False  # a DynamicCache cannot be cut to a prefix in general: prefill again
 
     def _forward(self, slot: int, ids: list[int]) -> torch.Tensor:
@@ -434,10 +440,12 @@ class ModuleRunner:
         return out.logits[0, -1].float().cpu()  # sampling runs on the CPU
 
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None) -> torch.Tensor:
+        """Run a chunk of one sequence; logits of its last position [V]."""
         if start == 0:
             self.caches.pop(slot, None)
         return self._forward(slot, ids)
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int],
                adapters: list[str | None]) -> torch.Tensor:
+        """One new token for each row (one forward per row); logits [B, V]."""
         return torch.stack([self._forward(s, [t]) for s, t in zip(slots, tokens)])

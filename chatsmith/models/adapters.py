@@ -83,6 +83,7 @@ def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(parameters that train, all parameters), as counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

@@ -13,7 +13,7 @@ extra keyword to the model's forward with a packed batch. Without that keyword (
 generation) the function is exactly transformers' SDPA attention. A bound may also be
 (start, end, prefix_start, prefix_end): that segment continues the prefix at [prefix_start,
 prefix_end) of the same row (its position ids continue the prefix's), which lets G completions
-of one prompt share a single copy of the prompt in training (train/rollout.py).
+of one prompt share a single copy of the prompt in training (train/rl_batches.py).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def enable_segment_attention(model: Any) -> bool:
 
 
 def segment_attention_enabled(model: Any) -> bool:
+    """Whether `model` runs segment attention (packed rows may share a prompt copy)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
 

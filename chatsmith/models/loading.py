@@ -94,6 +94,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def embedded_dir() -> Path:
+    """The embedded model as a safetensors directory (converted from its GGUF once, then cached)."""
     gguf = embedded_gguf_path()
     target = cache_dir() / "models" / f"smollm2-135m-{gguf_cache_key(gguf)}-{CONVERTER_VERSION}"
     if not (target / "config.json").is_file():
@@ -146,6 +147,8 @@ def _hub_error(spec: str, err: Exception) -> ModelNotFoundError:
 
 
 def load_tokenizer(spec: str | ResolvedModel, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model argument (an adapter's own when it has one); EOS doubles as pad when there is
+    none."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
@@ -165,6 +168,7 @@ def load_tokenizer(spec: str | ResolvedModel, trust_remote_code: bool = False) -
 
 
 def default_dtype(device: str | None = None) -> Any:
+    """bf16 on a GPU that supports it, else fp32."""
     import torch
 
     if device and device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -211,9 +215,11 @@ def load_model(
             raise _hub_error(resolved.spec, e) from None
         if "safetensors" in str(e) and not allow_pickle:
             raise ModelNotFoundError(
-                f"{path} has no safetensors weights. chatsmith loads only safetensors/GGUF by default "
-                "because pickled .bin files can run code; convert the model, or pass --allow-pickle "
-                "if you trust it") from None
+                f"{path} has no safetensors weights. chatsmith loads only safetensors/GGUF because pickled "
+                ".bin files can run code when loaded. If you trust this model, convert it once and pass the "
+                "new directory: python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer "
+                f"as T; M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safe'); "
+                f"T.from_pretrained('{path}').save_pretrained('{path}-safe')\"") from None
         raise ModelNotFoundError(f"could not load a model from {path}: {e}") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):

@@ -21,6 +21,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class Alias:
+    """A builtin model name, what it is and its size."""
     name: str
     description: str
     params: str
@@ -50,10 +51,6 @@ class ResolvedModel:
     path: str            # HF directory, .gguf file, hub id or alias name
     adapter: str | None = None   # PEFT adapter directory applied on top of `path`
 
-    @property
-    def display(self) -> str:
-        return self.spec
-
 
 def cache_dir() -> Path:
     """chatsmith's cache (converted models). Override with CHATSMITH_CACHE."""
@@ -77,12 +74,15 @@ def embedded_gguf_path() -> Path:
 
 
 def gguf_cache_key(path: Path) -> str:
+    """A cache directory name for a GGUF file, changing when the file does."""
     st = path.stat()
     h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return f"gguf-{path.stem}-{h}"
 
 
 def resolve_model(spec: str) -> ResolvedModel:
+    """What a model argument points at (alias, HF directory, run, adapter, GGUF or hub id), or
+    ModelNotFoundError."""
     if spec in ALIASES:
         return ResolvedModel(spec, "alias", spec)
     p = Path(spec).expanduser()
@@ -104,7 +104,8 @@ def resolve_model(spec: str) -> ResolvedModel:
             inner = resolve_model(base)
             if inner.adapter:
                 raise ModelNotFoundError(f"{p}: an adapter on top of another adapter is not supported; "
-                                         "merge the first one with `chatsmith export` first")
+                                         "train on the first adapter's merged model (its run's final/ directory) "
+                                         "instead")
             return ResolvedModel(spec, "adapter", inner.path, str(p))
         if (p / "config.json").is_file():
             return ResolvedModel(spec, "hf_dir", str(p))

@@ -55,6 +55,7 @@ class PackedScorer(nn.Module):
         self.model.gradient_checkpointing_enable(**kwargs)
 
     def enable_input_require_grads(self) -> None:
+        """Gradient checkpointing with frozen embeddings needs inputs that require grad."""
         self.model.enable_input_require_grads()
 
 
@@ -89,6 +90,8 @@ def load_backbone_with_head(spec: str, *, dtype: Any = None, trust_remote_code: 
 
 
 def save_reward_model(model: Any, tokenizer: Any, cfg: Any, run: Path) -> Path:
+    """Write final/ (a merged *ForSequenceClassification model, tokenizer and reward_config.json) and adapter/
+    for LoRA; returns final/."""
     from chatsmith.data.template import template_source
 
     final = run / "final"

@@ -42,4 +42,5 @@ class PolicyWithValueHead(nn.Module):
         self.policy.gradient_checkpointing_enable(**kwargs)
 
     def enable_input_require_grads(self) -> None:
+        """Gradient checkpointing with frozen embeddings needs inputs that require grad."""
         self.policy.enable_input_require_grads()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from chatsmith.embed import DEFAULT_MODEL as EMBEDDING_MODEL
@@ -30,6 +30,7 @@ from chatsmith.embed import Embedder
 from chatsmith.embed import available as embeddings_available
 from chatsmith.errors import ChatsmithError
 from chatsmith.serve.jobs import GenerationJob
+from chatsmith.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatsmith.serve.metrics import Metrics
 from chatsmith.serve.schemas import (
     APIError,
@@ -65,6 +66,7 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
+        """Whether the model has loaded and the engine runs."""
         return self.engine is not None
 
 
@@ -160,11 +162,11 @@ def create_app(state: ServerState) -> FastAPI:
                              "slots": e.max_batch_size})
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics() -> Response:
         """Native: Prometheus text format."""
         e = state.engine
-        return PlainTextResponse(state.metrics.render(running=e.running if e else 0, waiting=e.waiting if e else 0),
-                                 media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(running=e.running if e else 0, waiting=e.waiting if e else 0),
+                        media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -288,6 +290,7 @@ def create_app(state: ServerState) -> FastAPI:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    state.metrics.routes = {getattr(r, "path", "") for r in app.routes}
     return app
 
 

@@ -23,6 +23,7 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI error object {"error": {message, type, param, code}}."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
@@ -32,21 +33,25 @@ class _Strict(BaseModel):
 
 
 class TextPart(_Strict):
+    """A typed text part of a message's content."""
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(_Strict):
+    """One message of a chat request."""
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
 class ResponseFormat(_Strict):
+    """`response_format`: plain text or a JSON object."""
     type: Literal["text", "json_object"]
 
 
 class StreamOptions(_Strict):
+    """`stream_options`: whether the last chunk carries the usage."""
     include_usage: bool = False
 
 
@@ -69,6 +74,7 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
+    """The body of POST /v1/chat/completions."""
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -77,6 +83,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    """The body of POST /v1/completions."""
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
@@ -84,18 +91,21 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Strict):
+    """The body of POST /v1/embeddings."""
     model: str | None = None
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
 
 
 class TokenizeRequest(_Strict):
+    """The body of POST /tokenize and /apply-template."""
     content: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Strict):
+    """The body of POST /detokenize."""
     tokens: list[int]
 
 

@@ -161,6 +161,8 @@ class Trainer:
             weights[i] = {k: v for k, v in sd.items() if k in names}
 
     def save_checkpoint(self, step: int) -> Path:
+        """Write checkpoints/step-N atomically (trainable weights, optimizer, scheduler, RNG and registered
+        states), keep the last --keep-checkpoints; returns its path."""
         root = self.run_dir / CHECKPOINTS
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:06d}"
@@ -343,6 +345,7 @@ class Trainer:
         return LoopResult(len(self.plan), last, eval_metrics, resumed)
 
     def plot(self) -> None:
+        """Write loss.png from metrics.jsonl (main process only)."""
         if not self.accelerator.is_main_process:
             return
         from chatsmith.train.plots import plot_metrics

@@ -54,6 +54,7 @@ class AdaptiveKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue from a checkpoint's coefficient."""
         self.value = float(state["value"])
 
 
@@ -66,6 +67,7 @@ class RunningMoments:
     count: float = 1e-4
 
     def update(self, xs: list[float]) -> None:
+        """Merge a batch of scores into the running mean and variance."""
         n = len(xs)
         if n == 0:
             return
@@ -78,6 +80,7 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
+        """The running standard deviation (at least 1e-4)."""
         return math.sqrt(max(self.var, 1e-8))
 
     def state_dict(self) -> dict[str, float]:
@@ -85,6 +88,7 @@ class RunningMoments:
         return {"mean": self.mean, "var": self.var, "count": self.count}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue from a checkpoint's moments."""
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
 
 

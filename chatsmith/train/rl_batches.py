@@ -179,4 +179,5 @@ class RolloutBatches:
         return out
 
     def metrics(self) -> dict[str, float]:
+        """The current rollout's statistics (reward, length, KL..., time)."""
         return dict(self.rollout_metrics)

@@ -79,6 +79,7 @@ def prepare_reward_trainable(model: Any, cfg: RMConfig) -> Any:
 
 
 def run_rm(cfg: RMConfig) -> Path:
+    """Train a reward model and write the run directory (final/, metrics, plots, summary.json); returns it."""
     from transformers import set_seed
 
     from chatsmith.models.adapters import trainable_parameters

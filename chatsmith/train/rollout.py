@@ -72,6 +72,7 @@ def episode_stats(episodes: Sequence[Episode], parts: dict[str, float], group_si
 
 
 def prompt_text(e: Episode) -> str:
+    """The last user message of an episode's prompt (what text rewards see as the prompt)."""
     p = e.record.get("prompt")
     return p if isinstance(p, str) else str(p[-1]["content"])
 

@@ -54,6 +54,7 @@ def sft_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str,
 
 
 def render_examples(tokenizer: Any, conversations: list, cfg: Any) -> tuple[list[Rendered], dict[str, int]]:
+    """Conversations rendered to training examples; returns (examples, {truncated, dropped_no_targets})."""
     examples, truncated, empty = [], 0, 0
     for conv in conversations:
         r = render_conversation(tokenizer, conv, template=cfg.template, max_length=cfg.max_length)
@@ -66,6 +67,7 @@ def render_examples(tokenizer: Any, conversations: list, cfg: Any) -> tuple[list
 
 
 def sft_objective(method: str, pad_id: int) -> Objective:
+    """The SFT objective: packed rows for most methods, padded rows for virtual-token methods."""
     from chatsmith.models.adapters import uses_packed_rows
 
     collate = collate_packed if uses_packed_rows(method) else partial(collate_padded, pad_id=pad_id)

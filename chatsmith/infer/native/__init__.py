@@ -23,12 +23,14 @@ _state: dict[str, Any] = {}
 
 
 def build_dir() -> Path:
+    """Where the compiled extension is cached (under chatsmith's cache)."""
     from chatsmith.models.registry import cache_dir
 
     return cache_dir() / "torch_extensions"
 
 
 def enabled() -> bool:
+    """Whether the native step may be used (CHATSMITH_NATIVE is not 0/false/no/off)."""
     return os.environ.get("CHATSMITH_NATIVE", "1").lower() not in ("0", "false", "no", "off")
 
 
