@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from chatsmith.data.conversation import TEXT_ROLE, Conversation, Message
-from chatsmith.data.sources import SKIP_HINT, RecordContext, read_records
+from chatsmith.data.sources import SKIP_HINT, RecordContext, convert_records, read_records
 from chatsmith.data.spec import FORMATS
 from chatsmith.errors import ChatsmithError, DataError
 
@@ -97,35 +97,24 @@ def read_conversations(path: str, format: str | None = None, columns: dict[str, 
     if Path(path).suffix.lower() == ".txt" and format is None:
         format = "text"
 
-    conversations: list[Conversation] = []
-    skipped: list[DataError] = []
-    seen = 0
     columns_checked = False
-    for where, record in records:
-        seen += 1
-        ctx = RecordContext(path, where)
-        try:
-            if isinstance(record, DataError):
-                raise record
-            if format is None or (format == "columns" and columns is None):
-                # The format (and a default column mapping) is decided once, from the first
-                # readable record (with skip_bad, the first record whose shape is recognised).
-                format, columns = _detect(record, ctx, format, columns)
-            if format == "columns" and not columns_checked:
-                _check_columns_present(record, columns or {}, ctx)
-                columns_checked = True
-            for conv in _CONVERTERS[format](record, ctx, columns or {}):
-                if system_prompt and not conv.is_text and not any(m.role == "system" for m in conv.messages):
-                    conv.messages.insert(0, Message("system", system_prompt))
-                conversations.append(conv)
-        except DataError as e:
-            if not skip_bad:
-                raise
-            skipped.append(e)
-    if seen == 0:
-        raise ChatsmithError(f"{path}: no records found (the file is empty)")
-    if not conversations:
-        raise ChatsmithError(f"{path}: all {len(skipped)} records are malformed; the first: {skipped[0]}")
+
+    def convert(record: Any, ctx: RecordContext) -> list[Conversation]:
+        nonlocal format, columns, columns_checked
+        if format is None or (format == "columns" and columns is None):
+            # The format (and a default column mapping) is decided once, from the first
+            # readable record (with skip_bad, the first record whose shape is recognised).
+            format, columns = _detect(record, ctx, format, columns)
+        if format == "columns" and not columns_checked:
+            _check_columns_present(record, columns or {}, ctx)
+            columns_checked = True
+        convs = _CONVERTERS[format](record, ctx, columns or {})
+        for conv in convs:
+            if system_prompt and not conv.is_text and not any(m.role == "system" for m in conv.messages):
+                conv.messages.insert(0, Message("system", system_prompt))
+        return convs
+
+    conversations, skipped = convert_records(path, records, convert, skip_bad)
     return ReadResult(conversations=conversations, skipped=skipped, format=str(format), path=path)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.formats import MESSAGE_ROLES, hh_turns, openai_messages, sharegpt_message, text_field
-from chatsmith.data.sources import RecordContext, read_records
+from chatsmith.data.sources import RecordContext, convert_records, read_records
 from chatsmith.data.template import Rendered, render_conversation
 from chatsmith.errors import ChatsmithError, DataError
 
@@ -112,27 +112,14 @@ def _builtin(path: str) -> Any:
 
 
 def _read(path: str, convert: Any, skip_bad: bool) -> PreferenceData:
-    out: list[Any] = []
-    skipped: list[DataError] = []
-    seen = 0
     source = _builtin(path) if str(path).startswith(BUILTIN_PREFIX) else read_records(str(path))
-    for where, record in source:
-        seen += 1
-        ctx = RecordContext(str(path), where)
-        try:
-            if isinstance(record, DataError):
-                raise record
-            if not isinstance(record, dict):
-                raise ctx.error(f"expected a JSON object, found a {type(record).__name__}")
-            out.extend(convert(record, ctx))
-        except DataError as e:
-            if not skip_bad:
-                raise
-            skipped.append(e)
-    if seen == 0:
-        raise ChatsmithError(f"{path}: no records found (the file is empty)")
-    if not out:
-        raise ChatsmithError(f"{path}: all {len(skipped)} records are malformed; the first: {skipped[0]}")
+
+    def records_of(record: Any, ctx: RecordContext) -> list[Any]:
+        if not isinstance(record, dict):
+            raise ctx.error(f"expected a JSON object, found a {type(record).__name__}")
+        return convert(record, ctx)
+
+    out, skipped = convert_records(str(path), source, records_of, skip_bad)
     return PreferenceData(out, skipped, str(path))
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from chatsmith.errors import ChatsmithError, DataError
+
+T = TypeVar("T")
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
 SKIP_HINT = "fix the record, or pass --skip-bad to drop malformed records"
@@ -153,3 +155,28 @@ def _hub_records(name: str, split: str = "train") -> Iterator[tuple[str, Any]]:
         ) from None
     yield from ((f"row {i}", dict(r)) for i, r in enumerate(ds))
 
+
+def convert_records(path: str, records: Iterable[tuple[str, Any]], convert: Callable[[Any, RecordContext], list[T]],
+                    skip_bad: bool) -> tuple[list[T], list[DataError]]:
+    """`convert(record, context)` applied to every record: (everything it returned, the records
+    dropped as malformed). A malformed record raises its DataError unless `skip_bad`; an empty
+    file, or one whose every record is malformed, is an error either way."""
+    out: list[T] = []
+    skipped: list[DataError] = []
+    seen = 0
+    for where, record in records:
+        seen += 1
+        ctx = RecordContext(path, where)
+        try:
+            if isinstance(record, DataError):
+                raise record
+            out.extend(convert(record, ctx))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(e)
+    if seen == 0:
+        raise ChatsmithError(f"{path}: no records found (the file is empty)")
+    if not out:
+        raise ChatsmithError(f"{path}: all {len(skipped)} records are malformed; the first: {skipped[0]}")
+    return out, skipped

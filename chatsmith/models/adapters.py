@@ -13,23 +13,29 @@ MERGEABLE = ("lora", "dora", "qlora")
 PEFT_METHODS = ("lora", "dora", "qlora", "prompt", "prefix", "adapter")
 
 
-def _blocks(model: Any) -> Any:
-    for getter in (lambda m: m.model.layers, lambda m: m.transformer.h, lambda m: m.gpt_neox.layers):
+def _first_attribute(model: Any, paths: tuple[str, ...]) -> Any:
+    """The first of the dotted attribute `paths` that `model` has, or None."""
+    for path in paths:
+        obj = model
         try:
-            return getter(model)
+            for name in path.split("."):
+                obj = getattr(obj, name)
         except AttributeError:
             continue
-    raise ChatsmithError(f"--method freeze does not know where the transformer blocks of "
-                         f"{type(model).__name__} are; use --method lora or full")
+        return obj
+    return None
+
+
+def _blocks(model: Any) -> Any:
+    blocks = _first_attribute(model, ("model.layers", "transformer.h", "gpt_neox.layers"))
+    if blocks is None:
+        raise ChatsmithError(f"--method freeze does not know where the transformer blocks of "
+                             f"{type(model).__name__} are; use --method lora or full")
+    return blocks
 
 
 def _final_norm(model: Any) -> Any:
-    for getter in (lambda m: m.model.norm, lambda m: m.transformer.ln_f, lambda m: m.gpt_neox.final_layer_norm):
-        try:
-            return getter(model)
-        except AttributeError:
-            continue
-    return None
+    return _first_attribute(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"))
 
 
 def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:

@@ -87,7 +87,9 @@ def segment_attention_enabled(model: Any) -> bool:
 
 
 def disable_segment_attention(model: Any) -> None:
-    """Back to plain SDPA (before saving, so no config names our function)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME:
-        base.set_attn_implementation("sdpa")
+    """Back to plain SDPA (before saving, so no config names our function), for every transformers
+    model inside `model` (a PEFT wrapper, a reward scorer, a policy with a value head)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == NAME and hasattr(module, "set_attn_implementation"):
+            module.set_attn_implementation("sdpa")

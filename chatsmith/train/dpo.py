@@ -24,7 +24,7 @@ from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import PreferenceExample, encode_feedback, encode_rankings, read_feedback
 from chatsmith.errors import ChatsmithError
-from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
+from chatsmith.models.attention import enable_segment_attention
 from chatsmith.train.dist import unwrap
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import (
@@ -38,7 +38,9 @@ from chatsmith.train.losses import (
 )
 from chatsmith.train.plots import plot_preference_metrics
 from chatsmith.train.prepare import (
+    fit_and_save,
     load_rankings,
+    plan_for,
     prepare_run_dir,
     read_data_specs,
     say,
@@ -182,8 +184,6 @@ def run_dpo(cfg: DPOConfig) -> Path:
     from chatsmith.models import load_model
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters
     from chatsmith.models.saving import save_final
-    from chatsmith.train.dist import is_main, world_size
-    from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import add_template_tokens
 
     set_seed(cfg.seed)
@@ -207,8 +207,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     unit = "examples" if cfg.loss in ("kto", "rrhf") else "pairs"
     say(f"rendered {len(train_ex)} training / {len(eval_ex)} held-out records in {time.perf_counter() - t0:.1f}s; "
         f"{trunc} answers truncated at --max-length {cfg.max_length}")
-    plan = plan_steps([len(e) for e in train_ex], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                      max_steps=cfg.max_steps, epochs=cfg.epochs, seed=cfg.seed, processes=world_size())
+    plan = plan_for(cfg, train_ex)
     model = prepare_trainable(model, cfg)
     # Answers packed in one row attend only to themselves, and share one copy of their prompt.
     share = enable_segment_attention(model)
@@ -226,11 +225,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
                           partial(collate_preferences, unit=unit, share_prefix=share), unit=unit)
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
                       run_dir=run, eval_examples=eval_ex)
-    result = trainer.fit()
-    disable_segment_attention(trainer.unwrapped())
-    if is_main():
-        save_final(trainer.unwrapped(), tokenizer, cfg, run)
-        plot_preference_metrics(run, ["accuracy", "margin", "rewards_chosen", "rewards_rejected",
+    result = fit_and_save(trainer, lambda model: save_final(model, tokenizer, cfg, run))
+    plot_preference_metrics(run, ["accuracy", "margin", "rewards_chosen", "rewards_rejected",
                                   "logps_chosen", "logps_rejected", "kl", "rewards_signed"], f"dpo --loss {cfg.loss}")
     summary = {"steps": result.steps, "loss": cfg.loss, "resumed_from": result.resumed_from,
                "train_records": len(train_ex), "eval_records": len(eval_ex), "truncated": trunc,

@@ -44,8 +44,10 @@ def plot_preference_metrics(run: Path, keys: list[str], title: str) -> Path | No
     """rewards.png: each logged preference metric per step (train line, held-out points)."""
     import json
 
+    from chatsmith.train.dist import is_main
+
     path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not is_main() or not path.is_file():
         return None
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     present = [k for k in keys if any(k in r or f"eval_{k}" in r for r in records)]

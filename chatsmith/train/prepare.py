@@ -1,19 +1,21 @@
-"""What every training stage does before its loop: read and mix the data, hold out an eval split,
-create the run directory, load the model and render examples with the one template renderer."""
+"""What every training stage does around its loop: read and mix the data, create the run directory,
+add template tokens, plan the steps; after the loop, save on the main process."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from chatsmith.config import to_yaml
 from chatsmith.data.conversation import Conversation
 from chatsmith.errors import ChatsmithError
-from chatsmith.train.dist import is_main
+from chatsmith.train.dist import is_main, world_size
 from chatsmith.train.loop import latest_checkpoint
+from chatsmith.train.plan import Plan, plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +114,24 @@ def load_rankings(cfg: Any) -> list[Any]:
 
     return read_data_specs(cfg, read_preferences, _describe_rankings,
                            "pairs or rankings; or builtin:identity-preferences")
+
+
+def plan_for(cfg: Any, examples: Sequence[Any], token_budget: int | None = None) -> Plan:
+    """The run's step plan over `examples` (--batch-size, --grad-accum, --max-steps, --epochs,
+    --seed), with a share of every step for each process."""
+    return plan_steps([len(e) for e in examples], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                      max_steps=cfg.max_steps, epochs=cfg.epochs, seed=cfg.seed, token_budget=token_budget,
+                      processes=world_size())
+
+
+def fit_and_save(trainer: Any, save: Callable[[Any], Any]) -> Any:
+    """Run the loop, switch the trained model back to plain attention and `save(model)` on the main
+    process; returns the loop's result."""
+    from chatsmith.models.attention import disable_segment_attention
+
+    result = trainer.fit()
+    model = trainer.unwrapped()
+    disable_segment_attention(model)
+    if is_main():
+        save(model)
+    return result

@@ -22,12 +22,12 @@ from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import encode_rankings
 from chatsmith.errors import ChatsmithError
-from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
+from chatsmith.models.attention import enable_segment_attention
 from chatsmith.models.reward import PackedScorer, load_backbone_with_head, save_reward_model, sequence_scores
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import bradley_terry_loss, plackett_luce_loss
 from chatsmith.train.plots import plot_preference_metrics
-from chatsmith.train.prepare import load_rankings, prepare_run_dir, say, write_json
+from chatsmith.train.prepare import fit_and_save, load_rankings, plan_for, prepare_run_dir, say, write_json
 
 
 def rm_loss(model: Any, batch: dict[str, Any], loss: str = "pairwise",
@@ -83,8 +83,6 @@ def run_rm(cfg: RMConfig) -> Path:
     from transformers import set_seed
 
     from chatsmith.models.adapters import trainable_parameters
-    from chatsmith.train.dist import is_main, world_size
-    from chatsmith.train.plan import plan_steps
     from chatsmith.train.prepare import add_template_tokens
 
     set_seed(cfg.seed)
@@ -101,8 +99,7 @@ def run_rm(cfg: RMConfig) -> Path:
     n_pairs = sum(len(r.pairs()) for r in train_recs)
     say(f"rendered {len(train_ex)} training records ({n_pairs} pairs) / {len(eval_ex)} held out in "
         f"{time.perf_counter() - t0:.1f}s; {trunc} answers truncated at --max-length {cfg.max_length}")
-    plan = plan_steps([len(e) for e in train_ex], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                      max_steps=cfg.max_steps, epochs=cfg.epochs, seed=cfg.seed, processes=world_size())
+    plan = plan_for(cfg, train_ex)
     model = prepare_reward_trainable(model, cfg)
     # Answers packed in one row attend only to themselves, and share one copy of their prompt.
     share = enable_segment_attention(model)
@@ -115,13 +112,9 @@ def run_rm(cfg: RMConfig) -> Path:
                           partial(collate_preferences, unit=unit, share_prefix=share), unit=unit)
     trainer = Trainer(model=scorer, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
                       run_dir=run, eval_examples=eval_ex)
-    result = trainer.fit()
-    trained = trainer.unwrapped().model
-    disable_segment_attention(trained)
+    result = fit_and_save(trainer, lambda scorer: save_reward_model(scorer.model, tokenizer, cfg, run))
     final = run / "final"
-    if is_main():
-        save_reward_model(trained, tokenizer, cfg, run)
-        plot_preference_metrics(run, ["accuracy", "margin"], "reward model")
+    plot_preference_metrics(run, ["accuracy", "margin"], "reward model")
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_records": len(train_ex),
                "train_pairs": n_pairs, "eval_records": len(eval_ex),
                "eval_pairs": sum(len(r.pairs()) for r in eval_recs), "truncated": trunc,

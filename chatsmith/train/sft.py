@@ -18,15 +18,15 @@ from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_packed, collate_padded
 from chatsmith.data.template import Rendered, render_conversation
 from chatsmith.errors import ChatsmithError
-from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
+from chatsmith.models.attention import enable_segment_attention
 from chatsmith.models.saving import save_final
-from chatsmith.train.dist import is_main, world_size
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import nll_sum
-from chatsmith.train.plan import plan_steps
 from chatsmith.train.prepare import (
     add_template_tokens,
+    fit_and_save,
     load_conversations,
+    plan_for,
     prepare_run_dir,
     say,
     write_json,
@@ -104,10 +104,7 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
 
     if cfg.packing and not uses_packed_rows(cfg.method):
         raise ChatsmithError(f"--packing does not work with --method {cfg.method} (virtual tokens are per sequence)")
-    lengths = [len(e) for e in train_ex]
-    plan = plan_steps(lengths, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
-                      epochs=cfg.epochs, seed=cfg.seed,
-                      token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None, processes=world_size())
+    plan = plan_for(cfg, train_ex, token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None)
     model = prepare_trainable(model, cfg)
     if uses_packed_rows(cfg.method):
         enable_segment_attention(model)
@@ -117,10 +114,7 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
     objective = sft_objective(cfg.method, tokenizer.pad_token_id)
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
                       run_dir=run, eval_examples=eval_ex)
-    result = trainer.fit()
-    disable_segment_attention(trainer.unwrapped())
-    if is_main():
-        save_final(trainer.unwrapped(), tokenizer, cfg, run)
+    result = fit_and_save(trainer, lambda model: save_final(model, tokenizer, cfg, run))
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_examples": len(train_ex),
                "eval_examples": len(eval_ex), **counts, "final": result.final_metrics, "eval": result.eval_metrics}
     write_json(run / "summary.json", summary)
