@@ -65,7 +65,8 @@ in the chat: /reset clears the history, /system TEXT sets the system prompt, /ex
 
 SERVE_EXAMPLES = """examples:
   chatsmith serve smollm2-135m                          web chat at http://127.0.0.1:8000/, API at /v1
-  chatsmith serve runs/mine --port 9000 --api-key secret
+  CHATSMITH_API_KEY=secret chatsmith serve runs/mine --port 9000      require the key on the API routes
+  chatsmith serve runs/mine --host 0.0.0.0 --api-key-file key.txt     every interface, key from a file
   chatsmith serve smollm2-135m --lora mine=runs/mine/adapter --max-concurrency 8
 then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(...)
 """
@@ -160,7 +161,16 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("model", help="alias, HF directory, run directory, adapter directory, .gguf file or hub id")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API routes (visible "
+                    "to `ps`: prefer CHATSMITH_API_KEY or --api-key-file)")
+    sv.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a Host header name the server answers to (repeatable; on loopback only loopback names "
+                         "are answered unless added here)")
+    sv.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body; larger gets 413 (default 4)")
+    sv.add_argument("--max-connections", type=int, default=256, help="open connections at most (default 256)")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a connection may take to send a request's head before it is closed (default 10)")
     sv.add_argument("--max-concurrency", type=int, default=16, help="sequences decoded together (KV cache slots)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
@@ -276,10 +286,12 @@ def _run(args: argparse.Namespace) -> int:
             if not sep or not name or not path:
                 raise ChatsmithError(f"--lora expects NAME=PATH, got '{item}'")
             loras[name] = path
-        return run_server(args.model, host=args.host, port=args.port, api_key=args.api_key,
+        return run_server(args.model, host=args.host, port=args.port, api_key=_api_key(args),
                           max_concurrency=args.max_concurrency, loras=loras, precision=args.precision,
                           kv_cache_mb=args.kv_cache_mb, max_queue=args.max_queue, served_name=args.served_name,
-                          template=args.template, trust_remote_code=args.trust_remote_code)
+                          template=args.template, trust_remote_code=args.trust_remote_code,
+                          allowed_hosts=args.allowed_host, max_body_mb=args.max_body_mb,
+                          header_timeout=args.header_timeout, max_connections=args.max_connections)
     if args.command == "quickstart":
         from chatsmith.quickstart import run_quickstart
 
@@ -287,6 +299,24 @@ def _run(args: argparse.Namespace) -> int:
                               max_steps=args.max_steps, seed=args.seed)
     _parser().print_help()
     return 2
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The server's key: --api-key, else --api-key-file's first line, else $CHATSMITH_API_KEY."""
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        from pathlib import Path
+
+        try:
+            key = Path(args.api_key_file).read_text().splitlines()[0].strip() if Path(args.api_key_file).is_file() else ""
+        except IndexError:
+            key = ""
+        if not key:
+            raise ChatsmithError(f"--api-key-file {args.api_key_file}: no key in it (it must exist and hold the key "
+                                 "on its first line)")
+        return key
+    return os.environ.get("CHATSMITH_API_KEY") or None
 
 
 def main(argv: list[str] | None = None) -> int:

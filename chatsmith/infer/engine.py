@@ -10,6 +10,12 @@ chat`, quickstart and evaluation, RL rollouts and `rm compare`.
   (continuous batching, as in Orca, Yu et al. 2022). Prompts are prefilled in chunks of
   `prefill_chunk` tokens so a long prompt does not stall the running answers for long.
 
+Fairness: a token's choice is cheap for most requests and tens of milliseconds for a constrained
+(JSON) one. After the batched forward, cheap choices are all made; costly ones are made group by
+group (a group is one API request's n choices) in round-robin order, within a time budget equal to
+the step's forward pass, and the rest wait with their logits for the next step. One request with
+many constrained choices therefore slows its own answers, not everyone's.
+
 Text: with a tokenizer, each request carries one `TextStream` (infer/detokenize.py), the one
 detokenizer: it turns tokens into text as they arrive, holds back what may be the start of a stop
 string, and ends the request at a stop string. A request can only fail itself: an error while
@@ -46,6 +52,10 @@ from chatsmith.infer.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# Fair steps: choosing a token is "costly" past this many seconds (JSON-constrained rows take tens of
+# ms); costly choices in one step take at most as long as the step's forward pass (or this floor).
+COSTLY_CHOICE_S = 0.002
+COSTLY_BUDGET_FLOOR_S = 0.02
 # Text the int8 path measures activation ranges on (SmoothQuant calibration): prose, a dialogue
 # turn, code and numbers, like what a chat model sees.
 CALIBRATION_TEXT = """<|im_start|>system
@@ -148,6 +158,9 @@ class Request:
         self.done = threading.Event()
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
+        self.group: Any = rid                # requests of one group share a fair turn (an API request's n)
+        self.ready: Any = None               # (logits, logp) computed but not yet chosen from
+        self.choice_cost = COSTLY_CHOICE_S * 10 if constraint is not None else 0.0   # seconds, running mean
         self.finished_at: float | None = None
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.history = torch.tensor(prompt, dtype=torch.long)
@@ -244,6 +257,7 @@ class Engine:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if hasattr(
             model, "get_output_embeddings") and model.get_output_embeddings() is not None else None
 
+        self._served: dict[Any, int] = {}      # group -> the last step one of its costly choices was made
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._free_slots = list(range(max_batch_size))
@@ -269,11 +283,12 @@ class Engine:
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
                adapter: str | None = None, seed: int | None = None,
                on_token: Callable[..., None] | None = None, on_finish: Callable[[Request], None] | None = None,
-               check_queue: bool = True, constraint: Any = None) -> Request:
+               check_queue: bool = True, constraint: Any = None, group: Any = None) -> Request:
         """Queue one sequence and return its Request (thread-safe). `seed` overrides `params.seed`.
 
-        `on_token(request, token_id, logprob)` and `on_finish(request)` are called from the engine's
-        thread. Raises RequestTooLarge, EngineBusy, or ChatsmithError for bad parameters.
+        `on_token(request, token_id, logprob, text)` and `on_finish(request)` are called from the
+        engine's thread. Requests with the same `group` take turns as one (see the module docstring).
+        Raises RequestTooLarge, EngineBusy, or ChatsmithError for bad parameters.
         """
         params.validate()
         prompt = [int(t) for t in prompt]
@@ -292,6 +307,8 @@ class Engine:
             self._next_id += 1
             req = Request(self._next_id, prompt, params, stops, adapter, params.seed if seed is None else seed,
                           on_token, on_finish, constraint, self.tokenizer)
+            if group is not None:
+                req.group = group
             self._waiting.append(req)
             self.stats["requests"] += 1
             self._wake.notify()
@@ -476,7 +493,7 @@ class Engine:
             budget -= n
             if req.cached == len(req.prompt):
                 req.prompt_logits = logits
-                self._accept(req, logits)
+                self._logits_ready(req, logits)
 
     def _share_prefix(self, req: Request) -> bool:
         """Prefix sharing for identical prompts (the G answers of a GRPO group, `n` choices): copy
@@ -490,24 +507,67 @@ class Engine:
                 req.cached = len(req.prompt)
                 req.prompt_logits = donor.prompt_logits
                 self.stats["shared_prompt_tokens"] = self.stats.get("shared_prompt_tokens", 0) + len(req.prompt)
-                self._accept(req, donor.prompt_logits)
+                self._logits_ready(req, donor.prompt_logits)
                 return True
         return False
 
     def _decode(self) -> None:
         rows = [r for r in self._running if r.pending is not None and not r.finished]
-        if not rows:
-            return
-        logits = self.runner.decode([r.slot for r in rows], [r.pending for r in rows], [r.cached for r in rows],
-                                    [r.adapter for r in rows])
-        for r in rows:
-            r.cached += 1
-            r.pending = None
-        import torch
+        forward_s = 0.0
+        if rows:
+            import torch
 
-        logp = torch.log_softmax(logits, dim=-1)
-        for i, r in enumerate(rows):
-            self._accept(r, logits[i], logp[i])
+            t0 = time.perf_counter()
+            logits = self.runner.decode([r.slot for r in rows], [r.pending for r in rows],
+                                        [r.cached for r in rows], [r.adapter for r in rows])
+            forward_s = time.perf_counter() - t0
+            logp = torch.log_softmax(logits, dim=-1)
+            for i, r in enumerate(rows):
+                r.cached += 1
+                r.pending = None
+                r.ready = (logits[i], logp[i])
+        self._choose_ready(forward_s)
+
+    def _logits_ready(self, req: Request, logits: Any) -> None:
+        """A prompt's last logits: a cheap choice is made at once (the answer's next token then joins
+        this step's decode), a costly one waits for its fair turn."""
+        req.ready = (logits, None)
+        if req.choice_cost < COSTLY_CHOICE_S:
+            self._choose_now(req)
+
+    def _choose_ready(self, forward_s: float) -> None:
+        """Choose the next token of every request whose logits are ready: the cheap ones all, the
+        costly ones group by group in round-robin order within the step's budget (at least one)."""
+        ready = [r for r in self._running if r.ready is not None and not r.finished]
+        costly: dict[Any, list[Request]] = {}
+        for r in ready:
+            if r.choice_cost < COSTLY_CHOICE_S:
+                self._choose_now(r)
+            else:
+                costly.setdefault(r.group, []).append(r)
+        if not costly:
+            return
+        # Groups served longest ago go first, then one row per group per round.
+        order = sorted(costly, key=lambda g: self._served.get(g, -1))
+        turns = [r for rnd in range(max(len(v) for v in costly.values()))
+                 for g in order if rnd < len(costly[g]) for r in costly[g][rnd:rnd + 1]]
+        budget, spent = max(COSTLY_BUDGET_FLOOR_S, forward_s), 0.0
+        for r in turns:
+            if spent >= budget:
+                self.stats["deferred_choices"] = self.stats.get("deferred_choices", 0) + 1
+                continue
+            spent += self._choose_now(r)
+            self._served[r.group] = self.stats["steps"]
+
+    def _choose_now(self, req: Request) -> float:
+        """Choose `req`'s next token from its ready logits; the seconds it took (kept as a running mean)."""
+        logits, logp = req.ready
+        req.ready = None
+        t0 = time.perf_counter()
+        self._accept(req, logits, logp)
+        took = time.perf_counter() - t0
+        req.choice_cost = 0.5 * req.choice_cost + 0.5 * took
+        return took
 
     def _accept(self, req: Request, logits: Any, logp: Any = None) -> None:
         """Sample the next token of `req` from its logits [V] and check the stop conditions. An
@@ -574,16 +634,22 @@ class Engine:
         if c.done:
             return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
         probs = None if req.params.greedy else warped_probs(scores, req.params)
-        values, order = (scores if probs is None else probs).sort(descending=True)
-        values, order = values.tolist(), order.tolist()
+        ranked = scores if probs is None else probs
+        k = min(2048, ranked.numel())
+        values, order = ranked.topk(k)   # sorted; far cheaper than sorting the whole vocabulary
         allowed: list[int] = []
-        for rank, t in enumerate(order):
+        for v, t in zip(values.tolist(), order.tolist()):
             # Sampling: draw among the allowed tokens of the top 2048 that have probability left.
-            if probs is not None and allowed and (values[rank] <= 0 or rank >= 2048):
+            if probs is not None and allowed and v <= 0:
                 break
             if c.allows(t):
                 allowed.append(t)
                 if probs is None or len(allowed) >= 64:
+                    break
+        if not allowed and k < ranked.numel():   # nothing allowed in the top 2048: the most likely allowed one
+            for t in ranked.sort(descending=True).indices[k:].tolist():
+                if c.allows(t):
+                    allowed.append(t)
                     break
         if not allowed:  # nothing can continue the object: end here rather than write invalid JSON
             return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
@@ -599,6 +665,7 @@ class Engine:
             return
         req.finish_reason = reason
         req.error = error
+        req.ready = None
         if req.detok is not None:
             req.tail = req.detok.finish()
         req.finished_at = time.monotonic()

@@ -9,6 +9,13 @@ Routes (llama.cpp's server is the model for the native ones):
 - native: GET /health (503 while loading), GET /metrics (Prometheus), POST /tokenize,
   POST /detokenize, POST /apply-template
 - GET /: the web chat page (static files in chatsmith/serve/static, no CDN)
+- GET /openapi.json: the API's schema (request bodies and the OpenAI error shape of every 4xx)
+
+A request can only fail itself: serve/guard.py checks host, content type, key and body size before
+any route runs; tokenizing and template rendering run in a worker thread, never on the event loop;
+a request is validated and admitted to the engine before its response (or stream) starts; a
+client that leaves cancels its generation, streamed or not; and the engine isolates errors per
+request (infer/engine.py).
 """
 
 from __future__ import annotations
@@ -24,11 +31,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatsmith.embed import DEFAULT_MODEL as EMBEDDING_MODEL
 from chatsmith.embed import Embedder
 from chatsmith.embed import available as embeddings_available
 from chatsmith.errors import ChatsmithError
+from chatsmith.serve import http
+from chatsmith.serve.guard import LOOPBACK, RequestGuard
 from chatsmith.serve.jobs import GenerationJob
 from chatsmith.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatsmith.serve.metrics import Metrics
@@ -40,12 +50,15 @@ from chatsmith.serve.schemas import (
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
+    openapi_body,
+    openapi_components,
     parse_body,
 )
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 256   # a stop string holds its length of text back while streaming
 
 
 @dataclass
@@ -54,6 +67,10 @@ class ServerState:
 
     model_name: str
     api_key: str | None = None
+    # Host header values served (None: any). Loopback-only servers answer to loopback names only.
+    allowed_hosts: set[str] | None = None
+    max_body_bytes: int = 4 * 2**20
+    body_timeout: float = 30.0
     engine: Any = None
     tokenizer: Any = None
     template: str | None = None
@@ -91,7 +108,7 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
         state.engine = engine
         log.info("serving %s (%s precision, %d slots of %d tokens)", model, precision, max_concurrency,
                  engine.slot_tokens)
-    except Exception as e:  # /health reports it; the process stays up to say why
+    except Exception as e:  # /health says "error"; the log has the reason, the process stays up
         log.exception("loading %s failed", model)
         state.load_error = f"{type(e).__name__}: {e}"
 
@@ -112,12 +129,26 @@ def _fingerprint(model: str, precision: str, engine: Any) -> str:
 
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI app of `chatsmith serve` over `state` (routes listed in the module docstring)."""
-    app = FastAPI(title="chatsmith", docs_url=None, redoc_url=None, openapi_url=None)
+    from chatsmith import __version__
+
+    app = FastAPI(title="chatsmith", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="An OpenAI-compatible API (chat completions, completions, models, embeddings) and "
+                              "native routes (health, metrics, tokenize, detokenize, apply-template).")
     app.state.cs = state
 
     @app.exception_handler(APIError)
     async def _api_error(_req: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, e: StarletteHTTPException) -> JSONResponse:
+        # 404 (no such route) and 405 (wrong method) in OpenAI's shape, like every other error.
+        message = {404: "no such route; see GET /openapi.json for the routes",
+                   405: "this route does not take this method; see GET /openapi.json"}.get(e.status_code, str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code,
+                            headers=dict(e.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, e: Exception) -> JSONResponse:
@@ -126,40 +157,17 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(APIError(500, f"internal error ({type(e).__name__}); see the server log",
                                      type="server_error").body(), status_code=500)
 
-    @app.middleware("http")
-    async def _auth_and_metrics(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        start = time.monotonic()
-        protected = path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/apply-template", "/metrics")
-        if state.api_key and protected:
-            got = request.headers.get("authorization", "")
-            if got != f"Bearer {state.api_key}":
-                err = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
-                               "key given to --api-key", type="authentication_error", code="invalid_api_key")
-                response: Response = JSONResponse(err.body(), status_code=401)
-                state.metrics.request(path, 401, time.monotonic() - start)
-                return response
-        try:
-            response = await call_next(request)
-        except Exception as e:  # errors raised outside the exception handlers' reach
-            log.exception("unexpected error")
-            response = JSONResponse(APIError(500, f"internal error ({type(e).__name__})", type="server_error").body(),
-                                    status_code=500)
-        state.metrics.request(path, response.status_code, time.monotonic() - start)
-        return response
-
     # ---- native routes -------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """Native: 503 while loading (or when loading failed), then 200."""
+        """Native: {"status": "loading"} (503) while loading, "error" (503) when loading failed (the
+        reason is in the server's log), then "ok" (200). No key needed, so nothing else is said."""
         if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+            return JSONResponse({"status": "error"}, status_code=503)
         if not state.ready:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
-        e = state.engine
-        return JSONResponse({"status": "ok", "model": state.model_name, "running": e.running, "waiting": e.waiting,
-                             "slots": e.max_batch_size})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -168,41 +176,42 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(state.metrics.render(running=e.running if e else 0, waiting=e.waiting if e else 0),
                         media_type=METRICS_CONTENT_TYPE)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi_body(TokenizeRequest))
     async def tokenize(request: Request) -> JSONResponse:
         """Native: {"content": text} or {"messages": [...]} -> token ids (no inference)."""
-        body = parse_body(await request.body(), TokenizeRequest)
+        body = await read_body(request, TokenizeRequest)
         _require_ready(state)
         if (body.content is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'content' (text) or 'messages' (a conversation)")
         if body.content is not None:
-            ids = state.tokenizer(body.content, add_special_tokens=False)["input_ids"]
+            ids = await asyncio.to_thread(_tokenize, state, body.content)
         else:
-            ids = _render(state, body.messages, body.add_generation_prompt)[0]
+            ids = (await asyncio.to_thread(_render, state, body.messages, body.add_generation_prompt))[0]
         return JSONResponse({"tokens": ids, "count": len(ids)})
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
     async def detokenize(request: Request) -> JSONResponse:
         """Native: {"tokens": [...]} -> text."""
-        body = parse_body(await request.body(), DetokenizeRequest)
+        body = await read_body(request, DetokenizeRequest)
         _require_ready(state)
         _check_ids(state, body.tokens, "tokens")
-        return JSONResponse({"content": state.tokenizer.decode(body.tokens)})
+        return JSONResponse({"content": await asyncio.to_thread(state.tokenizer.decode, body.tokens)})
 
-    @app.post("/apply-template")
+    @app.post("/apply-template", openapi_extra=openapi_body(TokenizeRequest))
     async def apply_template(request: Request) -> JSONResponse:
         """Native: the prompt text the model would see for these messages (no inference)."""
-        body = parse_body(await request.body(), TokenizeRequest)
+        body = await read_body(request, TokenizeRequest)
         _require_ready(state)
         if body.messages is None:
             raise APIError(400, "field 'messages': required (a list of {role, content})", param="messages")
-        ids, text = _render(state, body.messages, body.add_generation_prompt)
+        ids, text = await asyncio.to_thread(_render, state, body.messages, body.add_generation_prompt)
         return JSONResponse({"prompt": text, "tokens": len(ids)})
 
     # ---- OpenAI routes -------------------------------------------------------------------------------
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
+        """OpenAI: the served model, its LoRA adapters by name and the embedding model."""
         _require_ready(state)
         names = [state.model_name] + list(state.engine.adapter_names)
         if embeddings_available():
@@ -210,12 +219,13 @@ def create_app(state: ServerState) -> FastAPI:
         data = [{"id": n, "object": "model", "created": state.created, "owned_by": "chatsmith"} for n in names]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
-        body = parse_body(await request.body(), ChatCompletionRequest)
+        """OpenAI: a chat completion, streamed (server-sent events) or not."""
+        body = await read_body(request, ChatCompletionRequest)
         _require_ready(state)
         adapter = _adapter_for(state, body.model)
-        ids, _ = _render(state, body.messages, True)
+        ids, _ = await asyncio.to_thread(_render, state, body.messages, True)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top = (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs and not body.logprobs:
@@ -223,16 +233,13 @@ def create_app(state: ServerState) -> FastAPI:
         json_mode = body.response_format is not None and body.response_format.type == "json_object"
         params = _sampling(state, body, ids, max_tokens, top)
         job = GenerationJob(state, "chat.completion", ids, params, body.n, adapter, body.model or state.model_name,
-                   logprobs=body.logprobs, json_mode=json_mode)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(job.stream(request, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await job.run(request))
+                            logprobs=body.logprobs, json_mode=json_mode)
+        return await _answer(job, request, body)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        body = parse_body(await request.body(), CompletionRequest)
+        """OpenAI: a text completion of a prompt (text or token ids), streamed or not."""
+        body = await read_body(request, CompletionRequest)
         _require_ready(state)
         adapter = _adapter_for(state, body.model)
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
@@ -243,7 +250,7 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(body.prompt, str):
             if not body.prompt:
                 raise APIError(400, "field 'prompt': must not be empty", param="prompt")
-            ids = state.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
+            ids = await asyncio.to_thread(_tokenize, state, body.prompt)
             if state.tokenizer.bos_token_id is not None and getattr(state.tokenizer, "add_bos_token", False):
                 ids = [state.tokenizer.bos_token_id] + ids
         else:
@@ -253,17 +260,14 @@ def create_app(state: ServerState) -> FastAPI:
             _check_ids(state, ids, "prompt")
         params = _sampling(state, body, ids, body.max_tokens, body.logprobs or 0)
         job = GenerationJob(state, "text_completion", ids, params, body.n, adapter, body.model or state.model_name,
-                   logprobs=body.logprobs is not None, echo=body.prompt if body.echo and isinstance(body.prompt, str)
-                   else None)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(job.stream(request, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await job.run(request))
+                            logprobs=body.logprobs is not None,
+                            echo=body.prompt if body.echo and isinstance(body.prompt, str) else None)
+        return await _answer(job, request, body)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
     async def embeddings(request: Request) -> JSONResponse:
-        body = parse_body(await request.body(), EmbeddingRequest)
+        """OpenAI: sentence embeddings (all-MiniLM-L6-v2), float or base64."""
+        body = await read_body(request, EmbeddingRequest)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or any(not t for t in texts):
             raise APIError(400, "field 'input': send a non-empty string or a list of non-empty strings", param="input")
@@ -285,13 +289,45 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ---- web page ------------------------------------------------------------------------------------
 
-    @app.get("/")
+    @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     state.metrics.routes = {getattr(r, "path", "") for r in app.routes}
+    app.add_middleware(RequestGuard, state=state)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def read_body(request: Request, schema: Any) -> Any:
+    """The request body parsed into `schema` (RequestGuard limits its size and time); parsing a
+    large body runs in a worker thread, off the event loop."""
+    raw = await request.body()
+    if len(raw) > 65536:
+        return await asyncio.to_thread(parse_body, raw, schema)
+    return parse_body(raw, schema)
+
+
+async def _answer(job: GenerationJob, request: Request, body: Any) -> Response:
+    """Admit the job to the engine (a full queue or a bad parameter is a 4xx before any byte is
+    sent), then answer with one JSON response or a stream of server-sent events."""
+    if body.stream:
+        queue = job.submit()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(job.stream(queue, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(await job.run(request))
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -299,7 +335,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 def _require_ready(state: ServerState) -> None:
     if state.load_error:
-        raise APIError(503, f"the model failed to load: {state.load_error}", type="server_error")
+        raise APIError(503, "the model failed to load; the server's log says why", type="server_error")
     if not state.ready:
         raise APIError(503, "the model is still loading; retry shortly (GET /health says 200 when ready)",
                        type="server_error", headers={"Retry-After": "2"})
@@ -320,6 +356,10 @@ def _check_ids(state: ServerState, ids: list[int], name: str) -> None:
     bad = [t for t in ids if t < 0 or t >= vocab]
     if bad:
         raise APIError(400, f"field '{name}': token id {bad[0]} is outside the vocabulary [0, {vocab})", param=name)
+
+
+def _tokenize(state: ServerState, text: str) -> list[int]:
+    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _text(content: Any) -> str:
@@ -366,8 +406,9 @@ def _sampling(state: ServerState, body: Any, ids: list[int], max_tokens: int | N
                        f"context holds {engine.slot_tokens}; ask for at most {room} tokens",
                        param="max_tokens", code="context_length_exceeded")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 8 or any(not s for s in stop):
-        raise APIError(400, "field 'stop': up to 8 non-empty strings", param="stop")
+    if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"field 'stop': up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} "
+                       "characters each", param="stop")
     return SamplingParams(
         temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
@@ -378,50 +419,31 @@ def _sampling(state: ServerState, body: Any, ids: list[int], max_tokens: int | N
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_concurrency: int = 16, loras: dict[str, str] | None = None, precision: str = "auto",
                kv_cache_mb: float | None = 2048, max_queue: int = 64, served_name: str | None = None,
-               template: str | None = None, trust_remote_code: bool = False) -> int:
+               template: str | None = None, trust_remote_code: bool = False, allowed_hosts: list[str] | None = None,
+               max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
+               max_connections: int = 256) -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready)."""
     import uvicorn
 
-    state = ServerState(model_name=served_name or model, api_key=api_key)
+    hosts = None
+    if host in LOOPBACK or allowed_hosts:   # loopback: only loopback names, so DNS rebinding cannot reach it
+        hosts = {h.lower() for h in (allowed_hosts or [])} | (set(LOOPBACK) if host in LOOPBACK else set())
+    state = ServerState(model_name=served_name or model, api_key=api_key, allowed_hosts=hosts,
+                        max_body_bytes=int(max_body_mb * 2**20), body_timeout=body_timeout)
     app = create_app(state)
     threading.Thread(target=load_state, args=(state, model), daemon=True, name="chatsmith-load",
                      kwargs={"precision": precision, "max_concurrency": max_concurrency, "kv_cache_mb": kv_cache_mb,
                              "max_queue": max_queue, "loras": loras, "template": template,
                              "trust_remote_code": trust_remote_code}).start()
     print(f"chatsmith serve: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(http.uvicorn_config(app, host, port, header_timeout=header_timeout,
+                                       max_connections=max_connections)).run()
     return 0
 
 
-class ServerThread:
-    """Serve `state` with uvicorn on a free port in a background thread (tests, notebooks).
+class ServerThread(http.ServerThread):
+    """Serve a ServerState's app in a background thread (tests, notebooks):
+    `with ServerThread(state) as url:` yields "http://127.0.0.1:PORT" once the socket listens."""
 
-    `with ServerThread(state) as url:` yields "http://127.0.0.1:PORT" once the socket listens.
-    """
-
-    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-
-        import uvicorn
-
-        if port == 0:
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-        self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True, name="chatsmith-http")
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self.url
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+    def __init__(self, state: ServerState, host: str = "127.0.0.1", port: int = 0, **limits: Any) -> None:
+        super().__init__(create_app(state), host, port, **limits)

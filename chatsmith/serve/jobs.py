@@ -58,7 +58,8 @@ class GenerationJob:
                     constraint = JsonObjectConstraint(self.state.tokenizer)
                 seed = None if self.params.seed is None else self.params.seed + i
                 self.requests.append(engine.submit(self.ids, self.params, adapter=self.adapter, seed=seed,
-                                                   on_token=on_token, on_finish=on_finish, constraint=constraint))
+                                                   on_token=on_token, on_finish=on_finish, constraint=constraint,
+                                                   group=self.id))
         except EngineBusy as e:
             self.cancel()
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
@@ -156,20 +157,22 @@ class GenerationJob:
     # ---- the two ways to answer ------------------------------------------------------------------
 
     async def run(self, request: Request) -> dict[str, Any]:
-        """Wait for every choice and return the whole response; a client that leaves cancels it."""
+        """Wait for every choice and return the whole response. The client leaving cancels the
+        generation at once (the body was read whole, so the next message is the disconnect)."""
         queue = self.submit()
+        left = asyncio.ensure_future(_disconnected(request))
         try:
             remaining = self.n
             while remaining:
-                try:
-                    kind, *_ = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise APIError(400, "the client disconnected; generation was cancelled") from None
-                    continue
-                if kind == "done":
+                event = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
+                if event not in done:
+                    event.cancel()
+                    raise APIError(499, "the client disconnected; generation was cancelled", code="client_closed")
+                if event.result()[0] == "done":
                     remaining -= 1
         finally:
+            left.cancel()
             self.cancel()
         self._record()
         errors = [r.error for r in self.requests if r.finish_reason == "error"]
@@ -177,10 +180,10 @@ class GenerationJob:
             raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
         return self._response()
 
-    async def stream(self, request: Request, include_usage: bool) -> Any:
-        """Server-sent events: a role chunk, text chunks as the engine makes them safe to show, one
-        chunk with each choice's finish reason, the usage (when asked), then [DONE]."""
-        queue = self.submit()
+    async def stream(self, queue: asyncio.Queue, include_usage: bool) -> Any:
+        """Server-sent events from an admitted job (`submit()` gave `queue`): a role chunk, text
+        chunks as the engine makes them safe to show, one chunk with each choice's finish reason,
+        the usage (when asked), then [DONE]. A client that leaves cancels the generation."""
         logged = [0] * self.n      # log-prob entries already sent per choice
         remaining = self.n
         try:
@@ -215,3 +218,11 @@ class GenerationJob:
         finally:
             # A client that goes away mid-stream lands here (the task is cancelled): free its slots.
             self.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the request's body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

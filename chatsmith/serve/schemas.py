@@ -100,7 +100,7 @@ class EmbeddingRequest(_Strict):
 class TokenizeRequest(_Strict):
     """The body of POST /tokenize and /apply-template."""
     content: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_generation_prompt: bool = True
 
 
@@ -117,8 +117,14 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
         raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply to parse; send a JSON object") from None
+    except ValueError as e:   # e.g. an integer literal of more than 4300 digits
+        raise APIError(400, f"the request body holds a value Python's JSON parser refuses ({e})") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    where = _unencodable(data)
+    if where is not None:
+        raise APIError(400, f"field '{where or 'body'}': the text holds a lone UTF-16 surrogate (an escape such as "
+                       "\\ud800 without its pair), which is not a character; send valid Unicode", param=where or None)
     try:
         return schema.model_validate(data)
     except RecursionError:
@@ -129,6 +135,61 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
         got = err.get("input")
         shown = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
         raise APIError(400, f"field '{param}': {err.get('msg', 'invalid value')} (got {shown})", param=param) from None
+
+
+def _unencodable(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) that is not valid Unicode (a lone surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            inner = f"{path}.{k}" if path else str(k)
+            bad = _unencodable(k, inner)
+            if bad is None:
+                bad = _unencodable(v, inner)
+            if bad is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            bad = _unencodable(v, f"{path}[{i}]")
+            if bad is not None:
+                return bad
+    return None
+
+
+ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+REQUEST_MODELS: list[type[BaseModel]] = []
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI parts of a route whose body is parsed by hand into `model`: its request body and
+    the OpenAI error shape of its 4xx answers (the schemas themselves: `openapi_components`)."""
+    if model not in REQUEST_MODELS:
+        REQUEST_MODELS.append(model)
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+            "responses": {"4XX": {"description": "a bad request, in OpenAI's error shape", **error},
+                          "5XX": {"description": "the model is loading (503) or failed", **error}}}
+
+
+def openapi_components() -> dict[str, Any]:
+    """The JSON schemas of every request body and of the error object, for /openapi.json."""
+    out: dict[str, Any] = {"Error": ERROR_SCHEMA}
+    for model in REQUEST_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
