@@ -208,6 +208,11 @@ BAD_REQUESTS = [
     ({**GOOD, "messages": [{"role": "user", "content": LONG}]}, 400, f"holds {SLOT_TOKENS}"),
     ({**GOOD, "max_tokens": 10**6}, 400, "ask for at most"),
     ({**GOOD, "model": "gpt-17"}, 404, "model 'gpt-17' not found"),
+    # found by hostile testing (issue 11): these were 500s
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", 400,
+     "JSON parser refuses"),
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', 400, "lone UTF-16 surrogate"),
+    ({**GOOD, "stop": ["x" * 257]}, 400, "at most 256 characters"),
 ]
 
 
@@ -257,16 +262,229 @@ def test_api_key(server):
     url, state = server
     state.api_key = "s3cret"
     try:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Bearer s3cre"}, {"Authorization": "Basic s3cret"}):
             r = httpx.post(f"{url}/v1/chat/completions", json=GOOD, headers=headers)
             assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/models").status_code == 401
-        assert httpx.get(f"{url}/health").status_code == 200  # health and the page stay open
-        assert httpx.get(f"{url}/").status_code == 200
-        ok = httpx.post(f"{url}/v1/chat/completions", json=GOOD, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # health, the page and the schema stay open
+        assert httpx.get(f"{url}/").status_code == 200 and httpx.get(f"{url}/openapi.json").status_code == 200
+        for scheme in ("Bearer", "bearer", "BEARER"):   # RFC 7235: the scheme is case-insensitive
+            ok = httpx.post(f"{url}/v1/chat/completions", json=GOOD, headers={"Authorization": f"{scheme} s3cret"})
+            assert ok.status_code == 200, scheme
     finally:
         state.api_key = None
+
+
+def test_api_key_from_environment_or_file(tmp_path, monkeypatch):
+    """The key need not be on the command line, where `ps` shows it."""
+    from chatsmith.cli import _api_key, _parser
+    from chatsmith.errors import ChatsmithError
+
+    monkeypatch.setenv("CHATSMITH_API_KEY", "from-env")
+    assert _api_key(_parser().parse_args(["serve", "m"])) == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    assert _api_key(_parser().parse_args(["serve", "m", "--api-key-file", str(tmp_path / "key")])) == "from-file"
+    assert _api_key(_parser().parse_args(["serve", "m", "--api-key", "flag"])) == "flag"
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ChatsmithError, match="no key in it"):
+        _api_key(_parser().parse_args(["serve", "m", "--api-key-file", str(tmp_path / "empty")]))
+
+
+def test_health_says_status_only(tmp_path):
+    """/health needs no key: it must not show the model's path or the loader's error text."""
+    state = ServerState(MODEL)
+    load_state(state, str(tmp_path / "secret-place" / "no-model"))
+    assert state.load_error and "secret-place" in state.load_error   # the log and the state know why
+    with ServerThread(state) as url:
+        r = httpx.get(f"{url}/health")
+        assert r.status_code == 503 and r.json() == {"status": "error"}
+        r = httpx.post(f"{url}/v1/chat/completions", json=GOOD)
+        assert r.status_code == 503 and "secret-place" not in r.text and "log" in r.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(server):
+    url, _ = server
+    for r, status in ((httpx.get(f"{url}/v1/nothing"), 404), (httpx.get(f"{url}/v1/chat/completions"), 405),
+                      (httpx.delete(f"{url}/tokenize"), 405)):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_post_needs_json_content_type(server):
+    """A cross-site form or text/plain fetch (sent by browsers without asking) never reaches a route."""
+    url, state = server
+    before = state.engine.stats["requests"]
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(GOOD).encode(), headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], ctype
+    r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(GOOD).encode(),
+                   headers={"Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+    assert state.engine.stats["requests"] == before + 1   # only the JSON one reached the engine
+
+
+def test_body_limit_with_and_without_content_length(server):
+    url, state = server
+    limit = state.max_body_bytes
+    big = json.dumps({**GOOD, "junk": "x" * (limit + 10)}).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+    def chunks():   # no Content-Length: the body arrives in pieces
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.post(f"{url}/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_tokenizing_and_rendering_run_off_the_event_loop(server, monkeypatch):
+    """A huge message must not stall other requests: the tokenizer is never called on the event loop."""
+    import asyncio
+
+    url, state = server
+    calls = []
+    real = state.tokenizer.__class__.__call__
+
+    def spy(self, *a, **kw):
+        try:
+            asyncio.get_running_loop()
+            calls.append("event loop")
+        except RuntimeError:
+            calls.append("worker thread")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(state.tokenizer.__class__, "__call__", spy)
+    big = "word " * 100_000
+    assert httpx.post(f"{url}/tokenize", json={"content": big}, timeout=60).status_code == 200
+    r = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "messages": [{"role": "user", "content": big}]},
+                   timeout=60)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert calls and set(calls) == {"worker thread"}, calls
+
+
+def test_loopback_server_refuses_other_host_names():
+    """DNS rebinding: a page on evil.example resolves its name to 127.0.0.1; the Host header still
+    says evil.example, and a loopback-only server answers only to loopback names."""
+    from chatsmith.serve.guard import LOOPBACK
+
+    state = ServerState(MODEL, allowed_hosts=set(LOOPBACK))
+    load_state(state, MODEL, max_concurrency=1, kv_cache_mb=1)
+    with ServerThread(state) as url:
+        port = url.rsplit(":", 1)[1]
+        r = httpx.post(f"{url}/v1/chat/completions", json=GOOD, headers={"Host": f"evil.example:{port}"})
+        assert r.status_code == 403 and "evil.example" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/", headers={"Host": "evil.example"}).status_code == 403
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+            assert httpx.get(f"{url}/health", headers={"Host": host}).status_code == 200, host
+    state.engine.stop()
+
+
+def test_slow_or_silent_connections_are_closed():
+    """A connection must send each request head within the header timeout, and only so many may
+    be open at once (50 silent sockets used to stay open forever)."""
+    import socket
+
+    state = ServerState(MODEL)
+    with ServerThread(state, header_timeout=1.0, max_connections=8) as url:
+        host, port = url.removeprefix("http://").split(":")
+        socks = [socket.create_connection((host, int(port))) for _ in range(12)]
+        for s in socks:
+            s.settimeout(5)
+        socks[0].sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # a head that never ends
+        closed = 0
+        for s in socks:
+            try:
+                closed += s.recv(1024) == b""
+            except (ConnectionResetError, TimeoutError):
+                closed += 1
+            s.close()
+        assert closed == 12   # the 4 over the cap at once, the 8 others after the head timeout
+        assert httpx.get(f"{url}/health").status_code == 503   # the server still answers (loading)
+
+
+def test_streamed_request_is_refused_before_the_stream_starts_when_the_queue_is_full():
+    """A full queue was a 200 with an empty stream; the openai client saw no chunk and no error."""
+    from openai import OpenAI, RateLimitError
+
+    from chatsmith.infer.sampling import SamplingParams
+
+    state = ServerState(MODEL)
+    load_state(state, MODEL, max_concurrency=1, kv_cache_mb=1, max_queue=1)
+    engine = state.engine
+    engine.stop()
+    with ServerThread(state) as url:
+        blocker = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5))
+        r = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "stream": True})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(RateLimitError):
+            client.chat.completions.create(model=MODEL, messages=GOOD["messages"], stream=True)
+        blocker.cancel()
+        engine.start()
+        assert httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "stream": True}).status_code == 200
+    engine.stop()
+
+
+def test_abandoned_non_streamed_request_is_cancelled(server):
+    """The client leaves while a non-streamed answer is generated: generation stops (it used to
+    run to the end, holding a slot)."""
+    import socket
+
+    url, state = server
+    engine = state.engine
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({**GOOD, "max_tokens": SLOT_TOKENS - 40, "temperature": 1.0}).encode()
+    before = engine.stats["requests"]
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 10
+    while engine.stats["requests"] == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.close()
+    deadline = time.monotonic() + 20
+    while (not engine.recent or engine.recent[-1].id <= before or engine.running) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    last = engine.recent[-1]
+    assert last.finish_reason == "cancelled" and len(last.output) < SLOT_TOKENS - 40, (last.finish_reason,
+                                                                                        len(last.output))
+
+
+def test_tiny_temperature_is_greedy_and_fails_no_other_request(server):
+    """temperature 1e-40 overflowed float32 and failed every running request with a 500."""
+    url, _ = server
+    body = {"model": MODEL, "prompt": "Tell me", "max_tokens": 12}
+    greedy = httpx.post(f"{url}/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(httpx.post, f"{url}/v1/completions", json={**body, "temperature": 0}, timeout=60)
+                  for _ in range(3)]
+        tiny = pool.submit(httpx.post, f"{url}/v1/completions", json={**body, "temperature": 1e-40}, timeout=60)
+        assert tiny.result().status_code == 200 and tiny.result().json()["choices"][0]["text"] == greedy
+        assert [f.result().json()["choices"][0]["text"] for f in others] == [greedy] * 3
+
+
+def test_json_mode_with_many_choices_does_not_stall_a_normal_request(server):
+    """Constrained (JSON) choices are costly; they take turns within a budget per step, so a normal
+    request beside 16 of them still gets a step every forward pass."""
+    url, state = server
+    engine = state.engine
+    deferred = engine.stats.get("deferred_choices", 0)
+    body = {**GOOD, "max_tokens": 60, "n": 16, "temperature": 1.0, "seed": 3,
+            "response_format": {"type": "json_object"}}
+    with ThreadPoolExecutor(2) as pool:
+        heavy = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=120)
+        time.sleep(0.2)
+        normal = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 8,
+                                                            "temperature": 0}, timeout=120)
+        assert normal.status_code == 200 and not heavy.done()   # the normal one finished first
+        answers = heavy.result().json()["choices"]
+    assert len(answers) == 16 and all(isinstance(json.loads(a["message"]["content"]), dict) for a in answers
+                                      if a["finish_reason"] == "stop")
+    assert engine.stats.get("deferred_choices", 0) > deferred   # the costly choices did take turns
 
 
 def test_client_disconnect_cancels_generation(server):
