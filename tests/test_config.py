@@ -50,6 +50,9 @@ def test_every_recipe_loads():
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     # update when adding a recipe: 3 sft, 1 dpo, 2 rm, 1 grpo, 1 ppo
     assert len(recipes) == 8, [r.name for r in recipes]
+    prefixes = [r.name.split("_")[0] for r in recipes]
+    counts = {p: prefixes.count(p) for p in prefixes}
+    assert counts == {"sft": 3, "dpo": 1, "rm": 2, "grpo": 1, "ppo": 1}, [r.name for r in recipes]
     stage_config = {"rm": RMConfig, "dpo": DPOConfig}   # by file-name prefix; sft_* and the rest: SFTConfig
     from chatsmith.config import GRPOConfig, PPOConfig
 

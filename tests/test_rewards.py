@@ -79,18 +79,61 @@ def test_bad_specs_and_bad_returns_are_clear(tmp_path):
 
 
 def test_reward_model_directory_is_scored(tmp_path):
-    """A reward model directory from `chatsmith rm` becomes a reward function."""
+    """A reward model directory from `chatsmith rm` becomes a reward function that returns exactly the
+    model's scores (conversation prompts from a "messages" field), and the model trained here ranks a
+    chosen-style answer above a rejected-style one on prompts it never saw."""
+    import json
+
+    import torch
+
     from chatsmith.config import RMConfig
+    from chatsmith.models.reward import load_reward_model
     from chatsmith.train.rm import run_rm
 
     pairs = tmp_path / "pairs.jsonl"
-    import json
-
     rows = [{"prompt": f"Say {i}", "chosen": f"{i}", "rejected": f"I will not say {i}."} for i in range(8)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = run_rm(RMConfig(model="tiny-random-llama", data=[str(pairs)], output=str(tmp_path / "rm"), max_steps=1,
-                          batch_size=4))
+    run = run_rm(RMConfig(model="tiny-random-llama", data=[str(pairs)], output=str(tmp_path / "rm"), method="full",
+                          lr=2e-3, max_steps=5, batch_size=8, eval_split=0, warmup_ratio=0.0,
+                          scheduler="constant"))
     r = load_reward(str(run))
     assert r.name == "reward_model"
-    scores = r.fn(["Say 1", "Say 2"], ["1", "no"])
-    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+
+    prompts = ["Say 1", "Say 2", "Say 12", "Say 12"]
+    completions = ["1", "no", "12", "I will not say 12."]
+    scores = r.fn(prompts, completions)
+    rm = load_reward_model(str(run))
+    assert scores == pytest.approx(rm.score(prompts, completions), abs=1e-5)
+    assert all(isinstance(s, float) for s in scores)
+
+    # The score by hand: the saved *ForSequenceClassification model, one plain forward of the
+    # tokenizer's own chat template, the head read at the answer's end-of-turn token.
+    model, tok = rm.model, rm.tokenizer
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def by_hand(messages: list[dict[str, str]], answer: str) -> float:
+        ids = tok.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=True,
+                                      return_dict=True)["input_ids"]
+        last = max(i for i, t in enumerate(ids) if t == eot)
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, last]
+            return float(model.score(hidden))
+
+    for p, c, s in zip(prompts, completions, scores, strict=True):
+        assert s == pytest.approx(by_hand([{"role": "user", "content": p}], c), abs=1e-4)
+
+    # A "messages" field (the conversation) replaces the prompt text, so a system turn changes the score.
+    system = [{"role": "system", "content": "Answer with the number only."}, {"role": "user", "content": "Say 12"}]
+    with_messages = r.fn(["Say 12"], ["12"], messages=[system])
+    assert with_messages == pytest.approx(rm.score([system], ["12"]), abs=1e-5)
+    assert with_messages[0] == pytest.approx(by_hand(system, "12"), abs=1e-4)
+    assert abs(with_messages[0] - scores[2]) > 1e-3
+
+    # Trained on "Say 0".."Say 7": it prefers the bare number on held-out prompts too. Measured score
+    # gaps (chosen - rejected) on these four: untrained (lr 0) 0.02-0.03, already positive, so the
+    # bar is a gap the training made: 5 steps give 1.56-1.75 (one LoRA step at lr 1e-4, as this test
+    # once ran, gives 0.03-0.05).
+    held_out = [f"Say {i}" for i in (12, 30, 55, 99)]
+    chosen = r.fn(held_out, [p.split()[1] for p in held_out])
+    rejected = r.fn(held_out, [f"I will not say {p.split()[1]}." for p in held_out])
+    assert all(c - w > 0.5 for c, w in zip(chosen, rejected, strict=True)), (chosen, rejected)

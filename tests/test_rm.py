@@ -4,6 +4,7 @@ separate ones, it learns the demo preference, batch scores equal one-by-one scor
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,15 @@ import pytest
 import torch
 
 from chatsmith.config import RMConfig, load_config
+from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.packing import collate_preferences
-from chatsmith.data.preference import Ranking, encode_rankings, read_preferences
+from chatsmith.data.preference import (
+    PreferenceExample,
+    Ranking,
+    encode_answer,
+    encode_rankings,
+    read_preferences,
+)
 from chatsmith.models.reward import load_backbone_with_head, load_reward_model, sequence_scores
 from chatsmith.train.rm import prepare_reward_trainable, rm_loss, run_rm
 
@@ -30,8 +38,8 @@ def test_a_ranking_is_one_packed_forward_over_all_pairs(rm_and_tok, tmp_path):
     model, tok = rm_and_tok
     p = tmp_path / "r.jsonl"
     p.write_text(json.dumps({"prompt": "Pick a colour.", "responses": ["Red.", "Blue, I think.", "Green!", "None"],
-                             "ranking": "B>A>D>C"}) + "\n"
-                 + json.dumps({"prompt": "Hi", "chosen": "Hello there.", "rejected": "What?"}) + "\n")
+                             "ranking": "A>C>B>D"}) + "\n"
+                 + json.dumps({"prompt": "Hi", "chosen": "Hi, how can I help?", "rejected": "Go away."}) + "\n")
     recs = read_preferences(str(p)).records
     examples, _ = encode_rankings(tok, recs, None, 128)
     batch = collate_preferences(examples)
@@ -44,10 +52,51 @@ def test_a_ranking_is_one_packed_forward_over_all_pairs(rm_and_tok, tmp_path):
                            for ex in examples for a in ex.answers])
     # the block-diagonal mask: no answer sees another one in the packed row
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+    # Each answer scored on its own, named by its text, from a conversation built here (not by the
+    # ranking reader), so the expected values below do not go through the code under test.
+    def alone_score(prompt: str, answer: str) -> float:
+        ex, _ = encode_answer(tok, Conversation([Message("user", prompt), Message("assistant", answer)]), None, 128)
+        with torch.no_grad():
+            return float(sequence_scores(model, collate_preferences([PreferenceExample([ex], [0.0])]))[0])
+
+    s = {a: alone_score("Pick a colour.", a) for a in ("Red.", "Blue, I think.", "Green!", "None")}
+    good, bad = "Hi, how can I help?", "Go away."
+    s |= {good: alone_score("Hi", good), bad: alone_score("Hi", bad)}
+    # "A>C>B>D" over responses A..D reads best first: Red, Green, Blue, None.
+    order = ["Red.", "Green!", "Blue, I think.", "None"]
+    assert packed[:4].tolist() == pytest.approx([s[a] for a in order], abs=1e-5)
+    assert packed[4:].tolist() == pytest.approx([s[good], s[bad]], abs=1e-5)
+    ranking_pairs = [(order[i], order[j]) for i in range(4) for j in range(i + 1, 4)]
+    chat_pair = [(good, bad)]
+    right = {pair: s[pair[0]] > s[pair[1]] for pair in ranking_pairs + chat_pair}
+    # The seeded random head orders some pairs right and some wrong (the ranking and the pair were
+    # chosen so), so a count or a loss that skipped or flipped pairs would not match below.
+    assert [right[p] for p in ranking_pairs] == [False, True, False, True, True, False], s
+    assert right[(good, bad)], s
+
+    def bt(better: float, worse: float) -> float:   # -log sigmoid(d) = log(1 + exp(-d))
+        return math.log1p(math.exp(-(better - worse)))
+
     loss, metrics = rm_loss(model, batch)
-    assert loss.item() > 0 and 0 <= metrics["accuracy"] <= 7
+    assert loss.item() == pytest.approx(sum(bt(s[b], s[w]) for b, w in right), rel=1e-5)
+    assert metrics["accuracy"] == sum(right.values()) == 4
+    assert metrics["margin"] == pytest.approx(sum(s[b] - s[w] for b, w in right), abs=1e-4)
+
+    def plackett_luce(scores: list[float]) -> float:
+        # -log P(order) = -sum_k log(exp(s_k) / sum_{j>=k} exp(s_j)), the last factor being 1
+        return -sum(scores[k] - math.log(sum(math.exp(x) for x in scores[k:])) for k in range(len(scores) - 1))
+
     listwise, m2 = rm_loss(model, collate_preferences(examples, unit="examples"), loss="listwise")
-    assert listwise.item() > 0 and 0 <= m2["accuracy"] <= 2
+    expected = plackett_luce([s[a] for a in order]) + plackett_luce([s[good], s[bad]])
+    assert listwise.item() == pytest.approx(expected, rel=1e-5)
+    # a two-answer ranking's Plackett-Luce loss is its Bradley-Terry loss
+    assert plackett_luce([s[good], s[bad]]) == pytest.approx(bt(s[good], s[bad]))
+    # listwise accuracy: per ranking the fraction of its pairs ordered right, summed over rankings
+    assert m2["accuracy"] == pytest.approx(sum(right[p] for p in ranking_pairs) / 6 + right[(good, bad)])
+    assert m2["accuracy"] == pytest.approx(3 / 6 + 1)
+    gap = sum(s[b] - s[w] for b, w in ranking_pairs) / 6 + (s[good] - s[bad])
+    assert m2["margin"] == pytest.approx(gap, abs=1e-4)
 
 
 def test_head_method_trains_only_the_scalar_head():
@@ -105,8 +154,13 @@ def test_grad_accumulation_gives_the_same_step(tmp_path):
     assert la and la == pytest.approx(lb, rel=1e-5)
 
 
+RM_RECIPES = 2   # rm_identity_demo, rm_sharegpt_preference; update when adding or renaming one
+
+
 def test_rm_recipes_load_and_bad_spec(tmp_path):
-    for recipe in sorted((REPO / "recipes").glob("rm_*.yaml")):
+    recipes = sorted((REPO / "recipes").glob("rm_*.yaml"))
+    assert len(recipes) == RM_RECIPES, [r.name for r in recipes]
+    for recipe in recipes:
         cfg = load_config(RMConfig, recipe)
         assert cfg.data and cfg.output.startswith("runs/")
     from chatsmith.errors import ChatsmithError
@@ -116,7 +170,9 @@ def test_rm_recipes_load_and_bad_spec(tmp_path):
 
 
 def test_every_rm_recipe_runs_two_steps(tmp_path):
-    for recipe in sorted((REPO / "recipes").glob("rm_*.yaml")):
+    recipes = sorted((REPO / "recipes").glob("rm_*.yaml"))
+    assert len(recipes) == RM_RECIPES, [r.name for r in recipes]
+    for recipe in recipes:
         out = tmp_path / recipe.stem
         r = subprocess.run([sys.executable, "-m", "chatsmith", "rm", "--config", str(recipe), "--model",
                             "tiny-random-llama", "--max-steps", "2", "--max-length", "128", "--output", str(out)],

@@ -176,6 +176,8 @@ def test_cli_sft_with_shared_files_and_mixing(tmp_path, shared_data):
 def test_every_recipe_runs_two_steps(tmp_path):
     # sft_* here; rm_* and dpo_* recipes run in tests/test_rm.py and tests/test_dpo.py
     recipes = sorted((REPO / "recipes").glob("sft_*.yaml"))
+    # update when adding or renaming one: sft_dora_freeze_demo, sft_full_sharegpt, sft_lora_alpaca
+    assert len(recipes) == 3, [r.name for r in recipes]
     for recipe in recipes:
         out = tmp_path / recipe.stem
         r = subprocess.run([sys.executable, "-m", "chatsmith", "sft", "--config", str(recipe), "--model",
