@@ -233,6 +233,27 @@ def test_bad_requests_get_clear_errors(server, body, status, words):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+# Found by fuzzing the schema (issue 11): each was a 500. Answering them is right: a tiny repetition
+# penalty is extreme but valid, and a conversation may start with (or be only) an assistant turn.
+ANSWERED = [
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "repetition_penalty": 5e-324}),
+    ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "repetition_penalty": 1e-45, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant"}], "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
+                              "max_tokens": 2}),
+    ("/tokenize", {"messages": [{"role": "assistant", "content": []}]}),
+    ("/apply-template", {"messages": [{"role": "assistant"}]}),
+]
+
+
+@pytest.mark.parametrize("path,body", ANSWERED, ids=[f"{i}-{p}" for i, (p, _) in enumerate(ANSWERED)])
+def test_extreme_but_valid_requests_are_answered(server, path, body):
+    url, _ = server
+    r = httpx.post(f"{url}{path}", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    assert "error" not in r.text[:200]
+
+
 def test_hostile_requests_do_not_hurt_the_server(server):
     url, _ = server
     deep = b"[" * 100000 + b"]" * 100000

@@ -136,3 +136,21 @@ def test_non_prefix_stable_template_is_refused(tokenizer):
            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     with pytest.raises(ChatsmithError, match="renders earlier turns differently"):
         render_conversation(tokenizer, CONV, template=src)
+
+
+def test_template_refusals_are_chatsmith_errors(tokenizer):
+    """A template's own raise_exception, or a trained assistant turn with no prompt before it, is a
+    clear ChatsmithError naming the roles, never a raw ValueError or TemplateError."""
+    from chatsmith.data.template import FALLBACK_TEMPLATES
+
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}" + \
+        FALLBACK_TEMPLATES["chatml"][0]
+    with pytest.raises(ChatsmithError, match=r"refuses this conversation \(must start with user\).*assistant, user"):
+        render_conversation(tokenizer, Conversation([Message("assistant", "hi", train=False), Message("user", "x")]),
+                            template=strict, add_generation_prompt=True)
+    with pytest.raises(ChatsmithError, match="opens the conversation"):
+        render_conversation(tokenizer, Conversation([Message("assistant", "Hello!"), Message("user", "x")]))
+    # As context (train=False) it renders: that is how the server and the chat render history.
+    r = render_conversation(tokenizer, Conversation([Message("assistant", "Hello!", train=False),
+                                                     Message("user", "x")]), add_generation_prompt=True)
+    assert "Hello!" in r.text and sum(r.loss_mask) == 0

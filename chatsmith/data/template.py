@@ -110,8 +110,18 @@ def template_tokens(template: str | None) -> list[str]:
 def _render_text(tokenizer: Any, source: str, messages: list[dict], add_generation_prompt: bool) -> str:
     if not messages and not add_generation_prompt:
         return ""
-    return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    if not messages:
+        raise ChatsmithError("a trained assistant turn opens the conversation, so no prompt precedes it; "
+                             "start with a user (or system) message, or mark that turn as context (train: false)")
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except ChatsmithError:
+        raise
+    except Exception as e:   # the template's own raise_exception (a TemplateError), or a ValueError
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ChatsmithError(f"the chat template refuses this conversation ({first}); the roles in order were "
+                             f"{', '.join(m['role'] for m in messages)}") from None
 
 
 def _special_strings(tokenizer: Any) -> list[str]:

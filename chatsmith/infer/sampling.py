@@ -104,6 +104,9 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     history = history.to(device=logits.device, dtype=torch.long)
     seen = logits.gather(0, history)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    # A tiny penalty (1e-45) would turn a logit into inf and the distribution into NaNs: beyond
+    # +-1e4 a logit changes no probability anyway (logits of real models stay within +-100).
+    seen = seen.clamp(-1e4, 1e4)
     # scatter writes the same value for repeated ids, so duplicates in history are harmless.
     return logits.scatter(0, history, seen)
 

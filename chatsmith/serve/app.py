@@ -383,7 +383,8 @@ def _render(state: ServerState, messages: list[ChatMessage], add_generation_prom
         if m.content is None and role != "assistant":
             raise APIError(400, f"field 'messages[{i}].content': required for role '{m.role}'",
                            param=f"messages[{i}].content")
-        msgs.append(Message(role, _text(m.content)))
+        # train=False: a request's messages are all context; no loss mask is needed to serve them.
+        msgs.append(Message(role, _text(m.content), train=False))
     try:
         r = render_conversation(state.tokenizer, Conversation(msgs), state.template,
                                 add_generation_prompt=add_generation_prompt)
