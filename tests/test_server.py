@@ -238,6 +238,9 @@ def test_bad_requests_get_clear_errors(server, body, status, words):
 ANSWERED = [
     ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "repetition_penalty": 5e-324}),
     ("/v1/completions", {"prompt": "Hello", "max_tokens": 2, "repetition_penalty": 1e-45, "stream": True}),
+    # 5e-324 rounds to 0.0 in float32; the chat prompt has logits of exactly 0: 0 / 0 was NaN
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 5e-324,
+                              "max_tokens": 4}),
     ("/v1/chat/completions", {"messages": [{"role": "assistant"}], "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
                               "max_tokens": 2}),

@@ -102,6 +102,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     if penalty == 1.0 or history.numel() == 0:
         return logits
     history = history.to(device=logits.device, dtype=torch.long)
+    # A penalty that rounds to 0 (or inf) in float32 would make 0/0 = NaN: keep it representable.
+    penalty = min(max(penalty, 1e-30), 1e30)
     seen = logits.gather(0, history)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     # A tiny penalty (1e-45) would turn a logit into inf and the distribution into NaNs: beyond

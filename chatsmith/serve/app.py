@@ -302,7 +302,11 @@ def create_app(state: ServerState) -> FastAPI:
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_components())
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(openapi_components())
+            # The key is optional (--api-key); when set it is required on /v1/* and the native routes.
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{}, {"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -40,7 +40,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     """One message of a chat request."""
-    role: str
+    # Checked by the server (with a message naming the allowed roles); the enum documents them.
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -67,7 +68,11 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=16)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    # Checked by the server (8 strings of at most 256 characters); the schema documents it.
+    stop: str | list[str] | None = Field(default=None, json_schema_extra={
+        "anyOf": [{"type": "string", "minLength": 1, "maxLength": 256},
+                  {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 256}, "maxItems": 8},
+                  {"type": "null"}]})
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -183,7 +188,8 @@ def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def openapi_components() -> dict[str, Any]:
-    """The JSON schemas of every request body and of the error object, for /openapi.json."""
+    """The JSON schemas of every request body and of the error object, for /openapi.json
+    (schemas only; the bearer-key security scheme is added beside them by the app)."""
     out: dict[str, Any] = {"Error": ERROR_SCHEMA}
     for model in REQUEST_MODELS:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
