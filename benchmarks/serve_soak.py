@@ -17,7 +17,7 @@ hosts and a 64 KiB body limit), so the engine and the process can be inspected:
     python benchmarks/serve_soak.py --seconds 30 --clients 12
 
 Prints tables in Markdown (the attack table is the one for docs/serve.md) and writes JSON
-(bench-out/serve_soak.json). tests/test_server_properties.py runs the same load for 20 s.
+(bench-out/serve_soak.json). tests/test_server_properties.py runs the same load for 12 s.
 """
 
 from __future__ import annotations

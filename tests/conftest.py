@@ -63,6 +63,18 @@ def crash_after_step(monkeypatch):
     return arm
 
 
+def run_cli(args: list[str], cwd: Path, monkeypatch, capsys) -> str:
+    """`chatsmith ARGS` in this process (the same argument parsing and code as the command, without
+    a new interpreter's start-up); fails with the command's stderr unless it exits 0. Returns stderr."""
+    from chatsmith.cli import main
+
+    monkeypatch.chdir(cwd)
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 0, (args, err[-3000:])
+    return err
+
+
 # Run `python -m chatsmith ARGS` in a process that kills itself (SIGKILL, like `kill -9` or the OOM
 # killer) right after it logs step N: python -c KILL_AFTER_STEP N ARGS...
 KILL_AFTER_STEP = """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import run_cli, shared_file
 
 from chatsmith.config import DPOConfig, load_config
 from chatsmith.data.packing import collate_preferences
@@ -182,16 +182,14 @@ def test_dpo_learns_the_demo_preference(tmp_path):
     assert (run / "rewards.png").is_file() and (run / "final" / "config.json").is_file()
 
 
-def test_every_dpo_recipe_runs_two_steps(tmp_path):
+def test_every_dpo_recipe_runs_two_steps(tmp_path, monkeypatch, capsys):
     recipes = sorted((REPO / "recipes").glob("dpo_*.yaml"))
     assert len(recipes) == 1, [r.name for r in recipes]   # dpo_identity_demo; update when adding one
     for recipe in recipes:
         assert load_config(DPOConfig, recipe).data
         out = tmp_path / recipe.stem
-        r = subprocess.run([sys.executable, "-m", "chatsmith", "dpo", "--config", str(recipe), "--model",
-                            "tiny-random-llama", "--max-steps", "2", "--max-length", "96", "--output", str(out)],
-                           capture_output=True, text=True, cwd=REPO)
-        assert r.returncode == 0, (recipe, r.stderr[-2000:])
+        run_cli(["dpo", "--config", recipe, "--model", "tiny-random-llama", "--max-steps", "2", "--max-length", "96",
+                 "--output", out], REPO, monkeypatch, capsys)
         assert (out / "final" / "config.json").is_file() and (out / "summary.json").is_file()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from chatsmith.config import RMConfig, load_config
 from chatsmith.data.conversation import Conversation, Message
@@ -169,15 +170,13 @@ def test_rm_recipes_load_and_bad_spec(tmp_path):
         load_reward_model(str(tmp_path))
 
 
-def test_every_rm_recipe_runs_two_steps(tmp_path):
+def test_every_rm_recipe_runs_two_steps(tmp_path, monkeypatch, capsys):
     recipes = sorted((REPO / "recipes").glob("rm_*.yaml"))
     assert len(recipes) == RM_RECIPES, [r.name for r in recipes]
     for recipe in recipes:
         out = tmp_path / recipe.stem
-        r = subprocess.run([sys.executable, "-m", "chatsmith", "rm", "--config", str(recipe), "--model",
-                            "tiny-random-llama", "--max-steps", "2", "--max-length", "128", "--output", str(out)],
-                           capture_output=True, text=True, cwd=REPO)
-        assert r.returncode == 0, (recipe, r.stderr[-2000:])
+        run_cli(["rm", "--config", recipe, "--model", "tiny-random-llama", "--max-steps", "2", "--max-length", "128",
+                 "--output", out], REPO, monkeypatch, capsys)
         assert (out / "final" / "reward_config.json").is_file()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KILL_AFTER_STEP
+from conftest import KILL_AFTER_STEP, run_cli
 from safetensors.torch import load_file
 
 from chatsmith.config import SFTConfig, load_config
@@ -85,7 +85,7 @@ def _sft_cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "4", "--lr", "0.002", "--save-every", "4", "--seed", "7", *extra]
 
 
-def test_resume_after_kill9_equals_uninterrupted(tmp_path):
+def test_resume_after_kill9_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", arithmetic(40))
     killed = [sys.executable, "-c", KILL_AFTER_STEP, "10", *_sft_cmd(data, tmp_path / "crash")[3:]]
     crashed = subprocess.run(killed, capture_output=True, text=True, cwd=tmp_path)
@@ -94,13 +94,13 @@ def test_resume_after_kill9_equals_uninterrupted(tmp_path):
     assert ckpts == ["step-000004", "step-000008"]          # keeps the last 2, none half-written
     assert not (tmp_path / "crash" / "final").exists()
     # Running again without --resume refuses to clobber the crashed run.
-    again = subprocess.run(_sft_cmd(data, tmp_path / "crash"), capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode == 2 and "--resume" in again.stderr
+    from chatsmith.cli import main
+
+    assert main(_sft_cmd(data, tmp_path / "crash")[3:]) == 2 and "--resume" in capsys.readouterr().err
     resumed = subprocess.run(_sft_cmd(data, tmp_path / "crash", "--resume"), capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from checkpoint at step 8" in resumed.stderr
-    clean = subprocess.run(_sft_cmd(data, tmp_path / "clean"), capture_output=True, text=True, cwd=tmp_path)
-    assert clean.returncode == 0, clean.stderr[-2000:]
+    run_cli(_sft_cmd(data, tmp_path / "clean")[3:], tmp_path, monkeypatch, capsys)   # uninterrupted, in-process
     wr, wc = weights(tmp_path / "crash"), weights(tmp_path / "clean")
     for k in wc:
         torch.testing.assert_close(wr[k], wc[k], atol=1e-6, rtol=1e-5)
@@ -173,15 +173,13 @@ def test_cli_sft_with_shared_files_and_mixing(tmp_path, shared_data):
     assert summary["truncated"] > 0 and summary["steps"] == 3
 
 
-def test_every_recipe_runs_two_steps(tmp_path):
+def test_every_recipe_runs_two_steps(tmp_path, monkeypatch, capsys):
     # sft_* here; rm_* and dpo_* recipes run in tests/test_rm.py and tests/test_dpo.py
     recipes = sorted((REPO / "recipes").glob("sft_*.yaml"))
     # update when adding or renaming one: sft_dora_freeze_demo, sft_full_sharegpt, sft_lora_alpaca
     assert len(recipes) == 3, [r.name for r in recipes]
     for recipe in recipes:
         out = tmp_path / recipe.stem
-        r = subprocess.run([sys.executable, "-m", "chatsmith", "sft", "--config", str(recipe), "--model",
-                            "tiny-random-llama", "--max-steps", "2", "--output", str(out), "--save-every", "0"],
-                           capture_output=True, text=True, cwd=REPO)
-        assert r.returncode == 0, (recipe, r.stderr[-2000:])
+        run_cli(["sft", "--config", recipe, "--model", "tiny-random-llama", "--max-steps", "2", "--output", out,
+                 "--save-every", "0"], REPO, monkeypatch, capsys)
         assert (out / "final" / "config.json").is_file()
