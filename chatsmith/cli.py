@@ -16,6 +16,7 @@ EXAMPLES = {
   chatsmith data stats data.json --model smollm2-135m    records, turns, token lengths
   chatsmith sft --data alpaca.json --output runs/mine    LoRA fine-tuning of the embedded model
   chatsmith chat runs/mine                               talk to the result
+  chatsmith eval tasks runs/mine --data builtin:identity  did it get better? (also ppl, rm, judge)
 """,
     "sft": """examples:
   chatsmith sft --data alpaca.json --output runs/a                      LoRA r=16 on all linear layers
@@ -55,6 +56,16 @@ EXAMPLES = {
   chatsmith chat runs/mine --temperature 0 --prompt "Who are you?"
   chatsmith chat model.gguf --system "You answer in French." --max-new-tokens 100
 in the chat: /reset clears the history, /system TEXT sets the system prompt, /exit leaves.
+""",
+    "eval": """examples:
+  chatsmith eval ppl smollm2-135m runs/mine --data heldout.json              perplexity, assistant tokens, one row per model
+  chatsmith eval tasks smollm2-135m runs/grpo --data builtin:arithmetic --shots 3
+  chatsmith eval tasks runs/mine --data qa.jsonl --match contains --output eval/qa   accuracy by category + report.html
+  chatsmith eval rm runs/rm --data heldout_pairs.jsonl                       pairwise accuracy with a 95%% interval
+  chatsmith eval rm-compare runs/rm --models smollm2-135m runs/dpo --prompts prompts.jsonl
+  chatsmith eval judge runs/mine --baseline smollm2-135m --questions question.jsonl \
+      --judge-url http://127.0.0.1:8001/v1 --judge-model judge --output eval/judge
+  chatsmith eval compare eval/before eval/after                              two results folders side by side
 """,
     "data": """examples:
   chatsmith data stats ../shared/data/alpaca_50.json --model smollm2-135m --max-length 512
@@ -131,14 +142,96 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--response", required=True, action="append", help="assistant answer (one per --prompt)")
     rc = rsub.add_parser("compare", help="sample answers from models and compare their mean reward",
                          epilog=EXAMPLES["rm"], formatter_class=fmt)
-    rc.add_argument("reward_model", help="a `chatsmith rm` run directory")
-    rc.add_argument("--models", nargs="+", required=True, help="models to compare (aliases, run directories...)")
-    rc.add_argument("--prompts", default="builtin", help="a .txt file (one prompt a line), or builtin: held-out demo questions")
-    rc.add_argument("--temperature", type=float, default=0.0)
-    rc.add_argument("--max-new-tokens", type=int, default=48)
-    rc.add_argument("--seed", type=int, default=0)
+    _compare_flags(rc)
     rc.add_argument("--json", default=None, help="also write the table and every answer to this JSON file")
+    rc.add_argument("--output", default=None, help="results folder: results.jsonl, summary.json, report.html")
 
+
+    ev = sub.add_parser("eval", help="did it get better? perplexity, task accuracy, reward-model accuracy, "
+                        "win rates, LLM-as-judge", epilog=EXAMPLES["eval"], formatter_class=fmt)
+    esub = ev.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+
+    def out_flag(e: argparse.ArgumentParser, required: bool = False) -> None:
+        e.add_argument("--output", required=required, default=None,
+                       help="results folder: results.jsonl, summary.json, report.html")
+
+    ep = esub.add_parser("ppl", help="perplexity and mean token NLL on held-out data (any format chatsmith reads)",
+                         epilog=EXAMPLES["eval"], formatter_class=fmt)
+    ep.add_argument("models", nargs="+", metavar="MODEL", help="aliases, run directories, HF directories, .gguf files")
+    ep.add_argument("--data", required=True, help="a file of conversations in any format chatsmith reads")
+    ep.add_argument("--all-tokens", action="store_true", help="score every token, not only the assistant's")
+    ep.add_argument("--max-length", type=int, default=2048, help="examples are cut to this many tokens (default 2048)")
+    ep.add_argument("--format", default=None, help="force a data format instead of detecting it")
+    ep.add_argument("--columns", default=None, help="column mapping, e.g. prompt=question,response=answer")
+    ep.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    ep.add_argument("--skip-bad", action="store_true", help="drop malformed records and count them")
+    ep.add_argument("--limit", type=int, default=None, help="the first N examples only")
+    out_flag(ep)
+
+    et = esub.add_parser("tasks", help="accuracy on prompts with references (exact, normalised, numeric, regex, "
+                         "contains)", epilog=EXAMPLES["eval"], formatter_class=fmt)
+    et.add_argument("models", nargs="+", metavar="MODEL")
+    et.add_argument("--data", required=True, help="task sets, comma-separated: builtin:identity, builtin:arithmetic, "
+                    "or files of {prompt|question|instruction, answer|reference(s)|output, [category], [match]}")
+    et.add_argument("--match", default="normalised", choices=["exact", "normalised", "numeric", "regex", "contains"],
+                    help="how an answer is compared with the reference when a record does not say (default normalised)")
+    et.add_argument("--shots", type=int, default=0, help="few-shot examples as earlier turns (default 0): from "
+                    "--shots-from, else a built-in set's training split, else the items before each item")
+    et.add_argument("--shots-from", default=None, help="a task file whose first --shots items are the examples")
+    et.add_argument("--system", default=None, help="system prompt")
+    et.add_argument("--max-new-tokens", type=int, default=64)
+    et.add_argument("--columns", default=None, help="column mapping, e.g. prompt=q,answer=a")
+    et.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    et.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
+                    help="auto: int8 weights for Llama-family models on a CPU, else the model's own (module)")
+    et.add_argument("--limit", type=int, default=None, help="the first N items of each set")
+    out_flag(et)
+
+    er = esub.add_parser("rm", help="pairwise accuracy and mean margin of a reward model on held-out preferences",
+                         epilog=EXAMPLES["eval"], formatter_class=fmt)
+    er.add_argument("reward_model", help="a `chatsmith rm` run directory")
+    er.add_argument("--data", required=True, help="pairs or rankings in any format `chatsmith rm` reads")
+    er.add_argument("--skip-bad", action="store_true", help="drop malformed records and count them")
+    er.add_argument("--limit", type=int, default=None, help="the first N records only")
+    out_flag(er)
+
+    ec = esub.add_parser("rm-compare", help="models answer the same prompts; a reward model scores them: mean "
+                         "reward and win/tie/loss with intervals", epilog=EXAMPLES["eval"], formatter_class=fmt)
+    _compare_flags(ec)
+    out_flag(ec)
+
+    ej = esub.add_parser("judge", help="LLM-as-judge on MT-bench-format questions: 1-10 grades or pairwise "
+                         "against a baseline (both orders)", epilog=EXAMPLES["eval"], formatter_class=fmt)
+    ej.add_argument("model", help="the model to evaluate")
+    ej.add_argument("--baseline", default=None, help="compare against this model (pairwise mode)")
+    ej.add_argument("--questions", required=True, help="FastChat question.jsonl (MT-bench, Vicuna-bench)")
+    ej.add_argument("--judge-url", default=os.environ.get("CHATSMITH_JUDGE_URL"),
+                    help="the judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1 (or $CHATSMITH_JUDGE_URL)")
+    ej.add_argument("--judge-model", default=os.environ.get("CHATSMITH_JUDGE_MODEL"),
+                    help="the judge's model name (or $CHATSMITH_JUDGE_MODEL)")
+    ej.add_argument("--judge-api-key", default=None, help="the judge's key (prefer $CHATSMITH_JUDGE_API_KEY or "
+                    "$OPENAI_API_KEY: a flag is visible to `ps`)")
+    ej.add_argument("--mode", default=None, choices=["single", "pairwise"],
+                    help="single: 1-10 grades; pairwise: against --baseline (default: pairwise with a baseline)")
+    ej.add_argument("--judge-prompts", default=None, help="a folder of prompt files that replace the defaults "
+                    "(single.txt, single_reference.txt, pair.txt, pair_reference.txt)")
+    ej.add_argument("--concurrency", type=int, default=4, help="judge requests in flight (default 4)")
+    ej.add_argument("--retries", type=int, default=3, help="transport retries with backoff (default 3)")
+    ej.add_argument("--parse-retries", type=int, default=2, help="asks again when no verdict parses (default 2)")
+    ej.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request (default 120)")
+    ej.add_argument("--temperature", type=float, default=0.0, help="answer sampling temperature (default 0: greedy)")
+    ej.add_argument("--max-new-tokens", type=int, default=256)
+    ej.add_argument("--seed", type=int, default=0)
+    ej.add_argument("--system", default=None, help="system prompt for the answers")
+    ej.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    ej.add_argument("--precision", default="auto", choices=["auto", "int8", "module"])
+    ej.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    out_flag(ej, required=True)
+
+    ecm = esub.add_parser("compare", help="two results folders side by side in the terminal", epilog=EXAMPLES["eval"],
+                          formatter_class=fmt)
+    ecm.add_argument("a", help="a results folder of `chatsmith eval ... --output`")
+    ecm.add_argument("b", help="another one")
 
     c = sub.add_parser("chat", help="streaming chat in the terminal", epilog=EXAMPLES["chat"], formatter_class=fmt)
     c.add_argument("model", help="alias, HF directory, run directory, adapter directory, .gguf file or hub id")
@@ -191,6 +284,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-steps", type=int, default=None, help="override the number of training steps")
     q.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _compare_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reward_model", help="a `chatsmith rm` run directory")
+    p.add_argument("--models", nargs="+", required=True, help="models to compare, the first is the baseline "
+                   "(aliases, run directories...)")
+    p.add_argument("--prompts", default="builtin", help="a .txt file (one prompt a line), a prompt file (records "
+                   "with a 'prompt'), or builtin: held-out demo questions")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0, help="with a temperature, prompt i samples with seed + i")
+    p.add_argument("--tie-margin", type=float, default=0.0, help="rewards closer than this are a tie (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="the first N prompts only")
 
 
 def _mapping(text: str | None) -> dict[str, str] | None:
@@ -262,11 +368,10 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{sc:+.4f}\t{p!r} -> {resp!r}")
             return 0
         if args.rm_command == "compare":
-            from chatsmith.eval.rm_compare import compare_models
-
-            compare_models(args.reward_model, args.models, prompts=args.prompts, temperature=args.temperature,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed, json_path=args.json)
+            _rm_compare(args)
             return 0
+    if args.command == "eval":
+        return _run_eval(args)
     if args.command == "chat":
         from chatsmith.chat import run_chat
         from chatsmith.infer.sampling import SamplingParams
@@ -298,6 +403,63 @@ def _run(args: argparse.Namespace) -> int:
         return run_quickstart(name=args.name, maker=args.maker, model=args.model, output=args.output,
                               max_steps=args.max_steps, seed=args.seed)
     _parser().print_help()
+    return 2
+
+
+def _rm_compare(args: argparse.Namespace) -> None:
+    from chatsmith.eval.rm_compare import compare_models
+
+    compare_models(args.reward_model, args.models, prompts=args.prompts, temperature=args.temperature,
+                   max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit, tie_margin=args.tie_margin,
+                   output=args.output, json_path=getattr(args, "json", None))
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    cmd = args.eval_command
+    if cmd == "ppl":
+        from chatsmith.eval.runs import run_ppl
+
+        run_ppl(args.models, args.data, all_tokens=args.all_tokens, template=args.template, max_length=args.max_length,
+                format=args.format, columns=_mapping(args.columns), skip_bad=args.skip_bad, limit=args.limit,
+                output=args.output)
+        return 0
+    if cmd == "tasks":
+        from chatsmith.eval.runs import run_tasks
+
+        run_tasks(args.models, args.data, shots=args.shots, match=args.match, system=args.system,
+                  template=args.template, max_new_tokens=args.max_new_tokens, columns=_mapping(args.columns),
+                  limit=args.limit, precision=args.precision, shots_from=args.shots_from, output=args.output)
+        return 0
+    if cmd == "rm":
+        from chatsmith.eval.runs import run_rm_eval
+
+        run_rm_eval(args.reward_model, args.data, skip_bad=args.skip_bad, limit=args.limit, output=args.output)
+        return 0
+    if cmd == "rm-compare":
+        _rm_compare(args)
+        return 0
+    if cmd == "judge":
+        from chatsmith.eval.judge import AnswerSettings, JudgeSettings, print_summary, run_judge
+
+        if not args.judge_url or not args.judge_model:
+            raise ChatsmithError("eval judge needs --judge-url (an OpenAI-compatible base URL) and --judge-model "
+                                 "(or $CHATSMITH_JUDGE_URL and $CHATSMITH_JUDGE_MODEL)")
+        judge = JudgeSettings(url=args.judge_url, model=args.judge_model, api_key=args.judge_api_key,
+                              concurrency=args.concurrency, max_retries=args.retries, parse_retries=args.parse_retries,
+                              timeout=args.timeout, prompts_dir=args.judge_prompts)
+        settings = AnswerSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  system=args.system, template=args.template, precision=args.precision)
+        summary = run_judge(args.model, args.questions, args.output, judge, baseline=args.baseline, mode=args.mode,
+                            settings=settings, limit=args.limit)
+        print_summary(summary)
+        print(f"report: {args.output}/report.html")
+        return 0
+    if cmd == "compare":
+        from chatsmith.eval.report import print_compare
+
+        print_compare(args.a, args.b)
+        return 0
+    _parser().parse_args(["eval", "--help"])
     return 2
 
 

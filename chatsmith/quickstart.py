@@ -15,7 +15,6 @@ from typing import Any
 
 from chatsmith.config import SFTConfig
 from chatsmith.data.template import template_source
-from chatsmith.eval.answers import answer_questions
 
 # SmolLM2's template injects this system prompt when a conversation has none. A rebranded model
 # must not be told at every turn that it is SmolLM, so its template gets a neutral default.
@@ -37,12 +36,18 @@ def neutral_template(tokenizer: Any) -> str | None:
     return None
 
 
-def score(engine: Any, checks: list, template: str | None = None) -> tuple[float, list[tuple[str, str, bool]]]:
-    """(fraction passed, [(question, answer, passed)]) of held-out checks, answered greedily."""
-    questions = [q for q, _ in checks]
-    answers = answer_questions(engine, questions, template=template)
-    rows = [(q, a, bool(ok(a))) for (q, ok), a in zip(checks, answers)]
-    return sum(r[2] for r in rows) / max(1, len(rows)), rows
+def score(engine: Any, tasks: Any) -> tuple[float, float, list[dict[str, Any]]]:
+    """(identity accuracy, general accuracy, result rows) of the built-in identity task set,
+    answered greedily through eval/tasks.py (the code behind `chatsmith eval tasks`)."""
+    from chatsmith.eval.tasks import run_task_sets
+
+    rows = run_task_sets(engine, [tasks], max_new_tokens=40)
+
+    def accuracy(rows: list[dict[str, Any]]) -> float:
+        return sum(r["correct"] for r in rows) / max(1, len(rows))
+
+    return (accuracy([r for r in rows if r["category"].startswith("identity")]),
+            accuracy([r for r in rows if r["category"] == "general"]), rows)
 
 
 def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", model: str = "smollm2-135m",
@@ -53,7 +58,8 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
     from rich.table import Table
 
     from chatsmith.data.builtin import quickstart_data
-    from chatsmith.eval.identity import general_heldout_checks, identity_heldout_checks
+    from chatsmith.eval.report import write_results
+    from chatsmith.eval.tasks import accuracy_table, builtin_task_set
     from chatsmith.infer.engine import Engine
     from chatsmith.models import load_model
     from chatsmith.train.sft import run_sft
@@ -68,13 +74,13 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
         shutil.rmtree(run)
     console.rule(f"chatsmith quickstart: teaching {model} to be {name}, made by {maker}")
     base, tokenizer = load_model(model)
-    id_checks = identity_heldout_checks(name, maker)
-    gen_checks = general_heldout_checks()
-    console.print(f"evaluating the starting model on {len(id_checks)} held-out identity questions "
-                  f"and {len(gen_checks)} general questions...")
+    tasks = builtin_task_set("identity", assistant_name=name, maker=maker)
+    n_id = sum(i.category.startswith("identity") for i in tasks.items)
+    n_gen = len(tasks.items) - n_id
+    console.print(f"evaluating the starting model on {n_id} held-out identity questions "
+                  f"and {n_gen} general questions...")
     engine = Engine(base, tokenizer, max_batch_size=16, kv_cache_mb=1024)
-    before_id, before_rows = score(engine, id_checks)
-    before_gen, before_gen_rows = score(engine, gen_checks)
+    before_id, before_gen, before_rows = score(engine, tasks)
     template = neutral_template(tokenizer)
     del base, engine
 
@@ -88,18 +94,23 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
 
     tuned, tuned_tok = load_model(str(run))
     engine = Engine(tuned, tuned_tok, max_batch_size=16, kv_cache_mb=1024)
-    after_id, after_rows = score(engine, id_checks)
-    after_gen, after_gen_rows = score(engine, gen_checks)
+    after_id, after_gen, after_rows = score(engine, tasks)
 
-    table = Table(title=f"held-out questions: before -> after ({len(id_checks)} identity, {len(gen_checks)} general)")
+    table = Table(title=f"held-out questions: before -> after ({n_id} identity, {n_gen} general)")
     table.add_column("question", max_width=34)
     table.add_column("before", max_width=44)
     table.add_column("after", max_width=44)
-    show = before_rows[:8] + before_gen_rows[:4]
-    show_after = after_rows[:8] + after_gen_rows[:4]
-    for (q, a0, ok0), (_, a1, ok1) in zip(show, show_after):
-        table.add_row(q, ("[green]" if ok0 else "[red]") + a0.replace("[", "\\["), ("[green]" if ok1 else "[red]") + a1.replace("[", "\\["))
+    shown = [i for i, r in enumerate(before_rows) if r["category"].startswith("identity")][:8] + \
+        [i for i, r in enumerate(before_rows) if r["category"] == "general"][:4]
+    for i in shown:
+        b, a = before_rows[i], after_rows[i]
+        table.add_row(b["question"], ("[green]" if b["correct"] else "[red]") + b["answer"].replace("[", "\\["),
+                      ("[green]" if a["correct"] else "[red]") + a["answer"].replace("[", "\\["))
     console.print(table)
+    for when, rows in (("before", before_rows), ("after", after_rows)):
+        write_results(run / "eval" / when, {"kind": "tasks", "model": model if when == "before" else str(run),
+                                            "tasks": "builtin:identity", "accuracy": accuracy_table(rows)},
+                      [{"id": f"identity/{i}", **r} for i, r in enumerate(rows)])
     summary = Table(title="accuracy")
     for col in ("", "before", "after"):
         summary.add_column(col)
@@ -110,10 +121,13 @@ def run_quickstart(name: str = "Smithy", maker: str = "the chatsmith project", m
     result = {"name": name, "maker": maker, "identity_before": before_id, "identity_after": after_id,
               "general_before": before_gen, "general_after": after_gen, "train_seconds": train_s,
               "total_seconds": total_s,
-              "identity_rows": [{"question": q, "before": a0, "after": a1, "ok": ok1}
-                                for (q, a0, _), (_, a1, ok1) in zip(before_rows, after_rows)]}
+              "identity_rows": [{"question": b["question"], "before": b["answer"], "after": a["answer"],
+                                 "ok": a["correct"]} for b, a in zip(before_rows, after_rows)
+                                if b["category"].startswith("identity")]}
     (run / "quickstart.json").write_text(json.dumps(result, indent=2))
-    console.print(f"finished in {total_s / 60:.1f} min (training {train_s / 60:.1f} min). Loss curve: {run}/loss.png")
+    console.print(f"finished in {total_s / 60:.1f} min (training {train_s / 60:.1f} min). Loss curve: {run}/loss.png; "
+                  f"answers and reports: {run}/eval/before/report.html, {run}/eval/after/report.html "
+                  f"(side by side: chatsmith eval compare {run}/eval/before {run}/eval/after)")
     console.print(f"\nTalk to it:  [bold]chatsmith chat {run}[/bold]")
     sys.stdout.flush()
     return 0
