@@ -621,3 +621,109 @@ def test_cli_serve_subprocess(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# ---- issue 12: batched prompts, echo, the remote tokenizer (lm-evaluation-harness) ---------------------
+
+
+def test_batched_prompts_get_one_choice_each_in_openai_order(server, client):
+    """A list of token-id lists or of strings is a batch: choice p*n + j answers prompt p (its j-th
+    sample), each exactly as the prompt alone gets it (int8 rows are batch invariant, and the j-th
+    sample of a prompt draws with seed + j whatever its batch)."""
+    url, state = server
+    texts = ["Once upon a time", "The cat sat", "Hello"]
+    ids = [state.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    kw = dict(model=MODEL, max_tokens=5, temperature=0)
+    solo = [client.completions.create(prompt=p, **kw).choices[0].text for p in ids]
+    for prompt in (ids, texts):
+        r = client.completions.create(prompt=prompt, **kw)
+        assert [c.index for c in r.choices] == [0, 1, 2] and [c.text for c in r.choices] == solo
+        assert r.usage.prompt_tokens == sum(map(len, ids)) and r.usage.completion_tokens == 15
+    sampled = {"model": MODEL, "max_tokens": 4, "temperature": 1.0, "seed": 7, "n": 2}
+    alone = [httpx.post(f"{url}/v1/completions", json={**sampled, "prompt": p}, timeout=60).json() for p in ids[:2]]
+    batch = httpx.post(f"{url}/v1/completions", json={**sampled, "prompt": ids[:2]}, timeout=60).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in batch["choices"]] == [c["text"] for a in alone for c in a["choices"]]
+    # echo of a batch: each choice starts with its own prompt
+    echoed = client.completions.create(prompt=ids, echo=True, **kw)
+    assert [c.text for c in echoed.choices] == [t + s for t, s in zip(texts, solo)]
+    streamed = httpx.post(f"{url}/v1/completions", json={**kw, "prompt": texts, "stream": True}, timeout=60)
+    got = ["", "", ""]
+    for line in streamed.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                got[c["index"]] += c["text"]
+    assert got == solo
+
+
+BATCH_ERRORS = [
+    ({"prompt": [[1, 2], [10**9]]}, "prompt[1]", "outside the vocabulary"),
+    ({"prompt": [[1, 2], [-3]]}, "prompt[1]", "outside the vocabulary"),
+    ({"prompt": [[1, 2], []]}, "prompt[1]", "must not be empty"),
+    ({"prompt": ["a", ""]}, "prompt[1]", "must not be empty"),
+    ({"prompt": [[1, 2], "a"]}, "prompt", "prompt"),
+    ({"prompt": [[1]] * 129}, "prompt", "at most 128 prompts"),
+    ({"prompt": [[1]] * 20, "n": 8}, "prompt", "128 choices"),
+    ({"prompt": [[1], [5] * (SLOT_TOKENS + 20)]}, "prompt[1]", f"context holds {SLOT_TOKENS}"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "needs 'echo': true"),
+    ({"prompt": [[5] * (SLOT_TOKENS - 1)] * 128, "echo": True, "logprobs": 20, "max_tokens": 0}, "prompt",
+     "more than 524288 log-probs"),
+]
+
+
+@pytest.mark.parametrize("body,param,words", BATCH_ERRORS, ids=[w[:20] for _, _, w in BATCH_ERRORS])
+def test_bad_batched_prompts_get_clear_errors(server, body, param, words):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and words in err["message"]
+
+
+def test_remote_tokenizer_routes_as_lm_eval_calls_them(server):
+    """lm-evaluation-harness's `tokenizer_backend=remote` (vLLM's routes): GET /tokenizer_info, POST
+    /tokenize with {"prompt"} and /detokenize answering {"prompt"}; /tokenizer_info needs the key
+    like the other native routes."""
+    url, state = server
+    tok = state.tokenizer
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert (info["eos_token"], info["bos_token"]) == (tok.eos_token, tok.bos_token)
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == SLOT_TOKENS
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok("hello world", add_special_tokens=False)["input_ids"]
+    assert httpx.post(f"{url}/tokenize", json={"prompt": tok.eos_token}).json()["tokens"] == [tok.eos_token_id]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "hello world"
+    assert httpx.post(f"{url}/tokenize", json={"prompt": "a", "content": "b"}).status_code == 400
+    state.api_key = "s3cret"
+    try:
+        assert httpx.get(f"{url}/tokenizer_info").status_code == 401
+        assert httpx.get(f"{url}/tokenizer_info", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    finally:
+        state.api_key = None
+
+
+def test_scoring_a_large_batch_changes_no_other_answer(server):
+    """Prompt log-probs are computed in the engine's prefill, within its chunk budget: a batch of
+    32 long prompts scored with echo beside three greedy completions leaves their answers as they
+    are alone, and every scored prompt gets all its log-probs."""
+    url, _ = server
+    body = {"model": MODEL, "max_tokens": 12, "temperature": 0}
+    prompts = ["Once upon a time there was", "The quick brown fox", "In a galaxy far away"]
+    alone = [httpx.post(f"{url}/v1/completions", json={**body, "prompt": p}, timeout=60).json()["choices"][0]["text"]
+             for p in prompts]
+    batch = [[(7 * i + j) % 5000 + 100 for j in range(200)] for i in range(32)]
+    with ThreadPoolExecutor(4) as pool:
+        scored = pool.submit(httpx.post, f"{url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": batch, "max_tokens": 0, "echo": True, "logprobs": 5})
+        time.sleep(0.05)
+        answers = [pool.submit(httpx.post, f"{url}/v1/completions", json={**body, "prompt": p}, timeout=120)
+                   for p in prompts]
+        assert [a.result().json()["choices"][0]["text"] for a in answers] == alone
+        choices = scored.result().json()["choices"]
+    assert [c["index"] for c in choices] == list(range(32))
+    for c in choices:
+        lp = c["logprobs"]
+        assert len(lp["token_logprobs"]) == 200 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        # 5 alternatives, fewer where several tokens have the same text (the dict keeps the likelier)
+        assert all(1 <= len(t) <= 5 for t in lp["top_logprobs"][1:]), [len(t) for t in lp["top_logprobs"]]
+        assert all(x <= max(t.values()) + 1e-6 for x, t in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]))

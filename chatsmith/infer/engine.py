@@ -24,6 +24,13 @@ choosing its next token finishes it with "error" and leaves the others running.
 Each step: drop cancelled requests, admit waiting ones into free slots, prefill up to
 `prefill_chunk` prompt tokens, then decode one token for every running sequence in one batch.
 
+Prompt log-probs (`params.prompt_logprobs`, what OpenAI's `echo` with `logprobs` returns and what
+lm-evaluation-harness scores multiple choice with): the prefill that fills the KV cache is the
+forward pass; the LM head also runs on the chunk's other positions and each row's log-softmax gives
+the next prompt token's log-prob (and the top K). Same weights, adapter and chunking as generation,
+in the engine's thread, within the same prefill budget per step. `max_new_tokens=0` then finishes
+the request right after its prompt: it is scored, not continued.
+
 Precision: "module" runs the model's own modules in their dtype (exact; a PEFT model's active
 adapters apply; the weights are read live, so training updates show up without `sync_weights`).
 "int8" runs int8 copies of the weights (the serving default, several times faster on a CPU);
@@ -123,6 +130,10 @@ class Completion:
     stop_string: str | None = None  # the stop string that ended generation, if one did
     error: str | None = None
     text: str = ""                # the answer's text (up to a stop string); "" when the engine has no tokenizer
+    # With params.prompt_logprobs: log p(prompt[i] | prompt[:i]) per prompt token, None for the first
+    # (nothing predicts it), and the K most likely tokens at each of those positions ([] for the first).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Request:
@@ -164,6 +175,10 @@ class Request:
         self.finished_at: float | None = None
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.history = torch.tensor(prompt, dtype=torch.long)
+        # Filled chunk by chunk during prefill when params.prompt_logprobs is set (see Completion).
+        scored = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[float | None] | None = [None] if scored else None
+        self.prompt_top_logprobs: list[list[tuple[int, float]]] | None = [[]] if scored else None
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at its next step (safe from any thread)."""
@@ -178,7 +193,9 @@ class Request:
         """What the request produced so far (all of it once finished)."""
         return Completion(list(self.output), list(self.logprobs), self.finish_reason or "cancelled", len(self.prompt),
                           list(self.top_logprobs), self.stop_string, self.error,
-                          self.detok.text if self.detok is not None else "")
+                          self.detok.text if self.detok is not None else "",
+                          None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+                          None if self.prompt_top_logprobs is None else list(self.prompt_top_logprobs))
 
     def wait(self, timeout: float | None = None) -> Completion:
         """Block until the request finishes; its Completion."""
@@ -488,26 +505,67 @@ class Engine:
             if budget <= 0:
                 break
             n = min(self.prefill_chunk, len(req.prompt) - req.cached)
-            logits = self.runner.prefill(req.slot, req.prompt[req.cached: req.cached + n], req.cached, req.adapter)
+            chunk = req.prompt[req.cached: req.cached + n]
+            # Positions of this chunk whose next token is still in the prompt (the last one's is generated).
+            rows = min(n, len(req.prompt) - 1 - req.cached)
+            if req.prompt_logprobs is not None and rows > 0:
+                logits, scored = self.runner.prefill_scored(req.slot, chunk, req.cached, req.adapter, rows)
+                self._score_prompt(req, scored, req.prompt[req.cached + 1: req.cached + 1 + rows])
+            else:
+                logits = self.runner.prefill(req.slot, chunk, req.cached, req.adapter)
             req.cached += n
             budget -= n
-            if req.cached == len(req.prompt):
+            if req.cached == len(req.prompt) and not req.finished:
                 req.prompt_logits = logits
-                self._logits_ready(req, logits)
+                self._prompt_done(req, logits)
+
+    def _score_prompt(self, req: Request, logits: Any, targets: list[int]) -> None:
+        """Append the log-probs of `targets` under `logits` [T, V] (row i predicts targets[i]) to the
+        request's prompt log-probs. An error here fails this request only."""
+        import torch
+
+        try:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            chosen = logp.gather(1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None])[:, 0]
+            req.prompt_logprobs.extend(chosen.tolist())
+            k = req.params.prompt_logprobs
+            if k:
+                # From the same tensor as `chosen`: a token that is the most likely has exactly the top value.
+                v, ix = torch.topk(logp, k, dim=-1)
+                req.prompt_top_logprobs.extend([list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())])
+            else:
+                req.prompt_top_logprobs.extend([] for _ in targets)
+        except Exception as e:
+            log.exception("scoring the prompt of request %s failed", req.id)
+            self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
+    def _prompt_done(self, req: Request, logits: Any) -> None:
+        """The whole prompt is cached: choose the first new token, or finish a request that only
+        scores its prompt (max_new_tokens 0)."""
+        if req.params.max_new_tokens == 0:
+            self._finish(req, "length")
+        else:
+            self._logits_ready(req, logits)
 
     def _share_prefix(self, req: Request) -> bool:
         """Prefix sharing for identical prompts (the G answers of a GRPO group, `n` choices): copy
         the KV cache and the last logits of a running request that has the same prompt and adapter
         fully cached. Its cached prompt positions are exactly what this request's own prefill would
         compute (same ids, same chunking), so the outputs do not change; only the work does."""
+        wanted = req.params.prompt_logprobs
         for donor in self._running:
+            # A request that scores its prompt shares only with a donor that scored it as deeply.
             if (donor is not req and donor.prompt_logits is not None and donor.slot is not None
                     and donor.adapter == req.adapter and donor.prompt == req.prompt
+                    and (wanted is None or (donor.prompt_logprobs is not None and donor.params.prompt_logprobs >= wanted))
                     and self.runner.copy_prefix(donor.slot, req.slot, len(req.prompt))):
                 req.cached = len(req.prompt)
                 req.prompt_logits = donor.prompt_logits
+                if wanted is not None:
+                    req.prompt_logprobs = list(donor.prompt_logprobs)
+                    req.prompt_top_logprobs = [top[:wanted] for top in donor.prompt_top_logprobs]
                 self.stats["shared_prompt_tokens"] = self.stats.get("shared_prompt_tokens", 0) + len(req.prompt)
-                self._logits_ready(req, donor.prompt_logits)
+                self._prompt_done(req, donor.prompt_logits)
                 return True
         return False
 

@@ -324,6 +324,19 @@ class LlamaRunner:
 
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None) -> torch.Tensor:
         """Run ids (a chunk of one sequence starting at position `start`); logits of its last position [V]."""
+        return self._logits(self._prefill_hidden(slot, ids, start, adapter)[:, -1])[0]
+
+    def prefill_scored(self, slot: int, ids: list[int], start: int, adapter: str | None,
+                       rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prefill`, and also the logits of the chunk's first `rows` positions [rows, V] (each one
+        predicts the token after it: prompt log-probs come from the forward pass that fills the cache)."""
+        h = self._prefill_hidden(slot, ids, start, adapter)
+        # The last position's logits exactly as `prefill` computes them (a matmul over more rows may
+        # round differently), so scoring a prompt never changes what is generated after it.
+        return self._logits(h[:, -1])[0], self._logits(h[0, :rows])
+
+    def _prefill_hidden(self, slot: int, ids: list[int], start: int, adapter: str | None) -> torch.Tensor:
+        """Run a chunk of one sequence into the slot's cache; the final hidden states [1, T, hidden]."""
         T = len(ids)
         self._ensure_capacity(start + T)
         dev = self.device
@@ -342,8 +355,7 @@ class LlamaRunner:
                                                attn_mask=mask, enable_gqa=self.n_kv != self.n_heads, scale=scale)
             return o.transpose(1, 2).reshape(1, T, -1)
 
-        h = self._run_layers(h, positions, attend, [adapter])
-        return self._logits(h[:, -1])[0]
+        return self._run_layers(h, positions, attend, [adapter])
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int],
                adapters: list[str | None]) -> torch.Tensor:
@@ -428,22 +440,31 @@ class ModuleRunner:
         """False: a DynamicCache cannot be cut to a prefix in general, so the prompt is prefilled again."""
         return False  # a DynamicCache cannot be cut to a prefix in general: prefill again
 
-    def _forward(self, slot: int, ids: list[int]) -> torch.Tensor:
+    def _forward(self, slot: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Logits [V] of the last position of ids (of every position [T, V] with `all_logits`)."""
         from transformers import DynamicCache
 
         cache = self.caches.get(slot)
         if cache is None:
             cache = self.caches[slot] = DynamicCache(config=base_model(self.model).config)
-        extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        extra = {"logits_to_keep": 1} if self.logits_to_keep and not all_logits else {}
         out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), past_key_values=cache,
                          use_cache=True, **extra)
-        return out.logits[0, -1].float().cpu()  # sampling runs on the CPU
+        return out.logits[0].float().cpu() if all_logits else out.logits[0, -1].float().cpu()  # sampling runs on the CPU
 
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None) -> torch.Tensor:
         """Run a chunk of one sequence; logits of its last position [V]."""
         if start == 0:
             self.caches.pop(slot, None)
         return self._forward(slot, ids)
+
+    def prefill_scored(self, slot: int, ids: list[int], start: int, adapter: str | None,
+                       rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prefill`, and also the logits of the chunk's first `rows` positions [rows, V]."""
+        if start == 0:
+            self.caches.pop(slot, None)
+        logits = self._forward(slot, ids, all_logits=True)
+        return logits[-1], logits[:rows]
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int],
                adapters: list[str | None]) -> torch.Tensor:

@@ -33,7 +33,7 @@ class SamplingParams:
     top_k: int = field(default=0, metadata={"help": "keep only the K most likely tokens (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "drop tokens less likely than this fraction of the most likely token (0: off)"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "divide positive logits (multiply negative ones) of tokens already in the prompt or answer by this (1: off)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens"})
+    max_new_tokens: int = field(default=256, metadata={"help": "stop after this many new tokens (0: only score the prompt, see prompt_logprobs)"})
     seed: int | None = field(default=None, metadata={"help": "random seed; the same seed gives the same answer"})
     presence_penalty: float = field(default=0.0, metadata={"help": "subtract this from the logit of every token already generated (OpenAI semantics; 0: off)"})
     frequency_penalty: float = field(default=0.0, metadata={"help": "subtract this times the count of each token already generated (0: off)"})
@@ -41,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list, metadata={"help": "extra token ids that end generation"})
     top_logprobs: int = field(default=0, metadata={"help": "also return the log-probs of the K most likely tokens at each step"})
     n: int = field(default=1, metadata={"help": "number of answers per prompt"})
+    prompt_logprobs: int | None = field(default=None, metadata={"help": "also return the log-prob of every prompt token but the first (which has no context) and the K most likely tokens at each of those positions (None: off)"})
 
     def validate(self) -> None:
         """Raise ChatsmithError naming the first field outside its allowed range."""
@@ -53,8 +54,9 @@ class SamplingParams:
             ("min_p", self.min_p, _is_number(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty,
              _is_number(self.repetition_penalty) and self.repetition_penalty > 0, "must be > 0 (1: off)"),
-            ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-             "must be an integer >= 1"),
+            ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and (
+                self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and self.prompt_logprobs is not None)),
+             "must be an integer >= 1 (or 0 with prompt_logprobs set: only score the prompt)"),
             # torch.Generator.manual_seed accepts 64-bit values.
             ("seed", self.seed, self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64),
              "must be an integer in [0, 2**64) or unset"),
@@ -70,6 +72,9 @@ class SamplingParams:
             ("top_logprobs", self.top_logprobs, _is_int(self.top_logprobs) and 0 <= self.top_logprobs <= 20,
              "must be an integer in [0, 20]"),
             ("n", self.n, _is_int(self.n) and 1 <= self.n <= 128, "must be an integer in [1, 128]"),
+            ("prompt_logprobs", self.prompt_logprobs,
+             self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+             "must be an integer in [0, 20] or unset"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:

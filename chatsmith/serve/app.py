@@ -7,9 +7,14 @@ conversation with the one template function, submits token ids to `chatsmith.inf
 Routes (llama.cpp's server is the model for the native ones):
 - OpenAI: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/embeddings
 - native: GET /health (503 while loading), GET /metrics (Prometheus), POST /tokenize,
-  POST /detokenize, POST /apply-template
+  POST /detokenize, POST /apply-template, GET /tokenizer_info (vLLM's; lm-evaluation-harness's
+  remote tokenizer uses it with /tokenize and /detokenize)
 - GET /: the web chat page (static files in chatsmith/serve/static, no CDN)
 - GET /openapi.json: the API's schema (request bodies and the OpenAI error shape of every 4xx)
+
+/v1/completions takes a batch of prompts (OpenAI's choice order) and, with `echo` and `logprobs`,
+returns the prompt tokens' log-probs from the engine's prefill (multiple-choice scoring in
+lm-evaluation-harness; docs/serve.md).
 
 A request can only fail itself: serve/guard.py checks host, content type, key and body size before
 any route runs; tokenizing and template rendering run in a worker thread, never on the event loop;
@@ -38,11 +43,12 @@ from chatsmith.embed import Embedder
 from chatsmith.embed import available as embeddings_available
 from chatsmith.errors import ChatsmithError
 from chatsmith.serve import http
-from chatsmith.serve.guard import LOOPBACK, RequestGuard
+from chatsmith.serve.guard import LOOPBACK, RequestGuard, key_matches
 from chatsmith.serve.jobs import GenerationJob
 from chatsmith.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatsmith.serve.metrics import Metrics
 from chatsmith.serve.schemas import (
+    MAX_PROMPTS,
     APIError,
     ChatCompletionRequest,
     ChatMessage,
@@ -59,6 +65,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 256   # a stop string holds its length of text back while streaming
+# Echoed prompt log-probs (and their alternatives) in one answer: each is a JSON entry and Python
+# objects while the answer is built, so a 4 MB body of token ids must not become gigabytes.
+MAX_PROMPT_LOGPROBS = 2**19
 
 
 @dataclass
@@ -178,24 +187,47 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize", openapi_extra=openapi_body(TokenizeRequest))
     async def tokenize(request: Request) -> JSONResponse:
-        """Native: {"content": text} or {"messages": [...]} -> token ids (no inference)."""
+        """Native: {"content": text} (or vLLM's {"prompt": text}) or {"messages": [...]} -> token ids
+        (no inference)."""
         body = await read_body(request, TokenizeRequest)
         _require_ready(state)
-        if (body.content is None) == (body.messages is None):
-            raise APIError(400, "send exactly one of 'content' (text) or 'messages' (a conversation)")
-        if body.content is not None:
-            ids = await asyncio.to_thread(_tokenize, state, body.content)
+        texts = [t for t in (body.content, body.prompt) if t is not None]
+        if len(texts) + (body.messages is not None) != 1:
+            raise APIError(400, "send exactly one of 'content' (text; 'prompt' is taken as its other name) or "
+                           "'messages' (a conversation)")
+        if texts:
+            ids = await asyncio.to_thread(_tokenize, state, texts[0], body.add_special_tokens)
         else:
             ids = (await asyncio.to_thread(_render, state, body.messages, body.add_generation_prompt))[0]
-        return JSONResponse({"tokens": ids, "count": len(ids)})
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.engine.slot_tokens})
 
     @app.post("/detokenize", openapi_extra=openapi_body(DetokenizeRequest))
     async def detokenize(request: Request) -> JSONResponse:
-        """Native: {"tokens": [...]} -> text."""
+        """Native: {"tokens": [...]} -> {"content": text, "prompt": text} ("prompt": vLLM's name)."""
         body = await read_body(request, DetokenizeRequest)
         _require_ready(state)
         _check_ids(state, body.tokens, "tokens")
-        return JSONResponse({"content": await asyncio.to_thread(state.tokenizer.decode, body.tokens)})
+        text = await asyncio.to_thread(state.tokenizer.decode, body.tokens)
+        return JSONResponse({"content": text, "prompt": text})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        """Native, as vLLM's: the tokenizer's special tokens, its chat template and the context a
+        request may use. lm-evaluation-harness looks for this route to tokenize through the server
+        (`tokenizer_backend=remote`, its default when the route answers) instead of loading a tokenizer."""
+        # The key as on the other native routes (serve/guard.py's list does not name this route).
+        if state.api_key and not key_matches(request.headers.get("authorization", ""), state.api_key):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
+                           "server's key", type="authentication_error", code="invalid_api_key")
+        _require_ready(state)
+        tok = state.tokenizer
+        template = getattr(tok, "chat_template", None)
+        return JSONResponse({
+            "tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token, "unk_token": getattr(tok, "unk_token", None),
+            # The served template, when it is the tokenizer's own (a named --template is not Jinja).
+            "chat_template": template if state.template is None and isinstance(template, str) else None,
+            "model_max_length": state.engine.slot_tokens, "vocab_size": len(tok)})
 
     @app.post("/apply-template", openapi_extra=openapi_body(TokenizeRequest))
     async def apply_template(request: Request) -> JSONResponse:
@@ -232,36 +264,38 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "field 'top_logprobs': needs 'logprobs': true", param="top_logprobs")
         json_mode = body.response_format is not None and body.response_format.type == "json_object"
         params = _sampling(state, body, ids, max_tokens, top)
-        job = GenerationJob(state, "chat.completion", ids, params, body.n, adapter, body.model or state.model_name,
-                            logprobs=body.logprobs, json_mode=json_mode)
+        job = GenerationJob(state, "chat.completion", [ids], [params], body.n, adapter,
+                            body.model or state.model_name, logprobs=body.logprobs, json_mode=json_mode)
         return await _answer(job, request, body)
 
     @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request) -> Response:
-        """OpenAI: a text completion of a prompt (text or token ids), streamed or not."""
+        """OpenAI: text completions of one prompt or a batch (texts or token-id lists), streamed or not.
+        With echo the prompt comes back first, and with logprobs too the log-prob of each of its
+        tokens (the first null), then the generated ones; max_tokens 0 scores the prompt only."""
         body = await read_body(request, CompletionRequest)
         _require_ready(state)
         adapter = _adapter_for(state, body.model)
-        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str):
-            if len(body.prompt) != 1:
-                raise APIError(400, "field 'prompt': send one prompt per request (a string or a list of token ids)",
-                               param="prompt")
-            body.prompt = body.prompt[0]
-        if isinstance(body.prompt, str):
-            if not body.prompt:
-                raise APIError(400, "field 'prompt': must not be empty", param="prompt")
-            ids = await asyncio.to_thread(_tokenize, state, body.prompt)
-            if state.tokenizer.bos_token_id is not None and getattr(state.tokenizer, "add_bos_token", False):
-                ids = [state.tokenizer.bos_token_id] + ids
-        else:
-            ids = list(body.prompt)
-            if not ids:
-                raise APIError(400, "field 'prompt': must not be empty", param="prompt")
-            _check_ids(state, ids, "prompt")
-        params = _sampling(state, body, ids, body.max_tokens, body.logprobs or 0)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "field 'max_tokens': 0 generates nothing; it needs 'echo': true (with 'logprobs', "
+                           "to score the prompt)", param="max_tokens")
+        prompts, named = _prompt_list(body.prompt)
+        if len(prompts) * body.n > MAX_PROMPTS:
+            raise APIError(400, f"field 'prompt': {len(prompts)} prompts x n={body.n} is more than the {MAX_PROMPTS} "
+                           "choices one request may ask for; send smaller batches", param="prompt")
+        ids = await asyncio.to_thread(_prompt_ids, state, prompts, named)
+        scored = body.echo and body.logprobs is not None
+        if scored and sum(map(len, ids)) * (1 + body.logprobs) > MAX_PROMPT_LOGPROBS:
+            raise APIError(400, f"field 'prompt': echoing {sum(map(len, ids))} prompt tokens with logprobs="
+                           f"{body.logprobs} makes more than {MAX_PROMPT_LOGPROBS} log-probs in one answer; send "
+                           "smaller batches or fewer logprobs", param="prompt")
+        # max_tokens 0 with echo but no logprobs: the prompt is still run (and scored, unseen).
+        prompt_logprobs = body.logprobs if scored else (0 if body.max_tokens == 0 else None)
+        params = [_sampling(state, body, p, body.max_tokens, body.logprobs or 0, prompt_logprobs=prompt_logprobs,
+                            name=name) for p, name in zip(ids, named)]
+        echo = await asyncio.to_thread(_echo_texts, state, prompts) if body.echo else None
         job = GenerationJob(state, "text_completion", ids, params, body.n, adapter, body.model or state.model_name,
-                            logprobs=body.logprobs is not None,
-                            echo=body.prompt if body.echo and isinstance(body.prompt, str) else None)
+                            logprobs=body.logprobs is not None, echo=echo, prompt_logprobs=scored)
         return await _answer(job, request, body)
 
     @app.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
@@ -362,8 +396,45 @@ def _check_ids(state: ServerState, ids: list[int], name: str) -> None:
         raise APIError(400, f"field '{name}': token id {bad[0]} is outside the vocabulary [0, {vocab})", param=name)
 
 
-def _tokenize(state: ServerState, text: str) -> list[int]:
-    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+def _tokenize(state: ServerState, text: str, add_special_tokens: bool = False) -> list[int]:
+    return state.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _prompt_list(prompt: Any) -> tuple[list[str | list[int]], list[str]]:
+    """The prompts of a completion request (one, or a batch) and the field name of each, for errors."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompts, named = [prompt], ["prompt"]
+    else:
+        prompts, named = list(prompt), [f"prompt[{i}]" for i in range(len(prompt))]
+    if not prompts:
+        raise APIError(400, "field 'prompt': must not be empty", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"field 'prompt': at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
+                       param="prompt")
+    for p, name in zip(prompts, named):
+        if not p:
+            raise APIError(400, f"field '{name}': must not be empty", param=name)
+    return prompts, named
+
+
+def _prompt_ids(state: ServerState, prompts: list[str | list[int]], named: list[str]) -> list[list[int]]:
+    """Token ids of each prompt (run it in a worker thread: a batch may be megabytes): texts
+    tokenized, with the BOS when the tokenizer adds one itself; id lists checked against the vocabulary."""
+    tok = state.tokenizer
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+    out = []
+    for p, name in zip(prompts, named):
+        if isinstance(p, str):
+            out.append(bos + _tokenize(state, p))
+        else:
+            _check_ids(state, p, name)
+            out.append(list(p))
+    return out
+
+
+def _echo_texts(state: ServerState, prompts: list[str | list[int]]) -> list[str]:
+    """What echo returns before each choice's text: a text prompt as sent, token ids decoded."""
+    return [p if isinstance(p, str) else state.tokenizer.decode(p) for p in prompts]
 
 
 def _text(content: Any) -> str:
@@ -397,17 +468,19 @@ def _render(state: ServerState, messages: list[ChatMessage], add_generation_prom
     return r.input_ids, r.text or ""
 
 
-def _sampling(state: ServerState, body: Any, ids: list[int], max_tokens: int | None, top_logprobs: int) -> Any:
+def _sampling(state: ServerState, body: Any, ids: list[int], max_tokens: int | None, top_logprobs: int, *,
+              prompt_logprobs: int | None = None, name: str = "messages") -> Any:
     from chatsmith.infer.sampling import SamplingParams
 
     engine = state.engine
     room = engine.slot_tokens - len(ids)
+    what = "the prompt" if name in ("messages", "prompt") else name
     if room < 1:
-        raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {engine.slot_tokens} "
+        raise APIError(400, f"{what} has {len(ids)} tokens but the context holds {engine.slot_tokens} "
                        f"(model context {engine.context}); shorten the prompt or the conversation",
-                       param="messages", code="context_length_exceeded")
+                       param=name, code="context_length_exceeded")
     if max_tokens is not None and max_tokens > room:
-        raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens asks for {max_tokens} more, but the "
+        raise APIError(400, f"{what} has {len(ids)} tokens and max_tokens asks for {max_tokens} more, but the "
                        f"context holds {engine.slot_tokens}; ask for at most {room} tokens",
                        param="max_tokens", code="context_length_exceeded")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -417,8 +490,8 @@ def _sampling(state: ServerState, body: Any, ids: list[int], max_tokens: int | N
     return SamplingParams(
         temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
         repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, max_new_tokens=max_tokens or room, seed=body.seed, stop=stop,
-        top_logprobs=top_logprobs, n=body.n)
+        frequency_penalty=body.frequency_penalty, max_new_tokens=room if max_tokens is None else max_tokens,
+        seed=body.seed, stop=stop, top_logprobs=top_logprobs, n=body.n, prompt_logprobs=prompt_logprobs)
 
 
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

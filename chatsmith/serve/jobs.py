@@ -1,5 +1,6 @@
-"""One OpenAI generation request: its n engine requests, their events bridged from the engine's
-thread into asyncio, and the OpenAI response (or stream of chunks) made from them.
+"""One OpenAI generation request: its engine requests (n per prompt; a completion request may
+carry a batch of prompts), their events bridged from the engine's thread into asyncio, and the
+OpenAI response (or stream of chunks) made from them. Choice i answers prompt i // n, as OpenAI orders them.
 
 The engine gives each token with the text it made safe to show (its one detokenizer holds back
 partial characters and what may start a stop string); this module only formats.
@@ -25,11 +26,14 @@ FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 class GenerationJob:
     """A chat or text completion: `run()` for one JSON answer, `stream()` for server-sent events."""
 
-    def __init__(self, state: Any, kind: str, ids: list[int], params: Any, n: int, adapter: str | None,
-                 model_name: str, *, logprobs: bool = False, json_mode: bool = False, echo: str | None = None) -> None:
-        self.state, self.kind, self.ids, self.params, self.n = state, kind, ids, params, n
+    def __init__(self, state: Any, kind: str, prompts: list[list[int]], params: list[Any], n: int,
+                 adapter: str | None, model_name: str, *, logprobs: bool = False, json_mode: bool = False,
+                 echo: list[str] | None = None, prompt_logprobs: bool = False) -> None:
+        self.state, self.kind, self.prompts, self.params, self.n = state, kind, prompts, params, n
         self.adapter, self.model_name, self.want_logprobs, self.echo = adapter, model_name, logprobs, echo
         self.json_mode = json_mode
+        self.prompt_logprobs = prompt_logprobs   # echo the prompt tokens' log-probs before the generated ones
+        self.choices = len(prompts) * n
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.requests: list[Any] = []
@@ -45,7 +49,7 @@ class GenerationJob:
         engine = self.state.engine
         constraint = None
         try:
-            for i in range(self.n):
+            for i in range(self.choices):
                 def on_token(req: Any, tok: int, lp: float, text: str, i: int = i) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, ("token", i, len(req.output), text, req))
 
@@ -56,10 +60,13 @@ class GenerationJob:
                     from chatsmith.infer.constraints import JsonObjectConstraint
 
                     constraint = JsonObjectConstraint(self.state.tokenizer)
-                seed = None if self.params.seed is None else self.params.seed + i
-                self.requests.append(engine.submit(self.ids, self.params, adapter=self.adapter, seed=seed,
+                prompt, params = self.prompts[i // self.n], self.params[i // self.n]
+                # seed + j for the j-th choice of a prompt: a prompt's answers do not depend on its batch.
+                seed = None if params.seed is None else params.seed + i % self.n
+                # The queue limit admits or refuses the whole request at its first choice, never a part.
+                self.requests.append(engine.submit(prompt, params, adapter=self.adapter, seed=seed,
                                                    on_token=on_token, on_finish=on_finish, constraint=constraint,
-                                                   group=self.id))
+                                                   group=self.id, check_queue=i == 0))
         except EngineBusy as e:
             self.cancel()
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
@@ -70,7 +77,7 @@ class GenerationJob:
         except ChatsmithError as e:
             self.cancel()
             raise APIError(400, str(e)) from None
-        self.state.metrics.submitted(len(self.ids) * self.n)
+        self.state.metrics.submitted(sum(map(len, self.prompts)) * self.n)
         return queue
 
     def cancel(self) -> None:
@@ -82,9 +89,9 @@ class GenerationJob:
     # ---- formatting ------------------------------------------------------------------------------
 
     def _usage(self) -> dict[str, int]:
+        prompt = sum(map(len, self.prompts))   # each prompt once, whatever n (as OpenAI counts)
         completion = sum(len(r.output) for r in self.requests)
-        return {"prompt_tokens": len(self.ids), "completion_tokens": completion,
-                "total_tokens": len(self.ids) + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _logprob_entries(self, req: Any, start: int, end: int) -> list[dict[str, Any]]:
         tok = self.state.tokenizer
@@ -101,15 +108,32 @@ class GenerationJob:
             out.append(entry)
         return out
 
-    def _completion_logprobs(self, r: Any) -> dict[str, Any]:
+    def _completion_logprobs(self, r: Any, echo: str | None) -> dict[str, Any]:
+        """OpenAI's legacy logprobs object. With echo and prompt log-probs: the prompt's tokens first
+        (the first one's log-prob and alternatives null, as OpenAI gives them), then the generated ones."""
         tok = self.state.tokenizer
-        tokens = [tok.decode([t]) for t in r.output]
-        offsets, pos = [], 0
-        for t in tokens:
+        alternatives = r.params.top_logprobs > 0
+        tokens, logprobs, top, offsets, pos = [], [], [], [], 0
+        if self.prompt_logprobs and r.prompt_logprobs is not None:
+            alternatives = alternatives or r.params.prompt_logprobs > 0
+            for j, (t, lp) in enumerate(zip(r.prompt, r.prompt_logprobs)):
+                piece = tok.decode([t])
+                tokens.append(piece)
+                logprobs.append(lp)
+                top.append(None if j == 0 else _top_dict(tok, r.prompt_top_logprobs[j]))
+                offsets.append(pos)
+                pos += len(piece)
+        if echo is not None:
+            pos = len(echo)   # the generated text starts after the echoed prompt
+        for j, t in enumerate(r.output):
+            piece = tok.decode([t])
+            tokens.append(piece)
+            logprobs.append(r.logprobs[j])
+            top.append(_top_dict(tok, r.top_logprobs[j]) if r.top_logprobs else {})
             offsets.append(pos)
-            pos += len(t)
-        top = [{tok.decode([a]): lp for a, lp in alts} for alts in r.top_logprobs] if r.top_logprobs else None
-        return {"tokens": tokens, "token_logprobs": list(r.logprobs), "top_logprobs": top, "text_offset": offsets}
+            pos += len(piece)
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top if alternatives else None,
+                "text_offset": offsets}
 
     def _record(self) -> None:
         m = self.state.metrics
@@ -122,14 +146,15 @@ class GenerationJob:
         for i, r in enumerate(self.requests):
             text = r.detok.text
             finish = FINISH_REASONS[r.finish_reason]
+            echo = self.echo[i // self.n] if self.echo is not None else None
             if self.kind == "chat.completion":
                 choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
                                           "finish_reason": finish,
                                           "logprobs": {"content": self._logprob_entries(r, 0, len(r.output))}
                                           if self.want_logprobs else None}
             else:
-                choice = {"index": i, "text": (self.echo or "") + text, "finish_reason": finish,
-                          "logprobs": self._completion_logprobs(r) if self.want_logprobs else None}
+                choice = {"index": i, "text": (echo or "") + text, "finish_reason": finish,
+                          "logprobs": self._completion_logprobs(r, echo) if self.want_logprobs else None}
             choices.append(choice)
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": self._usage(), "system_fingerprint": self.state.fingerprint}
@@ -162,7 +187,7 @@ class GenerationJob:
         queue = self.submit()
         left = asyncio.ensure_future(_disconnected(request))
         try:
-            remaining = self.n
+            remaining = self.choices
             while remaining:
                 event = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({event, left}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,15 +209,15 @@ class GenerationJob:
         """Server-sent events from an admitted job (`submit()` gave `queue`): a role chunk, text
         chunks as the engine makes them safe to show, one chunk with each choice's finish reason,
         the usage (when asked), then [DONE]. A client that leaves cancels the generation."""
-        logged = [0] * self.n      # log-prob entries already sent per choice
-        remaining = self.n
+        logged = [0] * self.choices      # log-prob entries already sent per choice
+        remaining = self.choices
         try:
             if self.kind == "chat.completion":
-                for i in range(self.n):
+                for i in range(self.choices):
                     yield self._chunk(i, "", None, first=True)
             elif self.echo:
-                for i in range(self.n):
-                    yield self._chunk(i, self.echo, None)
+                for i in range(self.choices):
+                    yield self._chunk(i, self.echo[i // self.n], None)
             while remaining:
                 kind, i, count, text, req = await queue.get()
                 if kind == "token":
@@ -218,6 +243,15 @@ class GenerationJob:
         finally:
             # A client that goes away mid-stream lands here (the task is cancelled): free its slots.
             self.cancel()
+
+
+def _top_dict(tok: Any, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+    """{token text: log-prob} of the most likely tokens, most likely first. Tokens with the same
+    text (e.g. partial UTF-8 bytes) keep the higher log-prob, so the top value stays the top value."""
+    out: dict[str, float] = {}
+    for a, lp in alternatives:
+        out.setdefault(tok.decode([a]), lp)
+    return out
 
 
 async def _disconnected(request: Request) -> None:

@@ -87,12 +87,28 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
 
 
+MAX_PROMPTS = 128   # prompts in one batched completion request (each of its choices is an engine request)
+
+
 class CompletionRequest(_Sampling):
     """The body of POST /v1/completions."""
-    prompt: str | list[int] | list[str]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-    max_tokens: int | None = Field(default=16, ge=1)
+    # One prompt (text or token ids) or a batch (texts or token-id lists: one choice per prompt and
+    # per n, OpenAI's order). Emptiness, the batch size and the vocabulary are checked by the server
+    # (with a message naming the prompt); the schema documents them.
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(description=(
+        "a text, token ids, or a batch of texts or of token-id lists (choice p*n+j answers prompt p); "
+        "at most 128 prompts x n, token ids below the vocabulary size"), json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+         "minItems": 1, "maxItems": MAX_PROMPTS}]})
+    logprobs: int | None = Field(default=None, ge=0, le=20, description=(
+        "log-probs of the tokens and of the N most likely at each; with echo the prompt's tokens come "
+        "first (the first one's null)"))
+    echo: bool = Field(default=False, description="return the prompt before the completion")
+    max_tokens: int | None = Field(default=16, ge=0, description=(
+        "tokens to generate (null: as many as the context holds); 0 needs echo and scores the prompt only"))
 
 
 class EmbeddingRequest(_Strict):
@@ -105,8 +121,10 @@ class EmbeddingRequest(_Strict):
 class TokenizeRequest(_Strict):
     """The body of POST /tokenize and /apply-template."""
     content: str | None = None
+    prompt: str | None = None   # vLLM's name for `content` (lm-evaluation-harness's remote tokenizer sends it)
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False   # text only: the tokenizer's own special tokens (e.g. a BOS) around it
 
 
 class DetokenizeRequest(_Strict):
@@ -203,7 +221,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[TextPart]", "list[int]", "list[str]", "int", "float", "bool") or "[" in str(part):
+        elif part in ("str", "list[TextPart]", "list[int]", "list[str]", "list[list[int]]", "int", "float",
+                      "bool") or "[" in str(part):
             continue  # pydantic names the union member it tried; the user wants the field only
         else:
             out += ("." if out else "") + str(part)
