@@ -727,3 +727,34 @@ def test_scoring_a_large_batch_changes_no_other_answer(server):
         # 5 alternatives, fewer where several tokens have the same text (the dict keeps the likelier)
         assert all(1 <= len(t) <= 5 for t in lp["top_logprobs"][1:]), [len(t) for t in lp["top_logprobs"]]
         assert all(x <= max(t.values()) + 1e-6 for x, t in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+
+
+def test_log_prob_answers_are_built_and_serialized_off_the_event_loop(server, monkeypatch):
+    """An echoed batch may hold 2**19 log-probs (15 MB of JSON: 3 s of work here); building and
+    serializing it on the event loop stalled every other request meanwhile."""
+    import asyncio
+
+    from fastapi.responses import JSONResponse
+
+    from chatsmith.serve import jobs
+
+    url, _ = server
+    calls = []
+
+    def where(real):
+        def spy(self, *args):
+            try:
+                asyncio.get_running_loop()
+                calls.append(f"{real.__name__} on the event loop")
+            except RuntimeError:
+                calls.append("worker thread")
+            return real(self, *args)
+        return spy
+
+    monkeypatch.setattr(jobs._PieceText, "__call__", where(jobs._PieceText.__call__))   # building
+    monkeypatch.setattr(JSONResponse, "render", where(JSONResponse.render))             # serializing
+    for body in ({"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 0, "echo": True, "logprobs": 2},
+                 {"prompt": "Hello", "max_tokens": 2, "logprobs": 1}):
+        r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, **body}, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert calls and set(calls) == {"worker thread"}, calls

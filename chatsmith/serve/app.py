@@ -365,7 +365,10 @@ async def _answer(job: GenerationJob, request: Request, body: Any) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(job.stream(queue, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await job.run(request))
+    answer = await job.run(request)
+    if job.want_logprobs:   # an answer with log-probs may be megabytes of JSON: serialized off the event loop
+        return await asyncio.to_thread(JSONResponse, answer)
+    return JSONResponse(answer)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------

@@ -111,25 +111,25 @@ class GenerationJob:
     def _completion_logprobs(self, r: Any, echo: str | None) -> dict[str, Any]:
         """OpenAI's legacy logprobs object. With echo and prompt log-probs: the prompt's tokens first
         (the first one's log-prob and alternatives null, as OpenAI gives them), then the generated ones."""
-        tok = self.state.tokenizer
+        text = _PieceText(self.state.tokenizer)
         alternatives = r.params.top_logprobs > 0
         tokens, logprobs, top, offsets, pos = [], [], [], [], 0
         if self.prompt_logprobs and r.prompt_logprobs is not None:
             alternatives = alternatives or r.params.prompt_logprobs > 0
             for j, (t, lp) in enumerate(zip(r.prompt, r.prompt_logprobs)):
-                piece = tok.decode([t])
+                piece = text(t)
                 tokens.append(piece)
                 logprobs.append(lp)
-                top.append(None if j == 0 else _top_dict(tok, r.prompt_top_logprobs[j]))
+                top.append(None if j == 0 else _top_dict(text, r.prompt_top_logprobs[j]))
                 offsets.append(pos)
                 pos += len(piece)
         if echo is not None:
             pos = len(echo)   # the generated text starts after the echoed prompt
         for j, t in enumerate(r.output):
-            piece = tok.decode([t])
+            piece = text(t)
             tokens.append(piece)
             logprobs.append(r.logprobs[j])
-            top.append(_top_dict(tok, r.top_logprobs[j]) if r.top_logprobs else {})
+            top.append(_top_dict(text, r.top_logprobs[j]) if r.top_logprobs else {})
             offsets.append(pos)
             pos += len(piece)
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top if alternatives else None,
@@ -203,6 +203,8 @@ class GenerationJob:
         errors = [r.error for r in self.requests if r.finish_reason == "error"]
         if errors:
             raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
+        if self.want_logprobs:   # up to 2**19 log-prob entries (echoed batches): built off the event loop
+            return await asyncio.to_thread(self._response)
         return self._response()
 
     async def stream(self, queue: asyncio.Queue, include_usage: bool) -> Any:
@@ -245,12 +247,25 @@ class GenerationJob:
             self.cancel()
 
 
-def _top_dict(tok: Any, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+class _PieceText:
+    """The text of one token id, decoded once per answer (an echoed batch repeats ids a lot)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.known = tokenizer, {}
+
+    def __call__(self, token: int) -> str:
+        piece = self.known.get(token)
+        if piece is None:
+            piece = self.known[token] = self.tokenizer.decode([token])
+        return piece
+
+
+def _top_dict(text: _PieceText, alternatives: list[tuple[int, float]]) -> dict[str, float]:
     """{token text: log-prob} of the most likely tokens, most likely first. Tokens with the same
     text (e.g. partial UTF-8 bytes) keep the higher log-prob, so the top value stays the top value."""
     out: dict[str, float] = {}
     for a, lp in alternatives:
-        out.setdefault(tok.decode([a]), lp)
+        out.setdefault(text(a), lp)
     return out
 
 
