@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class APIError(Exception):
@@ -110,6 +110,17 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=0, description=(
         "tokens to generate (null: as many as the context holds); 0 needs echo and scores the prompt only"))
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: Any) -> Any:
+        # pydantic reports a union's first member ("Input should be a valid string") for a list
+        # such as [1, 2.0]; name the shapes instead.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("send a string, a list of token ids (integers), or a batch: a list of strings or a "
+                             "list of token-id lists") from None
+
 
 class EmbeddingRequest(_Strict):
     """The body of POST /v1/embeddings."""
@@ -157,7 +168,8 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
         param = _field_path(err.get("loc", ()))
         got = err.get("input")
         shown = json.dumps(got)[:80] if _jsonable(got) else type(got).__name__
-        raise APIError(400, f"field '{param}': {err.get('msg', 'invalid value')} (got {shown})", param=param) from None
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")   # our validators' own words
+        raise APIError(400, f"field '{param}': {message} (got {shown})", param=param) from None
 
 
 def _unencodable(value: Any, path: str = "") -> str | None:
