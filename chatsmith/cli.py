@@ -193,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     er.add_argument("--data", required=True, help="pairs or rankings in any format `chatsmith rm` reads")
     er.add_argument("--skip-bad", action="store_true", help="drop malformed records and count them")
     er.add_argument("--limit", type=int, default=None, help="the first N records only")
+    er.add_argument("--max-length", type=int, default=None, help="tokens per prompt+answer, the prompt's start cut "
+                    "first (default: the length the reward model was trained with)")
     out_flag(er)
 
     ec = esub.add_parser("rm-compare", help="models answer the same prompts; a reward model scores them: mean "
@@ -433,7 +435,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if cmd == "rm":
         from chatsmith.eval.runs import run_rm_eval
 
-        run_rm_eval(args.reward_model, args.data, skip_bad=args.skip_bad, limit=args.limit, output=args.output)
+        run_rm_eval(args.reward_model, args.data, skip_bad=args.skip_bad, limit=args.limit, max_length=args.max_length,
+                    output=args.output)
         return 0
     if cmd == "rm-compare":
         _rm_compare(args)

@@ -54,18 +54,20 @@ def pairwise_accuracy(records: list[Any], scores: list[list[float]]) -> dict[str
 
 
 def evaluate_reward_model(reward_model: str, data: str, *, skip_bad: bool = False, limit: int | None = None,
-                          batch_size: int = 16) -> dict[str, Any]:
+                          batch_size: int = 16, max_length: int | None = None) -> dict[str, Any]:
     """Pairwise accuracy of a `chatsmith rm` run on a preference file (pairs or rankings in any
-    format `chatsmith rm` reads), with each record's scores."""
+    format `chatsmith rm` reads), with each record's scores. Answers are cut as in training, to
+    `max_length` tokens (default: the length the reward model was trained with)."""
     from chatsmith.data.preference import read_preferences
-    from chatsmith.models.reward import load_reward_model
+    from chatsmith.models.reward import load_reward_model, trained_max_length
 
     rm = load_reward_model(reward_model)
+    rm.max_length = max_length or trained_max_length(reward_model) or rm.max_length
     data_read = read_preferences(data, skip_bad=skip_bad)
     records = data_read.records[:limit] if limit else data_read.records
     scores = score_rankings(rm, records, batch_size)
     out = pairwise_accuracy(records, scores)
-    out.update({"reward_model": reward_model, "data": data, "skipped": len(data_read.skipped),
+    out.update({"reward_model": reward_model, "data": data, "skipped": len(data_read.skipped), "max_length": rm.max_length,
                 "scores": [{"source": r.source, "scores": s} for r, s in zip(records, scores)],
                 "pairs_of": [r.pairs() for r in records]})
     return out

@@ -96,17 +96,17 @@ def run_tasks(models: Sequence[str], spec: str, *, shots: int = 0, match: str = 
 
 
 def run_rm_eval(reward_model: str, data: str, *, skip_bad: bool = False, limit: int | None = None,
-                output: str | None = None) -> dict[str, Any]:
+                max_length: int | None = None, output: str | None = None) -> dict[str, Any]:
     """Pairwise accuracy and mean margin of a reward model on a preference file."""
     from chatsmith.eval.rm import evaluate_reward_model
 
-    r = evaluate_reward_model(reward_model, data, skip_bad=skip_bad, limit=limit)
+    r = evaluate_reward_model(reward_model, data, skip_bad=skip_bad, limit=limit, max_length=max_length)
     acc, mar = r["accuracy"], r["margin"]
     print(f"{reward_model} on {data}: pairwise accuracy {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] "
           f"({r['correct']}/{r['pairs']} pairs, {r['ties']} ties); mean margin {mar['value']:+.3f} "
           f"[{mar['low']:+.3f}, {mar['high']:+.3f}]")
     summary = {"kind": "rm", "model": reward_model, "data": data, "pairs": r["pairs"], "correct": r["correct"],
-               "ties": r["ties"], "records": r["records"], "skipped": r["skipped"],
+               "ties": r["ties"], "records": r["records"], "skipped": r["skipped"], "max_length": r["max_length"],
                "accuracy": {"pairwise accuracy": acc}, "margin": mar}
     results = [{"id": str(i), "category": "all", "question": s["source"], "answer": f"scores {s['scores']}",
                 "correct": all(s["scores"][a] > s["scores"][b] for a, b in rec_pairs)}

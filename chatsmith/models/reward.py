@@ -139,6 +139,16 @@ class RewardModel:
         return out
 
 
+def trained_max_length(spec: str) -> int | None:
+    """The --max-length a `chatsmith rm` run was trained with (None when it does not say)."""
+    p = Path(spec)
+    for cfg in (p / "final" / REWARD_CONFIG, p / REWARD_CONFIG):
+        if cfg.is_file():
+            value = json.loads(cfg.read_text()).get("max_length")
+            return int(value) if value else None
+    return None
+
+
 def load_reward_model(spec: str, *, device: str | None = None) -> RewardModel:
     """A reward model from a `chatsmith rm` run directory (its final/) or a final/ directory."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
