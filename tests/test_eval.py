@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from chatsmith.eval.stats import WinTieLoss, mean_interval, wilson_interval, win_tie_loss
-from chatsmith.eval.tasks import TaskItem, accuracy_table, last_number, matches, normalise
+from chatsmith.eval.tasks import accuracy_table, last_number, matches, normalise
 
 # ---- metrics against hand values -----------------------------------------------------------------
 

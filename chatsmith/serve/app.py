@@ -43,7 +43,7 @@ from chatsmith.embed import Embedder
 from chatsmith.embed import available as embeddings_available
 from chatsmith.errors import ChatsmithError
 from chatsmith.serve import http
-from chatsmith.serve.guard import LOOPBACK, RequestGuard, key_matches
+from chatsmith.serve.guard import LOOPBACK, RequestGuard
 from chatsmith.serve.jobs import GenerationJob
 from chatsmith.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatsmith.serve.metrics import Metrics
@@ -215,10 +215,6 @@ def create_app(state: ServerState) -> FastAPI:
         """Native, as vLLM's: the tokenizer's special tokens, its chat template and the context a
         request may use. lm-evaluation-harness looks for this route to tokenize through the server
         (`tokenizer_backend=remote`, its default when the route answers) instead of loading a tokenizer."""
-        # The key as on the other native routes (serve/guard.py's list does not name this route).
-        if state.api_key and not key_matches(request.headers.get("authorization", ""), state.api_key):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the "
-                           "server's key", type="authentication_error", code="invalid_api_key")
         _require_ready(state)
         tok = state.tokenizer
         template = getattr(tok, "chat_template", None)
