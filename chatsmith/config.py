@@ -46,8 +46,12 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(2e-4, "peak learning rate")
     max_length: int = _f(1024, "tokens per example; longer ones are truncated (counted and reported)")
-    eval_split: float = _f(0.0, "fraction (<1) or number (>=1) of records held out for evaluation")
-    eval_every: int = _f(0, "evaluate every N steps (0: only at the end)")
+    eval_split: float = _f(0.0, "fraction (<1) or number (>=1) of --data records held out for evaluation")
+    eval_data: list[str] = _f([], "held-out file(s) to evaluate on instead of an --eval-split of --data, in any "
+                              "format the stage reads for --data (several allowed)")
+    eval_every: int = _f(0, "also evaluate every N steps (0: only at the start and the end)")
+    eval_at_start: bool = _f(True, "evaluate the starting model before the first step: step 0 of every eval curve "
+                             "(--no-eval-at-start saves that time)")
     save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many of the latest checkpoints to keep")
     seed: int = _f(42, "random seed (data order, initialisation, dropout)")
@@ -75,10 +79,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate_choices(self)
+        validate_evaluation(self)
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class EvalSuiteFields:
+    """--eval-suite (sft, dpo, grpo): a task suite run at every evaluation."""
+
+    eval_suite: str | None = _f(None, "task suite run at every evaluation (step 0, every --eval-every steps, the end): "
+                                "comma-separated builtin:NAME (identity, arithmetic) or task files; its metrics "
+                                "(suite/SET/accuracy) go to metrics.jsonl and the plots")
+    eval_suite_max_new_tokens: int = _f(64, "tokens each --eval-suite answer may take")
+
+
+@dataclass
+class SFTConfig(EvalSuiteFields, TrainConfig):
     """Supervised fine-tuning."""
 
     packing: bool = _f(False, "pack several short examples into each --max-length row (no attention across examples)")
@@ -100,13 +115,19 @@ class RMConfig(TrainConfig):
     lr: float = _f(1e-4, "peak learning rate")
     batch_size: int = _f(8, "preference records (pairs or rankings) per micro-batch")
     max_length: int = _f(512, "tokens per prompt+answer; longer ones are truncated on the left of the prompt")
-    eval_split: float = _f(0.1, "fraction (<1) or number (>=1) of records held out for pairwise accuracy")
+    eval_split: float | None = _f(None, "fraction (<1) or number (>=1) of --data records held out for pairwise "
+                                  "accuracy (default: 0.1, or 0 with --eval-data)")
     loss: str = _f("pairwise", "pairwise: Bradley-Terry on every pair of a ranking; listwise: Plackett-Luce", RM_LOSSES)
     margin: float = _f(0.0, "Bradley-Terry margin: r_chosen - r_rejected must exceed it (a record's `margin` field wins)")
 
+    def __post_init__(self) -> None:
+        if self.eval_split is None:   # a reward model is judged on held-out pairs unless told otherwise
+            self.eval_split = 0.0 if self.eval_data else 0.1
+        super().__post_init__()
+
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(EvalSuiteFields, TrainConfig):
     """Direct preference optimisation and its RL-free relatives."""
 
     output: str = _f("runs/dpo", "run directory (checkpoints, metrics, plots, final model)")
@@ -132,6 +153,33 @@ def validate_choices(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         if choices and value not in choices:
             raise ConfigError(f"{f.name}: '{value}' is not one of {', '.join(choices)}")
+
+
+def validate_evaluation(cfg: Any) -> None:
+    """Raise ConfigError for an evaluation setting that cannot work: a held-out set from two places,
+    a negative count, an empty --eval-suite part, --eval-every with nothing to evaluate."""
+    if cfg.eval_split is not None and cfg.eval_split < 0:
+        raise ConfigError(f"eval_split must be >= 0 (a fraction below 1 or a number of records), got {cfg.eval_split}")
+    if cfg.eval_data and cfg.eval_split:
+        raise ConfigError(f"eval_data ({', '.join(cfg.eval_data)}) and eval_split ({cfg.eval_split}) are both set: the "
+                          "held-out set comes from one place. Set eval_split to 0 (--eval-split 0) to evaluate on "
+                          "the eval_data file(s), or drop eval_data to hold out part of --data")
+    if any(not str(p).strip() for p in cfg.eval_data):
+        raise ConfigError("eval_data holds an empty path: give held-out files, e.g. --eval-data heldout.jsonl")
+    if cfg.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0: evaluate only at the start and the end), got {cfg.eval_every}")
+    suite = getattr(cfg, "eval_suite", None)
+    if suite is not None:
+        parts = [p.strip() for p in suite.split(",")]
+        if not any(parts) or any(p in ("", "builtin:") for p in parts):
+            raise ConfigError(f"eval_suite '{suite}': each comma-separated part must be builtin:NAME (identity, "
+                              "arithmetic) or a task file, e.g. --eval-suite builtin:identity,my_questions.jsonl")
+        if cfg.eval_suite_max_new_tokens < 1:
+            raise ConfigError(f"eval_suite_max_new_tokens must be >= 1, got {cfg.eval_suite_max_new_tokens}")
+    # Online RL always has held-out prompts when --data is a builtin task; elsewhere say it now.
+    if cfg.eval_every and not isinstance(cfg, RLConfig) and not (cfg.eval_split or cfg.eval_data or suite):
+        raise ConfigError(f"eval_every is {cfg.eval_every} but there is nothing to evaluate: pass --eval-data FILE "
+                          "or --eval-split N" + (" or --eval-suite SPEC" if hasattr(cfg, "eval_suite") else ""))
 
 
 def field_type(cls: type, name: str) -> Any:
@@ -189,7 +237,10 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         if k not in names:
             raise ConfigError(f"{where}: unknown key '{key}'. Allowed keys: {', '.join(names)}")
         kwargs[k] = _coerce(cls, k, value, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:   # a check across fields (__post_init__): say which file it came from
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
@@ -294,8 +345,9 @@ class RLConfig(TrainConfig):
     clip_eps_high: float | None = _f(None, "upper ratio clip (DAPO clip-higher); default: --clip-eps")
     loss_aggregation: str = _f("token", "token: mean over all tokens; sequence: per-sequence mean then mean "
                                "(GRPO paper); dr_grpo: sum / (sequences x max-new-tokens)", RL_AGGREGATIONS)
-    eval_prompts: int = _f(64, "held-out prompts answered greedily before/after training (0: all)")
-    eval_every: int = _f(0, "evaluate on the held-out prompts every N steps (0: only before and after)")
+    eval_prompts: int = _f(64, "held-out prompts answered greedily before/after training (0: all); a builtin:TASK "
+                           "holds out its own, files are split by --eval-split or given by --eval-data")
+    eval_every: int = _f(0, "also evaluate on the held-out prompts every N steps (0: only before and after)")
     generation_batch_size: int = _f(32, "sequences generated together by the rollout engine")
 
     def __post_init__(self) -> None:
@@ -315,7 +367,7 @@ class RLConfig(TrainConfig):
 
 
 @dataclass
-class GRPOConfig(RLConfig):
+class GRPOConfig(EvalSuiteFields, RLConfig):
     """Group-relative policy optimisation (and RLOO): G completions per prompt, no critic."""
 
     output: str = _f("runs/grpo", "run directory (checkpoints, metrics, plots, final model)")

@@ -71,17 +71,26 @@ def tiny_dir() -> str:
 
 
 def test_sft_two_processes_equal_one(tmp_path, shared_data):
+    """Also evaluation: the held-out loss is split over the processes, the task suite runs on the
+    main process while the other waits; both from step 0, with the same numbers as one process."""
     from chatsmith.train.sft import run_sft
 
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": "Paris"}) + "\n"
+                                                  for q in ("Where is the Louvre?", "Capital of France?")))
     common = dict(model="tiny-random-llama", data=[str(shared_data / "alpaca_50.json")], method="full", max_steps=3,
                   batch_size=2, lr=1e-3, max_length=96, max_grad_norm=1.0, warmup_ratio=0.0, scheduler="constant",
-                  seed=3, eval_split=6, packing=True)
+                  seed=3, eval_split=6, packing=True, eval_every=2, eval_suite=str(tmp_path / "tasks.jsonl"),
+                  eval_suite_max_new_tokens=4)
     one = run_sft(SFTConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
     launch_two(["sft", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
     assert_same_weights(one, tmp_path / "two", tiny_dir())
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-6)
-    ev1, ev2 = (json.loads((r / "summary.json").read_text())["eval"] for r in (one, tmp_path / "two"))
-    assert ev2["eval_loss"] == pytest.approx(ev1["eval_loss"], rel=1e-6)   # evaluation split over processes
+    ev1, ev2 = ([r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+                for run in (one, tmp_path / "two"))
+    assert [r["step"] for r in ev2] == [r["step"] for r in ev1] == [0, 2, 3]
+    for a, b in zip(ev1, ev2, strict=True):   # evaluation split over processes
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+        assert b["suite/tasks/accuracy"] == a["suite/tasks/accuracy"]
     assert not (tmp_path / "two" / "final" / "adapter_config.json").exists()
 
 
@@ -89,7 +98,8 @@ def test_rm_two_processes_equal_one(tmp_path):
     from chatsmith.train.rm import run_rm
 
     common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="full", max_steps=3,
-                  batch_size=2, lr=2e-3, max_length=96, eval_split=8, warmup_ratio=0.0, scheduler="constant", seed=4)
+                  batch_size=2, lr=2e-3, max_length=96, eval_split=8, warmup_ratio=0.0, scheduler="constant", seed=4,
+                  eval_at_start=False)
     one = run_rm(RMConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
     launch_two(["rm", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
     assert_same_weights(one, tmp_path / "two")

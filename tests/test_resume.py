@@ -35,6 +35,19 @@ def crash_then_resume(run_fn, cfg_cls, common: dict, tmp_path: Path, crash_after
     assert summary["resumed_from"] == at - at % common["save_every"]
     steps = [r["step"] for r in records(resumed) if "loss" in r]
     assert steps == list(range(1, common["max_steps"] + 1))   # no step logged twice, none lost
+    # Evaluations: step 0 (the starting model) is logged once, by the first attempt, and the resumed
+    # run's evaluations are the uninterrupted run's.
+    evals_clean = [r for r in records(clean) if "loss" not in r or any(k.startswith("eval_") for k in r)]
+    evals_resumed = [r for r in records(resumed) if "loss" not in r or any(k.startswith("eval_") for k in r)]
+    assert [r["step"] for r in evals_resumed] == [r["step"] for r in evals_clean]
+    assert [r["step"] for r in evals_resumed].count(0) == (1 if evals_clean else 0)
+    for a, b in zip(evals_clean, evals_resumed, strict=True):
+        for k in (k for k in a if k.startswith("eval_") and not k.endswith("_time_s")):
+            assert b[k] == pytest.approx(a[k], abs=1e-4), (a["step"], k)
+    start = "before" if "before" in summary else "eval_start"   # rl: before/after; the others: eval_start/eval
+    clean_start = json.loads((clean / "summary.json").read_text())[start]
+    assert {k: v for k, v in summary[start].items() if k != "samples"} == pytest.approx(
+        {k: v for k, v in clean_start.items() if k != "samples"}, abs=1e-4)
     wc, wr = weights(clean), weights(resumed)
     for k in wc:
         torch.testing.assert_close(wr[k], wc[k], atol=1e-4, rtol=0, msg=k)
@@ -50,8 +63,10 @@ def test_rm_resume_equals_uninterrupted(tmp_path, crash_after_step):
     from chatsmith.train.rm import run_rm
 
     common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="lora", lora_r=4,
-                  max_steps=6, batch_size=4, lr=5e-3, max_length=96, eval_split=0, save_every=2, seed=1)
-    crash_then_resume(run_rm, RMConfig, common, tmp_path, crash_after_step, at=5)
+                  max_steps=6, batch_size=4, lr=5e-3, max_length=96, eval_split=8, eval_every=2, save_every=2,
+                  seed=1)
+    clean, resumed = crash_then_resume(run_rm, RMConfig, common, tmp_path, crash_after_step, at=5)
+    assert [r["step"] for r in records(resumed) if "eval_loss" in r] == [0, 2, 4, 6]
 
 
 def test_dpo_resume_equals_uninterrupted(tmp_path, crash_after_step):

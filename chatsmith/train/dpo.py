@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from chatsmith.config import DPOConfig
-from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import PreferenceExample, encode_feedback, encode_rankings, read_feedback
 from chatsmith.errors import ChatsmithError
@@ -38,12 +37,16 @@ from chatsmith.train.losses import (
 )
 from chatsmith.train.plots import plot_preference_metrics
 from chatsmith.train.prepare import (
+    check_eval_suite,
     fit_and_save,
     load_rankings,
     plan_for,
     prepare_run_dir,
     read_data_specs,
     say,
+    say_suite,
+    split_or_eval_data,
+    suite_evaluators,
     write_json,
 )
 
@@ -152,22 +155,22 @@ class _null:
         return None
 
 
-def read_records(cfg: DPOConfig) -> list[Any]:
-    """Every --data file as validated records: Feedback for kto (pairs are unpaired), else Ranking."""
+def read_records(cfg: DPOConfig, specs: list[str] | None = None) -> list[Any]:
+    """Every --data file (or each of `specs`: held-out files) as validated records: Feedback for kto
+    (pairs are unpaired), else Ranking."""
     if cfg.loss != "kto":
-        return load_rankings(cfg)
+        return load_rankings(cfg, specs)
 
     def describe(records: list[Any]) -> str:
         good = sum(r.desirable for r in records)
         return f"{len(records)} feedback records ({good} desirable, {len(records) - good} not)"
 
-    return read_data_specs(cfg, read_feedback, describe, "{messages, label} feedback or pairs")
+    return read_data_specs(cfg, read_feedback, describe, "{messages, label} feedback or pairs", specs)
 
 
-def encode_examples(cfg: DPOConfig, tokenizer: Any, records: list[Any]
+def encode_examples(cfg: DPOConfig, tokenizer: Any, train: list[Any], held: list[Any]
                     ) -> tuple[list[PreferenceExample], list[PreferenceExample], int]:
-    """(train, held-out, answers truncated): records split by --eval-split and rendered."""
-    train, held = split_eval(records, cfg.eval_split, cfg.seed)
+    """(train, held-out, answers truncated): the records rendered."""
     if cfg.loss == "kto":
         tr, t = encode_feedback(tokenizer, train, cfg.template, cfg.max_length, cfg.seed)
         ev, _ = encode_feedback(tokenizer, held, cfg.template, cfg.max_length, cfg.seed) if held else ([], 0)
@@ -196,12 +199,14 @@ def run_dpo(cfg: DPOConfig) -> Path:
     if needs_ref and mode == "online" and cfg.method not in PEFT:
         raise ChatsmithError(f"--ref-logps online needs --method lora or dora (the reference is the model with "
                              f"its adapter disabled); with --method {cfg.method} use --ref-logps precompute")
+    check_eval_suite(cfg)
     run = prepare_run_dir(cfg)
-    records = read_records(cfg)   # bad data stops the run before the model loads
+    # bad data stops the run before the model loads
+    train_recs, held_recs = split_or_eval_data(cfg, read_records(cfg), partial(read_records, cfg))
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     add_template_tokens(model, tokenizer, cfg.template)
     t0 = time.perf_counter()
-    train_ex, eval_ex, trunc = encode_examples(cfg, tokenizer, records)
+    train_ex, eval_ex, trunc = encode_examples(cfg, tokenizer, train_recs, held_recs)
     if not train_ex:
         raise ChatsmithError("no training records left after holding out --eval-split")
     unit = "examples" if cfg.loss in ("kto", "rrhf") else "pairs"
@@ -224,16 +229,20 @@ def run_dpo(cfg: DPOConfig) -> Path:
     objective = Objective(f"dpo-{cfg.loss}", partial(preference_loss, cfg=cfg),
                           partial(collate_preferences, unit=unit, share_prefix=share), unit=unit)
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
-                      run_dir=run, eval_examples=eval_ex)
+                      run_dir=run, eval_examples=eval_ex, evaluators=suite_evaluators(cfg, tokenizer))
     result = fit_and_save(trainer, lambda model: save_final(model, tokenizer, cfg, run))
     plot_preference_metrics(run, ["accuracy", "margin", "rewards_chosen", "rewards_rejected",
                                   "logps_chosen", "logps_rejected", "kl", "rewards_signed"], f"dpo --loss {cfg.loss}")
     summary = {"steps": result.steps, "loss": cfg.loss, "resumed_from": result.resumed_from,
                "train_records": len(train_ex), "eval_records": len(eval_ex), "truncated": trunc,
-               "final": result.final_metrics, "eval": result.eval_metrics}
+               "final": result.final_metrics, "eval_start": result.start_metrics, "eval": result.eval_metrics,
+               "eval_time_s": result.eval_time_s}
     write_json(run / "summary.json", summary)
-    if result.eval_metrics:
-        say(f"held-out implicit reward accuracy {result.eval_metrics.get('eval_accuracy', 0):.3f}"
-            + (f", margin {result.eval_metrics['eval_margin']:.3f}" if "eval_margin" in result.eval_metrics else ""))
+    if "eval_accuracy" in result.eval_metrics:
+        start = result.start_metrics
+        say(f"held-out implicit reward accuracy {result.eval_metrics['eval_accuracy']:.3f}"
+            + (f", margin {result.eval_metrics['eval_margin']:.3f}" if "eval_margin" in result.eval_metrics else "")
+            + (f" (step 0: accuracy {start['eval_accuracy']:.3f})" if "eval_accuracy" in start else ""))
+    say_suite(result.start_metrics, result.eval_metrics)
     say(f"done: {run}/final  (chat with it: chatsmith chat {run})")
     return run

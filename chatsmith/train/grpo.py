@@ -9,7 +9,7 @@ updates; this module supplies the rollouts (as its batch source) and the loss.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,8 @@ def grpo_rollout(engine: Any, policy: Any, ref: Any, prompts: list[Any], *, para
 
 def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: list[Any], *, steps: int,
                  score: Callable[[list[Any]], dict[str, float]], run: Path, stop_ids: set[int],
-                 extra_metrics: Callable[[int], dict[str, float]] | None = None) -> tuple[Any, Any]:
+                 extra_metrics: Callable[[int], dict[str, float]] | None = None,
+                 evaluators: Sequence[Callable[[Any, int], dict[str, float]]] = ()) -> tuple[Any, Any]:
     """The one training loop wired to GRPO rollouts: returns (Trainer, RolloutBatches). With P
     processes, each rollout takes batch_size x P prompts and this process generates its share."""
     from chatsmith.infer.sampling import SamplingParams
@@ -112,7 +113,7 @@ def grpo_trainer(cfg: GRPOConfig, model: Any, ref: Any, engine: Any, prompts: li
                                   max_new_tokens=cfg.max_new_tokens),
                           collate=lambda x: x, unit="sequences")
     trainer = Trainer(model=model, objective=objective, train_examples=[], plan=[[[]]] * steps, cfg=cfg, run_dir=run,
-                      extra_metrics=metrics, batch_source=source)
+                      extra_metrics=metrics, evaluators=evaluators, batch_source=source)
     return trainer, source
 
 
@@ -123,7 +124,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
     from chatsmith.models.saving import save_final
     from chatsmith.train.dist import is_main
     from chatsmith.train.prepare import say, write_json
-    from chatsmith.train.rl import describe_prompts, periodic_evaluation, prepare_rl, rl_summary, train_rl
+    from chatsmith.train.rl import describe_prompts, prepare_rl, rl_summary, train_rl
 
     setup = prepare_rl(cfg, need_reference=cfg.kl_coef > 0)
     n_train, n_total = trainable_parameters(setup.model)
@@ -131,7 +132,7 @@ def run_grpo(cfg: GRPOConfig) -> Path:
         f"{setup.steps} steps of {cfg.batch_size} prompts x {cfg.group_size} completions ({cfg.estimator})")
     trainer, source = grpo_trainer(
         cfg, setup.model, setup.ref, setup.engine, setup.prompts, steps=setup.steps, run=setup.run,
-        stop_ids=setup.stops, score=setup.score, extra_metrics=periodic_evaluation(setup))
+        stop_ids=setup.stops, score=setup.score, evaluators=setup.evaluators())
     result, before, after = train_rl(setup, trainer, trainer.objective.name)
     if is_main():
         disable_segment_attention(trainer.unwrapped())

@@ -13,6 +13,12 @@ processes` micro-batches (train/plan.py), and process r runs micro-batches r, r 
 whole micro-batches of distinct data, the same number on every process, so every process calls
 backward equally often. With a `batch_source` (RL) each process makes its own micro-batches. Only
 the main process writes files.
+
+Evaluation: before the first step (step 0: the starting model, unless --no-eval-at-start or the run
+resumes), every --eval-every steps and after the last step. The objective's held-out loss is split
+over the processes; the stage's evaluators (a task suite, held-out rewards) run on the main process
+while the others wait. Evaluation runs on forked random states, so it never changes what training
+draws: the weights are the same with evaluation on or off.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class LoopResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
+    start_metrics: dict[str, float] = field(default_factory=dict)   # the evaluation at step 0 (the starting model)
+    eval_time_s: float = 0.0                                         # seconds this process spent evaluating
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -95,7 +103,10 @@ def precision_mode(precision: str) -> str:
 class Trainer:
     """The one training loop: `fit()` runs the plan's optimizer steps on `model` with `objective`.
 
-    `extra_metrics(steps_done)` adds numbers to each step's record; `batch_source(step)` makes a step's
+    `eval_examples` give the objective's held-out loss; each of `evaluators(model, step) -> metrics`
+    adds numbers to every evaluation, called on the main process only with the unwrapped model in
+    eval mode under no_grad (the other processes wait). `extra_metrics(steps_done)` adds numbers to
+    each step's record; `batch_source(step)` makes a step's
     collated micro-batches on the fly (RL rollouts; the plan then only fixes the number of steps);
     `checkpoint_objects` (each with state_dict/load_state_dict) are saved in every checkpoint and
     restored on resume, beside the weights, optimizer, scheduler and random states.
@@ -105,7 +116,8 @@ class Trainer:
                  cfg: Any, run_dir: Path, eval_examples: Sequence[Any] = (), eval_batch_size: int | None = None,
                  extra_metrics: Callable[[int], dict[str, float]] | None = None,
                  batch_source: Callable[[int], list[dict[str, Any]]] | None = None,
-                 checkpoint_objects: Sequence[Any] = ()) -> None:
+                 checkpoint_objects: Sequence[Any] = (),
+                 evaluators: Sequence[Callable[[Any, int], dict[str, float]]] = ()) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
@@ -118,6 +130,8 @@ class Trainer:
         self.plan = plan
         self.extra_metrics = extra_metrics
         self.batch_source = batch_source
+        self.evaluators = list(evaluators)
+        self.eval_time_s = 0.0
         self.accelerator = Accelerator(
             # Without a GPU, processes launched by `accelerate launch`/torchrun train together over gloo
             # (accelerate only does so when told the run is a CPU one).
@@ -199,14 +213,6 @@ class Trainer:
         return step
 
     # -- logging ---------------------------------------------------------------------------------
-    def append_record(self, record: dict[str, Any]) -> None:
-        """Add a record to the history and metrics.jsonl without TensorBoard (e.g. a held-out
-        evaluation before the first step or after the last)."""
-        self.history.append(record)
-        if self.accelerator.is_main_process:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
     def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
         if self.accelerator.is_main_process:
@@ -248,6 +254,34 @@ class Trainer:
         out.update({f"eval_{k}": v / units for k, v in sums.items()})
         return out
 
+    @property
+    def has_evaluation(self) -> bool:
+        """Whether there is anything to evaluate (held-out examples or an evaluator)."""
+        return bool(self.eval_examples) or bool(self.evaluators)
+
+    def evaluate_all(self, step: int) -> dict[str, float]:
+        """Every evaluation at `step`: the objective's held-out metrics (all processes), then each
+        evaluator's on the main process (the others wait at a barrier). Random states are forked, so
+        training draws the same numbers whether or not (and however often) it evaluates."""
+        acc = self.accelerator
+        t0 = time.perf_counter()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            out = self.evaluate()
+            if self.evaluators:
+                if acc.is_main_process:
+                    model = acc.unwrap_model(self.model)
+                    model.eval()
+                    try:
+                        with torch.no_grad():
+                            for evaluator in self.evaluators:
+                                out.update(evaluator(model, step))
+                    finally:
+                        model.train()
+                acc.wait_for_everyone()
+        self.eval_time_s += time.perf_counter() - t0
+        return out
+
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> LoopResult:
         """Run the remaining steps (from the last checkpoint with cfg.resume), evaluate, checkpoint,
@@ -260,6 +294,16 @@ class Trainer:
         resumed = start if start else None
         if start:
             print(f"resumed from checkpoint at step {start} of {len(self.plan)}", file=sys.stderr)
+        else:   # a fresh start: records of an earlier attempt that left no checkpoint do not belong here
+            self.history = []
+            if acc.is_main_process:
+                self.metrics_path.unlink(missing_ok=True)
+        if start == 0 and getattr(self.cfg, "eval_at_start", True) and self.has_evaluation:
+            first = self.evaluate_all(0)
+            if first:   # step 0 of every eval curve: the starting model
+                self._log({"step": 0, **first})
+                if acc.is_main_process:
+                    print("step 0 (starting model): " + _describe(first), file=sys.stderr, flush=True)
         self.model.train()
         world = acc.num_processes
         bar = tqdm(total=len(self.plan), initial=start, desc=self.objective.name, unit="step",
@@ -317,10 +361,12 @@ class Trainer:
                 done = step + 1
                 if self.extra_metrics:
                     last.update(self.extra_metrics(done))
-                if self.eval_examples and self.cfg.eval_every and done % self.cfg.eval_every == 0 and done < len(self.plan):
-                    eval_metrics = self.evaluate()
+                evaluated = (self.has_evaluation and self.cfg.eval_every and done % self.cfg.eval_every == 0
+                             and done < len(self.plan))
+                if evaluated:
+                    eval_metrics = self.evaluate_all(done)
                     last.update(eval_metrics)
-                if done % max(1, self.cfg.log_every) == 0 or done == len(self.plan):
+                if evaluated or done % max(1, self.cfg.log_every) == 0 or done == len(self.plan):
                     self._log(last)
                 elapsed = time.perf_counter() - t_start
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
@@ -333,8 +379,8 @@ class Trainer:
             raise ChatsmithError(f"interrupted at step {step}; saved {path}. Continue with the same command "
                                  "and --resume") from None
         bar.close()
-        if self.eval_examples:
-            eval_metrics = self.evaluate()
+        if self.has_evaluation:
+            eval_metrics = self.evaluate_all(len(self.plan))
             if eval_metrics:
                 rec = {"step": len(self.plan), **eval_metrics}
                 self._log(rec)
@@ -342,7 +388,10 @@ class Trainer:
             self.save_checkpoint(len(self.plan))
         acc.end_training()
         self.plot()
-        return LoopResult(len(self.plan), last, eval_metrics, resumed)
+        # On a resumed run the step-0 record comes back from metrics.jsonl (main process).
+        start_metrics = next(({k: v for k, v in r.items() if k != "step"} for r in self.history
+                              if r.get("step") == 0), {})
+        return LoopResult(len(self.plan), last, eval_metrics, resumed, start_metrics, self.eval_time_s)
 
     def plot(self) -> None:
         """Write loss.png from metrics.jsonl (main process only)."""
@@ -357,6 +406,11 @@ class Trainer:
     def unwrapped(self) -> Any:
         """The trained model without accelerate's wrappers (what to save)."""
         return self.accelerator.unwrap_model(self.model)
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    """A short line of metrics for the terminal."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
 
 def _sum_over_processes(a: float, b: float, sums: dict[str, float]) -> tuple[float, float, dict[str, float]]:

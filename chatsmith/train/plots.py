@@ -7,10 +7,29 @@ from pathlib import Path
 from typing import Any
 
 
+def suite_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The task-suite metrics (suite/SET/accuracy, ...) logged in `records`, in first-seen order."""
+    return list(dict.fromkeys(k for r in records for k in r if k.startswith("suite/")))
+
+
+def _plot_suite(ax: Any, records: list[dict[str, Any]], keys: list[str]) -> None:
+    """One line per task-suite metric over the evaluation steps (step 0 is the starting model)."""
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.2, label=k.removeprefix("suite/"))
+    ax.set_title("task suite", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_metrics(records: list[dict], out: Path, title: str = "training") -> Path | None:
-    """Training loss per step (with a moving average) and, when present, eval loss."""
+    """Training loss per step (with a moving average) and, when present, eval loss (from step 0, the
+    starting model) and a second panel with the task suite's metrics."""
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
+    suite = suite_keys(records)
     if not train:
         return None
     import matplotlib
@@ -20,7 +39,8 @@ def plot_metrics(records: list[dict], out: Path, title: str = "training") -> Pat
 
     steps = [r["step"] for r in train]
     loss = [r["loss"] for r in train]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, axes = plt.subplots(1, 2 if suite else 1, figsize=(12 if suite else 7, 4), dpi=110, squeeze=False)
+    ax = axes[0][0]
     ax.plot(steps, loss, color="#9ab", lw=1, label="train loss")
     k = max(1, len(loss) // 20)
     if k > 1:
@@ -33,6 +53,8 @@ def plot_metrics(records: list[dict], out: Path, title: str = "training") -> Pat
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if suite:
+        _plot_suite(axes[0][1], records, suite)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -85,8 +107,11 @@ RL_PANELS = [("reward_mean", "reward (mean of rollout)"), ("eval_reward", "held-
 
 
 def plot_rl_metrics(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
-    """One small panel per logged RL metric."""
+    """One small panel per logged RL metric, and one for the task suite's metrics."""
     panels = [(k, label) for k, label in RL_PANELS if any(k in r for r in records)]
+    suite = suite_keys(records)
+    if suite:
+        panels.append(("suite/", "task suite"))
     if not panels:
         return None
     import matplotlib
@@ -98,6 +123,9 @@ def plot_rl_metrics(records: list[dict[str, Any]], out: Path, title: str) -> Pat
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=100, squeeze=False)
     for ax, (k, label) in zip(axes.flat, panels):
+        if k == "suite/":
+            _plot_suite(ax, records, suite)
+            continue
         pts = [(r["step"], r[k]) for r in records if k in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) < 30 else "-", ms=3, color="#17a")
         ax.set_title(label, fontsize=9)

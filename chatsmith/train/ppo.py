@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -253,7 +253,8 @@ def ptx_batches(cfg: PPOConfig, tokenizer: Any, steps: int) -> Callable[[int, in
 def ppo_trainer(cfg: PPOConfig, model: Any, ref: Any, engine: Any, prompts: list[Any], *, steps: int,
                 score: Callable[[list[Any]], dict[str, float]], run: Path, stop_ids: set[int],
                 extra_metrics: Callable[[int], dict[str, float]] | None = None,
-                ptx: Callable[[int, int], dict[str, Any]] | None = None) -> tuple[Any, Any, AdaptiveKLController]:
+                ptx: Callable[[int, int], dict[str, Any]] | None = None,
+                evaluators: Sequence[Callable[[Any, int], dict[str, float]]] = ()) -> tuple[Any, Any, AdaptiveKLController]:
     """The one training loop wired to PPO rollouts. `model` is a PolicyWithValueHead. The KL
     controller and the reward moments are saved in every checkpoint. With P processes each
     rollout takes batch_size x P prompts and this process generates its share."""
@@ -294,7 +295,8 @@ def ppo_trainer(cfg: PPOConfig, model: Any, ref: Any, engine: Any, prompts: list
                                          aggregation=cfg.loss_aggregation, max_new_tokens=cfg.max_new_tokens),
                           collate=lambda x: x, unit="tokens")
     trainer = Trainer(model=model, objective=objective, train_examples=[], plan=[[[]]] * steps, cfg=cfg, run_dir=run,
-                      extra_metrics=metrics, batch_source=source, checkpoint_objects=[kl_ctl, moments])
+                      extra_metrics=metrics, batch_source=source, checkpoint_objects=[kl_ctl, moments],
+                      evaluators=evaluators)
     return trainer, rollouts, kl_ctl
 
 
@@ -308,7 +310,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     from chatsmith.models.value_head import PolicyWithValueHead
     from chatsmith.train.dist import is_main
     from chatsmith.train.prepare import say, write_json
-    from chatsmith.train.rl import describe_prompts, periodic_evaluation, prepare_rl, rl_summary, train_rl
+    from chatsmith.train.rl import describe_prompts, prepare_rl, rl_summary, train_rl
 
     setup = prepare_rl(cfg, need_reference=True)
     model = PolicyWithValueHead(setup.model)
@@ -318,7 +320,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         f"{cfg.num_minibatches} minibatches)")
     trainer, rollouts, kl_ctl = ppo_trainer(
         cfg, model, setup.ref, setup.engine, setup.prompts, steps=setup.steps, run=setup.run, stop_ids=setup.stops,
-        score=setup.score, extra_metrics=periodic_evaluation(setup), ptx=ptx_batches(cfg, setup.tokenizer, setup.steps))
+        score=setup.score, evaluators=setup.evaluators(), ptx=ptx_batches(cfg, setup.tokenizer, setup.steps))
     result, before, after = train_rl(setup, trainer, "ppo")
     if is_main():
         unwrapped = trainer.unwrapped()

@@ -26,25 +26,34 @@ def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def load_conversations(cfg: Any) -> list[Conversation]:
-    """Read every --data source (PATH[:WEIGHT]) and mix them."""
+def load_conversations(cfg: Any, specs: Sequence[str] | None = None) -> list[Conversation]:
+    """Read every --data source (PATH[:WEIGHT]) and mix them; with `specs` (held-out files,
+    --eval-data) read those instead, each whole and in order."""
     from chatsmith.data.formats import read_conversations
     from chatsmith.data.mixing import mix
     from chatsmith.data.spec import parse_data_spec
 
-    if not cfg.data:
+    if specs is None and not cfg.data:
         raise ChatsmithError("no training data: pass --data FILE (several allowed, FILE:WEIGHT to mix)")
     results, weights = [], []
-    for spec in cfg.data:
+    for spec in cfg.data if specs is None else specs:
         src = parse_data_spec(spec)
+        if specs is not None:
+            _whole_file(src, spec)
         res = read_conversations(src.path, format=src.format, columns=cfg.columns or None,
                                  skip_bad=cfg.skip_bad, system_prompt=cfg.system_prompt)
         if res.skipped:
             say(f"{src.path}: skipped {len(res.skipped)} malformed record(s) (--skip-bad); first: {res.skipped[0]}")
-        say(f"{src.path}: {len(res.conversations)} conversations ({res.format})")
+        say(f"{src.path}: {len(res.conversations)} {'held-out ' if specs is not None else ''}conversations "
+            f"({res.format})")
         results.append(res.conversations)
         weights.append(src.weight)
     return mix(results, weights, seed=cfg.seed)
+
+
+def _whole_file(src: Any, spec: str) -> None:
+    if src.weight is not None:
+        raise ChatsmithError(f"--eval-data {spec}: a held-out file is read whole; drop the ':{src.weight:g}' weight")
 
 
 def prepare_run_dir(cfg: Any) -> Path:
@@ -84,21 +93,28 @@ def write_json(path: Path, data: dict) -> None:
         path.write_text(json.dumps(data, indent=2))
 
 
-def read_data_specs(cfg: Any, reader: Any, describe: Any, what: str) -> list[Any]:
-    """Every --data spec read with `reader(path, skip_bad)` (a PreferenceData), each file summarised
-    with `describe(records)`; `what` names the expected records in the no-data error."""
+def read_data_specs(cfg: Any, reader: Any, describe: Any, what: str, specs: Sequence[str] | None = None) -> list[Any]:
+    """Every --data spec (or each of `specs`: held-out files) read with `reader(path, skip_bad)` (a
+    PreferenceData), each file summarised with `describe(records)`; `what` names the expected
+    records in the no-data error."""
     from chatsmith.data.preference import BUILTIN_PREFIX
     from chatsmith.data.spec import parse_data_spec
 
-    if not cfg.data:
+    if specs is None and not cfg.data:
         raise ChatsmithError(f"no training data: pass --data FILE ({what})")
     records: list[Any] = []
-    for spec in cfg.data:
-        path = spec if spec.startswith(BUILTIN_PREFIX) else parse_data_spec(spec).path
+    for spec in cfg.data if specs is None else specs:
+        if spec.startswith(BUILTIN_PREFIX):
+            path = spec
+        else:
+            src = parse_data_spec(spec)
+            if specs is not None:
+                _whole_file(src, spec)
+            path = src.path
         res = reader(path, skip_bad=cfg.skip_bad)
         if res.skipped:
             say(f"{path}: skipped {len(res.skipped)} malformed record(s) (--skip-bad); first: {res.skipped[0]}")
-        say(f"{path}: {describe(res.records)}")
+        say(f"{path}: {describe(res.records)}{' held out' if specs is not None else ''}")
         records.extend(res.records)
     return records
 
@@ -108,12 +124,58 @@ def _describe_rankings(records: list[Any]) -> str:
     return f"{len(records)} preference records ({'pairs' if kinds == [2] else f'K = {kinds}'})"
 
 
-def load_rankings(cfg: Any) -> list[Any]:
-    """Every --data file of pairs or rankings (rm, dpo), validated into Ranking records."""
+def load_rankings(cfg: Any, specs: Sequence[str] | None = None) -> list[Any]:
+    """Every --data file (or each of `specs`) of pairs or rankings (rm, dpo), validated into Ranking records."""
     from chatsmith.data.preference import read_preferences
 
     return read_data_specs(cfg, read_preferences, _describe_rankings,
-                           "pairs or rankings; or builtin:identity-preferences")
+                           "pairs or rankings; or builtin:identity-preferences", specs)
+
+
+def split_or_eval_data(cfg: Any, records: list[Any], read: Callable[[Sequence[str]], list[Any]]
+                       ) -> tuple[list[Any], list[Any]]:
+    """(training, held-out) records: --eval-data files read with `read(specs)`, else an --eval-split of `records`."""
+    from chatsmith.data.mixing import split_eval
+
+    if cfg.eval_data:
+        held = read(cfg.eval_data)
+        if not held:
+            raise ChatsmithError(f"--eval-data {' '.join(cfg.eval_data)}: no held-out records in the file(s)")
+        return records, held
+    return split_eval(records, cfg.eval_split, cfg.seed)
+
+
+def check_eval_suite(cfg: Any) -> None:
+    """Fail now, before any model loads, on an --eval-suite that names an unknown set or an unreadable file."""
+    if getattr(cfg, "eval_suite", None):
+        from chatsmith.eval.tasks import load_task_sets
+
+        sets = load_task_sets(cfg.eval_suite)
+        say(f"--eval-suite: {', '.join(f'{t.name} ({len(t.items)} items)' for t in sets)} at every evaluation")
+
+
+def say_suite(start: dict[str, Any], end: dict[str, Any]) -> None:
+    """Print the task suite's metrics at the end beside those at step 0 (nothing without a suite)."""
+    suite = {k: v for k, v in end.items() if k.startswith("suite/")}
+    if suite:
+        say("task suite: " + ", ".join(f"{k.removeprefix('suite/')} {v:.3f}"
+                                       + (f" (step 0: {start[k]:.3f})" if k in start else "") for k, v in suite.items()))
+
+
+def suite_evaluators(cfg: Any, tokenizer: Any) -> list[Callable[[Any, int], dict[str, float]]]:
+    """The --eval-suite evaluator for the loop (none without --eval-suite): the task suite's flat
+    metrics (suite/SET/accuracy, ...) for the model at each evaluation."""
+    spec = getattr(cfg, "eval_suite", None)
+    if not spec:
+        return []
+
+    def evaluate(model: Any, step: int) -> dict[str, float]:
+        from chatsmith.eval.tasks import evaluate_suite
+
+        return evaluate_suite(model, tokenizer, spec, template=cfg.template,
+                              max_new_tokens=cfg.eval_suite_max_new_tokens)
+
+    return [evaluate]
 
 
 def plan_for(cfg: Any, examples: Sequence[Any], token_budget: int | None = None) -> Plan:

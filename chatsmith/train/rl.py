@@ -1,6 +1,7 @@
 """What `chatsmith ppo` and `chatsmith grpo` share around their loops: reading the prompts and the
-rewards, loading the policy (and its reference) and the engine, the held-out evaluation before and
-after training, the plot and the summary. Each stage adds its rollout and its loss.
+rewards, loading the policy (and its reference) and the engine, the held-out evaluation (an
+evaluator of the one loop: step 0, every --eval-every steps, the end), the plot and the summary.
+Each stage adds its rollout and its loss.
 
 Several processes: each process loads the policy and its own engine and generates its share of
 every rollout (train/rollout.py); the held-out evaluation, the plot, the summary and final/ are
@@ -36,6 +37,23 @@ class RLSetup:
     steps: int
     evaluate: Callable[..., dict[str, Any]] | None = None   # held-out evaluation (main process only)
     timings: dict[str, float] = field(default_factory=dict)
+    samples: dict[int, list[Any]] = field(default_factory=dict)   # step -> a few held-out answers
+
+    def evaluators(self) -> list[Callable[[Any, int], dict[str, float]]]:
+        """The loop's evaluators: greedy held-out rewards (keeping three sample answers per step), then
+        the --eval-suite task suite (grpo)."""
+        from chatsmith.train.prepare import suite_evaluators
+
+        out: list[Callable[[Any, int], dict[str, float]]] = []
+        if self.held:
+            out.append(self._held_out_rewards)
+        return out + suite_evaluators(self.cfg, self.tokenizer)
+
+    def _held_out_rewards(self, model: Any, step: int) -> dict[str, float]:
+        # The engine runs the live policy module, so `model` (the same weights) is not needed here.
+        result = self.evaluate(samples=3) if self.evaluate is not None else {}
+        self.samples[step] = result.pop("samples", [])
+        return result
 
     def score(self, episodes: list[Any]) -> dict[str, float]:
         """Fill each episode's reward; the components' means."""
@@ -54,12 +72,15 @@ def prepare_rl(cfg: Any, *, need_reference: bool) -> RLSetup:
     from chatsmith.eval.rewards import evaluate_rewards, load_rewards
     from chatsmith.infer.engine import Engine
     from chatsmith.train.dist import is_main
-    from chatsmith.train.prepare import prepare_run_dir
+    from chatsmith.train.prepare import check_eval_suite, prepare_run_dir
     from chatsmith.train.rollout import load_policy, total_steps
 
     set_seed(cfg.seed)
     rewards = load_rewards(cfg.reward)   # fail on a bad --reward before loading anything heavy
     train_records, held_records = load_prompt_records(cfg)
+    if cfg.eval_data:
+        held_records = load_eval_prompt_records(cfg)
+    check_eval_suite(cfg)
     run = prepare_run_dir(cfg)
     model, tokenizer, ref = load_policy(cfg, need_reference=need_reference)
     stops = stop_token_ids(tokenizer, cfg.template)
@@ -71,40 +92,51 @@ def prepare_rl(cfg: Any, *, need_reference: bool) -> RLSetup:
                    total_steps(cfg, len(prompts)), evaluate)
 
 
-def periodic_evaluation(setup: RLSetup) -> Callable[[int], dict[str, float]]:
-    """Held-out metrics every --eval-every steps (not at the last step: `train_rl` evaluates after)."""
-    cfg = setup.cfg
+def load_eval_prompt_records(cfg: Any) -> list[dict[str, Any]]:
+    """The held-out prompt records of --eval-data: a builtin:TASK's held-out split or prompt files
+    (any format --data takes), at most --eval-prompts of them (0: all)."""
+    from chatsmith.data.prompts import read_prompt_file
+    from chatsmith.data.spec import parse_data_spec
+    from chatsmith.data.tasks import parse_task_spec, task_records
+    from chatsmith.errors import ChatsmithError
+    from chatsmith.train.prepare import say
 
-    def metrics(done: int) -> dict[str, float]:
-        if setup.evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < setup.steps:
-            return {k: v for k, v in setup.evaluate().items() if k != "samples"}
-        return {}
-
-    return metrics
+    held: list[dict[str, Any]] = []
+    for spec in cfg.eval_data:
+        task = parse_task_spec(spec)
+        if task:
+            held += task_records(task, "test", seed=0)
+            continue
+        src = parse_data_spec(spec)
+        if src.weight is not None:
+            raise ChatsmithError(f"--eval-data {spec}: a held-out file is read whole; drop the ':{src.weight:g}' weight")
+        held += read_prompt_file(src.path, cfg.columns or None)
+    held = held[: cfg.eval_prompts] if cfg.eval_prompts else held
+    say(f"--eval-data: {len(held)} held-out prompts from {', '.join(cfg.eval_data)}")
+    return held
 
 
 def train_rl(setup: RLSetup, trainer: Any, title: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """Held-out evaluation, `trainer.fit()`, held-out evaluation again, and the rl.png plot.
-    Returns (loop result, before, after); the before/after records also go to metrics.jsonl."""
+    """`trainer.fit()` (which evaluates on the held-out prompts at step 0, every --eval-every steps
+    and after the last step) and the rl.png plot. Returns (loop result, before, after): the step-0
+    and final evaluations with three sample answers each (a resumed run's "before" is the step-0
+    record of metrics.jsonl, without samples; {} with --no-eval-at-start)."""
     from chatsmith.train.dist import is_main
     from chatsmith.train.plots import plot_rl_metrics
-    from chatsmith.train.prepare import say
+    from chatsmith.train.prepare import say, say_suite
 
-    evaluate = setup.evaluate
-    t0 = time.perf_counter()
-    before = evaluate(samples=3) if evaluate else {}
-    setup.timings["eval_time_s"] = time.perf_counter() - t0
-    if before:
-        say(f"held-out before: reward {before['eval_reward']:.3f} on {before['eval_prompts']} prompts")
-        if not setup.cfg.resume:   # step 0 of the curve: the policy before any update
-            trainer.append_record({"step": 0, **{k: v for k, v in before.items() if k != "samples"}})
     t1 = time.perf_counter()
     result = trainer.fit()
-    setup.timings["train_time_s"] = time.perf_counter() - t1
-    after = evaluate(samples=3) if evaluate else {}
-    if after:
-        say(f"held-out after:  reward {after['eval_reward']:.3f} (before {before['eval_reward']:.3f})")
-        trainer.append_record({"step": setup.steps, **{k: v for k, v in after.items() if k != "samples"}})
+    setup.timings["eval_time_s"] = result.eval_time_s
+    setup.timings["train_time_s"] = time.perf_counter() - t1 - result.eval_time_s
+    before, after = dict(result.start_metrics), dict(result.eval_metrics)
+    for rec, step in ((before, 0), (after, setup.steps)):
+        if rec and setup.samples.get(step):
+            rec["samples"] = setup.samples[step]
+    if "eval_reward" in after:
+        say(f"held-out reward {after['eval_reward']:.3f} on {after['eval_prompts']} prompts"
+            + (f" (step 0: {before['eval_reward']:.3f})" if "eval_reward" in before else ""))
+    say_suite(before, after)
     if is_main():
         plot_rl_metrics(trainer.history, setup.run / "rl.png", f"{title}: {setup.run.name}")
     return result, before, after

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from chatsmith.config import RMConfig
-from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_preferences
 from chatsmith.data.preference import encode_rankings
 from chatsmith.errors import ChatsmithError
@@ -27,7 +26,15 @@ from chatsmith.models.reward import PackedScorer, load_backbone_with_head, save_
 from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import bradley_terry_loss, plackett_luce_loss
 from chatsmith.train.plots import plot_preference_metrics
-from chatsmith.train.prepare import fit_and_save, load_rankings, plan_for, prepare_run_dir, say, write_json
+from chatsmith.train.prepare import (
+    fit_and_save,
+    load_rankings,
+    plan_for,
+    prepare_run_dir,
+    say,
+    split_or_eval_data,
+    write_json,
+)
 
 
 def rm_loss(model: Any, batch: dict[str, Any], loss: str = "pairwise",
@@ -90,7 +97,7 @@ def run_rm(cfg: RMConfig) -> Path:
         raise ChatsmithError(f"--method {cfg.method} is not available for reward models; use full, freeze, head or lora")
     run = prepare_run_dir(cfg)
     records = load_rankings(cfg)
-    train_recs, eval_recs = split_eval(records, cfg.eval_split, cfg.seed)
+    train_recs, eval_recs = split_or_eval_data(cfg, records, partial(load_rankings, cfg))
     model, tokenizer = load_backbone_with_head(cfg.model, trust_remote_code=cfg.trust_remote_code)
     add_template_tokens(model, tokenizer, cfg.template)
     t0 = time.perf_counter()
@@ -118,10 +125,13 @@ def run_rm(cfg: RMConfig) -> Path:
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_records": len(train_ex),
                "train_pairs": n_pairs, "eval_records": len(eval_ex),
                "eval_pairs": sum(len(r.pairs()) for r in eval_recs), "truncated": trunc,
-               "final": result.final_metrics, "eval": result.eval_metrics}
+               "final": result.final_metrics, "eval_start": result.start_metrics, "eval": result.eval_metrics,
+               "eval_time_s": result.eval_time_s}
     write_json(run / "summary.json", summary)
     if result.eval_metrics:
+        start = result.start_metrics
         say(f"held-out pairwise accuracy {result.eval_metrics.get('eval_accuracy', 0):.3f}, mean margin "
-            f"{result.eval_metrics.get('eval_margin', 0):.3f} on {summary['eval_pairs']} pairs")
+            f"{result.eval_metrics.get('eval_margin', 0):.3f} on {summary['eval_pairs']} pairs"
+            + (f" (step 0: accuracy {start['eval_accuracy']:.3f})" if "eval_accuracy" in start else ""))
     say(f"done: {final}  (score with: chatsmith rm score {run} --prompt ... --response ...)")
     return run

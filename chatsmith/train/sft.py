@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from chatsmith.config import SFTConfig
-from chatsmith.data.mixing import split_eval
 from chatsmith.data.packing import collate_packed, collate_padded
 from chatsmith.data.template import Rendered, render_conversation
 from chatsmith.errors import ChatsmithError
@@ -24,11 +23,15 @@ from chatsmith.train.loop import Objective, Trainer
 from chatsmith.train.losses import nll_sum
 from chatsmith.train.prepare import (
     add_template_tokens,
+    check_eval_suite,
     fit_and_save,
     load_conversations,
     plan_for,
     prepare_run_dir,
     say,
+    say_suite,
+    split_or_eval_data,
+    suite_evaluators,
     write_json,
 )
 
@@ -82,9 +85,10 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters, uses_packed_rows
 
     set_seed(cfg.seed)
+    check_eval_suite(cfg)
     run = prepare_run_dir(cfg)
     convs = conversations if conversations is not None else load_conversations(cfg)
-    train_convs, eval_convs = split_eval(convs, cfg.eval_split, cfg.seed)
+    train_convs, eval_convs = split_or_eval_data(cfg, convs, partial(load_conversations, cfg))
 
     device = "cuda" if torch.cuda.is_available() else None
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
@@ -97,6 +101,9 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
     eval_ex, _ = render_examples(tokenizer, eval_convs, cfg)
     if not train_ex:
         raise ChatsmithError("no training example has a trained token (are there assistant turns?)")
+    if cfg.eval_data and not eval_ex:
+        raise ChatsmithError(f"--eval-data {' '.join(cfg.eval_data)}: no held-out example has an assistant turn to "
+                             "score (after truncation at --max-length)")
     say(f"rendered {len(train_ex)} training / {len(eval_ex)} eval examples in {time.perf_counter() - t0:.1f}s; "
         f"{counts['truncated']} truncated at --max-length {cfg.max_length}"
         + (f", {counts['dropped_no_targets']} dropped (nothing left to train after truncation)"
@@ -113,12 +120,15 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
         f"{len(plan)} steps")
     objective = sft_objective(cfg.method, tokenizer.pad_token_id)
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
-                      run_dir=run, eval_examples=eval_ex)
+                      run_dir=run, eval_examples=eval_ex, evaluators=suite_evaluators(cfg, tokenizer))
     result = fit_and_save(trainer, lambda model: save_final(model, tokenizer, cfg, run))
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "train_examples": len(train_ex),
-               "eval_examples": len(eval_ex), **counts, "final": result.final_metrics, "eval": result.eval_metrics}
+               "eval_examples": len(eval_ex), **counts, "final": result.final_metrics,
+               "eval_start": result.start_metrics, "eval": result.eval_metrics, "eval_time_s": result.eval_time_s}
     write_json(run / "summary.json", summary)
-    if result.eval_metrics:
-        say(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics.get('eval_ppl', 0):.2f}")
+    if "eval_loss" in result.eval_metrics:
+        say(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics.get('eval_ppl', 0):.2f}"
+            + (f" (step 0: {result.start_metrics['eval_loss']:.4f})" if "eval_loss" in result.start_metrics else ""))
+    say_suite(result.start_metrics, result.eval_metrics)
     say(f"done: {run}/final  (chat with it: chatsmith chat {run})")
     return run
