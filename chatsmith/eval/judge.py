@@ -268,7 +268,7 @@ class Judge:
         try:
             import openai
         except ImportError:
-            raise ChatsmithError("the judge needs the openai client: pip install openai") from None
+            raise ChatsmithError("the judge needs the openai client (a dependency of chatsmith): pip install openai") from None
         self.settings = settings
         key = settings.api_key or os.environ.get("CHATSMITH_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
         self.client = openai.OpenAI(base_url=settings.url, api_key=key, max_retries=settings.max_retries,
