@@ -270,7 +270,8 @@ def accuracy_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     {"arithmetic": {...}, "arithmetic/bare sum": {...}, "all": {...}}, each {value, low, high, n, correct}."""
     groups: dict[str, list[bool]] = {}
     for r in rows:
-        for key in (r["set"], f"{r['set']}/{r['category']}", "all"):
+        keys = [r["set"], "all"] if r["category"] == r["set"] else [r["set"], f"{r['set']}/{r['category']}", "all"]
+        for key in keys:   # a set without categories has one key, not "set/set"
             groups.setdefault(key, []).append(bool(r["correct"]))
     out = {}
     for key, vals in groups.items():
