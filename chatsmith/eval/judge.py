@@ -157,9 +157,8 @@ def generate_answers(model_spec: str, questions: Sequence[Question], cache: Json
     """Every turn of every question answered by one model (question_id -> one answer per turn). Turn t
     of all questions is generated in one engine batch, after turn t-1, with the model's own earlier
     answers in context. Cached answers are reused; the model is loaded only when one is missing."""
-    from chatsmith.data.conversation import Conversation, Message
-    from chatsmith.data.template import render_conversation, stop_token_ids
-    from chatsmith.infer.sampling import SamplingParams
+    from chatsmith.data.conversation import Message
+    from chatsmith.eval.answers import answer_conversations, load_engine
 
     answers: dict[str, list[str]] = {q.question_id: [] for q in questions}
     engine = None
@@ -174,20 +173,16 @@ def generate_answers(model_spec: str, questions: Sequence[Question], cache: Json
         if not todo:
             continue
         if engine is None:
-            engine = _load_engine(model_spec, settings.precision)
+            engine = load_engine(model_spec, settings.precision)
             progress(f"answering with {model_spec}: {len(todo)} questions at turn {turn + 1}")
-        tok = engine.tokenizer
-        prompts = []
+        convs = []
         for q in todo:
             msgs = [Message("system", settings.system)] if settings.system else []
             for t in range(turn):
                 msgs += [Message("user", q.turns[t]), Message("assistant", answers[q.question_id][t])]
-            msgs.append(Message("user", q.turns[turn]))
-            prompts.append(render_conversation(tok, Conversation(msgs), template=settings.template,
-                                               add_generation_prompt=True).input_ids)
-        params = SamplingParams(temperature=settings.temperature, top_p=1.0, max_new_tokens=settings.max_new_tokens,
-                                seed=settings.seed if settings.temperature > 0 else None)
-        comps = engine.generate(prompts, params, stop_ids=stop_token_ids(tok, settings.template))
+            convs.append(msgs + [Message("user", q.turns[turn])])
+        comps = answer_conversations(engine, convs, template=settings.template, max_new_tokens=settings.max_new_tokens,
+                                     temperature=settings.temperature, seed=settings.seed)
         for q, c in zip(todo, comps):
             text = c.text.strip()
             answers[q.question_id].append(text)
@@ -195,14 +190,6 @@ def generate_answers(model_spec: str, questions: Sequence[Question], cache: Json
                        "question_id": q.question_id, "turn": turn, "answer": text, "tokens": len(c.token_ids),
                        "finish_reason": c.finish_reason})
     return answers
-
-
-def _load_engine(model_spec: str, precision: str) -> Any:
-    from chatsmith.infer.engine import Engine, resolve_precision
-    from chatsmith.models import load_model
-
-    model, tok = load_model(model_spec)
-    return Engine(model, tok, max_batch_size=16, kv_cache_mb=1024, precision=resolve_precision(model, precision))
 
 
 # ---- the judge -----------------------------------------------------------------------------------

@@ -42,19 +42,13 @@ def sample_answers(model_spec: str, prompts: list[Prompt], *, temperature: float
                    seed: int = 0, template: str | None = None) -> list[str]:
     """One answer per prompt from a model, generated together by the engine (stopping at the end of
     the turn); with a temperature, prompt i samples with seed + i."""
-    from chatsmith.data.conversation import Conversation, Message
-    from chatsmith.data.template import render_conversation, stop_token_ids
-    from chatsmith.infer.engine import Engine
-    from chatsmith.infer.sampling import SamplingParams
-    from chatsmith.models import load_model
+    from chatsmith.data.conversation import Message
+    from chatsmith.eval.answers import answer_conversations, load_engine
 
-    model, tok = load_model(model_spec)
-    engine = Engine(model, tok, max_batch_size=min(16, len(prompts)), kv_cache_mb=1024)
-    ids = [render_conversation(tok, Conversation([Message(m["role"], m["content"]) for m in p]), template=template,
-                               add_generation_prompt=True).input_ids for p in prompts]
-    params = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
-                            seed=seed if temperature > 0 else None)
-    return [c.text.strip() for c in engine.generate(ids, params, stop_ids=stop_token_ids(tok, template))]
+    engine = load_engine(model_spec, max_batch_size=min(16, len(prompts)))
+    comps = answer_conversations(engine, [[Message(m["role"], m["content"]) for m in p] for p in prompts],
+                                 template=template, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return [c.text.strip() for c in comps]
 
 
 def compare_models(reward_model: str, models: list[str], *, prompts: str = "builtin", temperature: float = 0.0,

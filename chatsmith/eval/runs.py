@@ -54,9 +54,8 @@ def run_tasks(models: Sequence[str], spec: str, *, shots: int = 0, match: str = 
     examples come from `shots_from` (a task file) when given, else each set's own (see eval/tasks.py)."""
     from rich.table import Table
 
+    from chatsmith.eval.answers import load_engine
     from chatsmith.eval.tasks import accuracy_table, load_task_sets, run_task_sets
-    from chatsmith.infer.engine import Engine, resolve_precision
-    from chatsmith.models import load_model
 
     sets = load_task_sets(spec, match=match, columns=columns, limit=limit)
     if shots_from:
@@ -68,14 +67,13 @@ def run_tasks(models: Sequence[str], spec: str, *, shots: int = 0, match: str = 
     per_model: dict[str, dict[str, Any]] = {}
     results: list[dict[str, Any]] = []
     for m in models:
-        model, tok = load_model(m)
-        engine = Engine(model, tok, max_batch_size=16, kv_cache_mb=1024, precision=resolve_precision(model, precision))
+        engine = load_engine(m, precision)
         rows = run_task_sets(engine, sets, template=template, shots=shots, system=system,
                              max_new_tokens=max_new_tokens)
         per_model[m] = accuracy_table(rows)
         for i, r in enumerate(rows):
             results.append({"id": f"{r['set']}/{i}", "model": m, **r})
-        del engine, model
+        del engine
     groups = list(per_model[models[0]])
     table = Table(title=f"task accuracy ({shots}-shot) [95% interval]")
     table.add_column("set / category")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.conversation import Message
 from chatsmith.data.sources import RecordContext, convert_records, read_records
 from chatsmith.errors import ConfigError
 from chatsmith.eval.stats import wilson_interval
@@ -245,19 +245,15 @@ def run_task_sets(engine: Any, sets: Sequence[TaskSet], *, template: str | None 
                   system: str | None = None, max_new_tokens: int = 64) -> list[dict[str, Any]]:
     """Greedy answers to every item of every set, in one batch through `engine`; one result row per
     item: {set, category, question, references, answer, correct}."""
-    from chatsmith.data.template import render_conversation, stop_token_ids
-    from chatsmith.infer.sampling import SamplingParams
+    from chatsmith.eval.answers import answer_conversations
 
-    tok = engine.tokenizer
-    prompts, rows = [], []
+    convs, rows = [], []
     for task in sets:
         for i, item in enumerate(task.items):
-            conv = Conversation(item_messages(item, _shots_for(task, i, shots), system))
-            prompts.append(render_conversation(tok, conv, template=template, add_generation_prompt=True).input_ids)
+            convs.append(item_messages(item, _shots_for(task, i, shots), system))
             rows.append({"set": task.name, "category": item.category, "question": item.question,
                          "references": item.references, "item": item})
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
-    comps = engine.generate(prompts, params, stop_ids=stop_token_ids(tok, template)) if prompts else []
+    comps = answer_conversations(engine, convs, template=template, max_new_tokens=max_new_tokens)
     for row, comp in zip(rows, comps):
         item = row.pop("item")
         row["answer"] = comp.text.strip()
@@ -287,6 +283,6 @@ def evaluate_suite(model: Any, tokenizer: Any, spec: str, *, template: str | Non
     from chatsmith.infer.engine import Engine
 
     sets = load_task_sets(spec)
-    engine = Engine(model, tokenizer, max_batch_size=16, kv_cache_mb=512)
+    engine = Engine(model, tokenizer, max_batch_size=16, kv_cache_mb=512)   # the model in training: no reload
     rows = run_task_sets(engine, sets, template=template, max_new_tokens=max_new_tokens)
     return {f"suite/{k}/accuracy": v["value"] for k, v in accuracy_table(rows).items() if k != "all"}
