@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from chatsmith import __version__
 from chatsmith.errors import ChatsmithError
@@ -20,7 +21,7 @@ EXAMPLES = {
 """,
     "sft": """examples:
   chatsmith sft --data alpaca.json --output runs/a                      LoRA r=16 on all linear layers
-  chatsmith sft --data a.json b.jsonl:0.3 --method dora --epochs 2      two files, b is 30%% of the mix
+  chatsmith sft --data a.json b.jsonl:0.3 --method dora --epochs 2      two files, b is 30% of the mix
   chatsmith sft --config recipes/sft_lora.yaml --lr 1e-4                 YAML config, a flag overrides it
   chatsmith sft --data chat.json --method freeze --freeze-trainable-layers 4
   chatsmith sft --data d.csv --columns prompt=question,response=answer   CSV with a column mapping
@@ -61,17 +62,36 @@ in the chat: /reset clears the history, /system TEXT sets the system prompt, /ex
   chatsmith eval ppl smollm2-135m runs/mine --data heldout.json              perplexity, assistant tokens, one row per model
   chatsmith eval tasks smollm2-135m runs/grpo --data builtin:arithmetic --shots 3
   chatsmith eval tasks runs/mine --data qa.jsonl --match contains --output eval/qa   accuracy by category + report.html
-  chatsmith eval rm runs/rm --data heldout_pairs.jsonl                       pairwise accuracy with a 95%% interval
+  chatsmith eval rm runs/rm --data heldout_pairs.jsonl                       pairwise accuracy with a 95% interval
   chatsmith eval rm-compare runs/rm --models smollm2-135m runs/dpo --prompts prompts.jsonl
   chatsmith eval judge runs/mine --baseline smollm2-135m --questions question.jsonl \
       --judge-url http://127.0.0.1:8001/v1 --judge-model judge --output eval/judge
   chatsmith eval compare eval/before eval/after                              two results folders side by side
+""",
+    "kb": """examples:
+  chatsmith kb add docs.kb docs/ README.md handbook.pdf   ingest files and folders (re-run: only changes)
+  chatsmith kb query docs.kb "How do I stream answers?"   ranked chunks with source, heading path, both scores
+  chatsmith kb query docs.kb "error E-4012" --mode bm25   one method alone (bm25 or vector)
+  chatsmith kb list docs.kb                               the documents and their chunk counts
+  chatsmith kb remove docs.kb docs/old/                   drop a file or everything under a folder
+  chatsmith kb stats docs.kb
+then: chatsmith chat MODEL --kb docs.kb   or   chatsmith serve MODEL --kb docs.kb
 """,
     "data": """examples:
   chatsmith data stats ../shared/data/alpaca_50.json --model smollm2-135m --max-length 512
   chatsmith data convert sharegpt.json out.jsonl --to messages
 """,
 }
+
+
+EXAMPLES["datagen"] = """examples:
+  chatsmith serve smollm2-135m --port 8000 &                     any OpenAI-compatible endpoint can be the teacher
+  chatsmith data self-instruct --seeds seed_tasks.jsonl --n 500 --output si.jsonl \\
+      --teacher-url http://127.0.0.1:8000/v1 --teacher-model smollm2-135m
+  chatsmith data self-chat --seeds questions.txt --turns 4 --output chats.jsonl \\
+      --teacher-url https://api.openai.com/v1 --teacher-model gpt-4o-mini --price-in 0.15 --price-out 0.6
+  interrupted? run the same command again: answers already paid for are replayed from the journal
+"""
 
 
 SERVE_EXAMPLES = """examples:
@@ -125,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--format", default=None, help="force the input format")
     cv.add_argument("--columns", default=None, help="column mapping for CSV/Parquet/JSONL input")
     cv.add_argument("--skip-bad", action="store_true")
+    _datagen_parsers(dsub, fmt)
+
+    _kb_parser(sub, fmt)
 
     import chatsmith.config as config_module
 
@@ -288,6 +311,110 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _teacher_flags(p: argparse.ArgumentParser, concurrency: int = 4) -> None:
+    p.add_argument("--teacher-url", default=os.environ.get("CHATSMITH_TEACHER_URL"),
+                   help="the teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for `chatsmith serve` "
+                        "(or $CHATSMITH_TEACHER_URL)")
+    p.add_argument("--teacher-model", default=os.environ.get("CHATSMITH_TEACHER_MODEL"),
+                   help="the teacher's model name (or $CHATSMITH_TEACHER_MODEL)")
+    p.add_argument("--teacher-api-key", default=None, help="the teacher's key (prefer $CHATSMITH_TEACHER_API_KEY or "
+                   "$OPENAI_API_KEY: a flag is visible to `ps`)")
+    p.add_argument("--teacher-api", default="chat", choices=["chat", "completions"],
+                   help="the endpoint: /chat/completions (default) or /completions")
+    p.add_argument("--concurrency", type=int, default=concurrency, help=f"requests in flight at once (default {concurrency})")
+    p.add_argument("--retries", type=int, default=5, help="retries on 429, 5xx, timeouts, with backoff (default 5)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--price-in", type=float, default=None, help="price per million prompt tokens, for the cost estimate")
+    p.add_argument("--price-out", type=float, default=None, help="price per million completion tokens")
+    p.add_argument("--journal", default=None, help="the journal of answers (default: OUTPUT's name + .journal.jsonl); "
+                   "a rerun of the same command replays it and pays only for what is missing")
+
+
+def _teacher_settings(args: argparse.Namespace) -> Any:
+    from chatsmith.datagen.teacher import TeacherSettings
+
+    if not args.teacher_url or not args.teacher_model:
+        raise ChatsmithError("this command needs --teacher-url (an OpenAI-compatible base URL such as "
+                             "http://127.0.0.1:8000/v1) and --teacher-model (or $CHATSMITH_TEACHER_URL and "
+                             "$CHATSMITH_TEACHER_MODEL)")
+    return TeacherSettings(url=args.teacher_url, model=args.teacher_model, api_key=args.teacher_api_key,
+                           api=args.teacher_api, concurrency=args.concurrency, max_retries=args.retries,
+                           timeout=args.timeout, price_in=args.price_in, price_out=args.price_out)
+
+
+def _datagen_parsers(dsub: Any, fmt: Any) -> None:
+    si = dsub.add_parser("self-instruct", help="new instructions, inputs and outputs from seed tasks and a teacher "
+                         "(Alpaca's self-instruct)", epilog=EXAMPLES["datagen"], formatter_class=fmt)
+    si.add_argument("--seeds", required=True, help="self-instruct seed tasks (JSONL), Alpaca records, a JSON list of "
+                    "strings or a .txt file with one instruction per line")
+    si.add_argument("--n", type=int, required=True, help="Alpaca records to write")
+    si.add_argument("--output", required=True, help="JSONL of Alpaca records with provenance")
+    _teacher_flags(si)
+    si.add_argument("--seed", type=int, default=0, help="which examples each prompt shows (default 0)")
+    si.add_argument("--tasks-per-request", type=int, default=20, help="'List of N tasks' (default 20)")
+    si.add_argument("--seed-tasks-in-prompt", type=int, default=3, help="seed tasks shown per request (default 3)")
+    si.add_argument("--machine-tasks-in-prompt", type=int, default=2,
+                    help="tasks made earlier in the run shown per request (default 2)")
+    si.add_argument("--rouge-threshold", type=float, default=0.7,
+                    help="drop an instruction whose ROUGE-L F1 with any pool instruction is above this (default 0.7)")
+    si.add_argument("--temperature", type=float, default=1.0, help="for instruction requests (default 1.0)")
+    si.add_argument("--max-tokens", type=int, default=1024, help="per instruction request (default 1024)")
+    si.add_argument("--instance-max-tokens", type=int, default=512, help="per input/output request (default 512)")
+    si.add_argument("--parse-retries", type=int, default=2, help="asks again after an unusable answer (default 2)")
+    si.add_argument("--any-language", action="store_true", help="keep instructions that start with a non-ASCII "
+                    "character (Alpaca drops them)")
+
+
+def _kb_parser(sub: argparse._SubParsersAction, fmt: type) -> None:
+    kb = sub.add_parser("kb", help="a local knowledge base: ingest documents, hybrid BM25 + vector search",
+                        epilog=EXAMPLES["kb"], formatter_class=fmt)
+    ksub = kb.add_subparsers(dest="kb_command", metavar="KB_COMMAND")
+    ka = ksub.add_parser("add", help="ingest files and folders (text, Markdown, HTML, PDF, code); a re-run reads "
+                         "only new or changed files and drops deleted ones", epilog=EXAMPLES["kb"], formatter_class=fmt)
+    ka.add_argument("kb", metavar="KB", help="the knowledge-base file (created when missing), e.g. docs.kb")
+    ka.add_argument("paths", nargs="+", metavar="PATH", help="files and folders")
+    ka.add_argument("--chunk-tokens", type=int, default=200, help="tokens per chunk at most (default 200)")
+    ka.add_argument("--overlap", type=int, default=30, help="tokens a chunk repeats from the one before (default 30)")
+    ka.add_argument("--embedding-model", default=None, help="a sentence-transformers model (directory, or hub id "
+                    "when online) for a new KB (default: the packaged all-MiniLM-L6-v2)")
+    ka.add_argument("--quiet", action="store_true", help="no progress bar")
+    kq = ksub.add_parser("query", help="ranked chunks for a question, with source, heading path and both scores",
+                         epilog=EXAMPLES["kb"], formatter_class=fmt)
+    kq.add_argument("kb", metavar="KB")
+    kq.add_argument("question")
+    kq.add_argument("-k", "--top-k", type=int, default=5, help="chunks to show (default 5)")
+    kq.add_argument("--mode", default="hybrid", choices=["hybrid", "bm25", "vector"],
+                    help="hybrid: BM25 and vectors fused by reciprocal rank (default)")
+    kq.add_argument("--json", action="store_true", help="print JSON")
+    kl = ksub.add_parser("list", help="documents and their chunk counts", formatter_class=fmt)
+    kl.add_argument("kb", metavar="KB")
+    kr = ksub.add_parser("remove", help="remove documents (a file, or everything under a folder)", formatter_class=fmt)
+    kr.add_argument("kb", metavar="KB")
+    kr.add_argument("paths", nargs="+", metavar="PATH")
+    ks = ksub.add_parser("stats", help="documents, chunks, tokens, size on disk", formatter_class=fmt)
+    ks.add_argument("kb", metavar="KB")
+    ks.add_argument("--json", action="store_true")
+
+
+def _run_kb(args: argparse.Namespace) -> int:
+    from chatsmith.kb import commands
+
+    cmd = args.kb_command
+    if cmd == "add":
+        return commands.run_add(args.kb, args.paths, chunk_tokens=args.chunk_tokens, overlap=args.overlap,
+                                model=args.embedding_model, quiet=args.quiet)
+    if cmd == "query":
+        return commands.run_query(args.kb, args.question, k=args.top_k, mode=args.mode, as_json=args.json)
+    if cmd == "list":
+        return commands.run_list(args.kb)
+    if cmd == "remove":
+        return commands.run_remove(args.kb, args.paths)
+    if cmd == "stats":
+        return commands.run_stats(args.kb, as_json=args.json)
+    _parser().parse_args(["kb", "--help"])
+    return 2
+
+
 def _compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("reward_model", help="a `chatsmith rm` run directory")
     p.add_argument("--models", nargs="+", required=True, help="models to compare, the first is the baseline "
@@ -347,6 +474,8 @@ def _run(args: argparse.Namespace) -> int:
             print(convert(args.input, args.output, args.to, format=args.format, columns=_mapping(args.columns),
                           skip_bad=args.skip_bad))
             return 0
+        if args.data_command in DATAGEN_COMMANDS:
+            return _run_datagen(args)
         _parser().parse_args(["data", "--help"])
         return 2
     if args.command in TRAIN_STAGES and getattr(args, "rm_command", None) is None:
@@ -374,6 +503,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0
     if args.command == "eval":
         return _run_eval(args)
+    if args.command == "kb":
+        return _run_kb(args)
     if args.command == "chat":
         from chatsmith.chat import run_chat
         from chatsmith.infer.sampling import SamplingParams
@@ -463,6 +594,28 @@ def _run_eval(args: argparse.Namespace) -> int:
         print_compare(args.a, args.b)
         return 0
     _parser().parse_args(["eval", "--help"])
+    return 2
+
+
+DATAGEN_COMMANDS = ("self-instruct",)
+
+
+def _run_datagen(args: argparse.Namespace) -> int:
+    import json
+
+    cmd = args.data_command
+    if cmd == "self-instruct":
+        from chatsmith.datagen.self_instruct import SelfInstructSettings, run_self_instruct
+
+        settings = SelfInstructSettings(
+            n=args.n, seed=args.seed, seed_tasks_in_prompt=args.seed_tasks_in_prompt,
+            machine_tasks_in_prompt=args.machine_tasks_in_prompt, tasks_per_request=args.tasks_per_request,
+            rouge_threshold=args.rouge_threshold, temperature=args.temperature, max_tokens=args.max_tokens,
+            instance_max_tokens=args.instance_max_tokens, parse_retries=args.parse_retries,
+            english_only=not args.any_language)
+        summary = run_self_instruct(args.seeds, args.output, _teacher_settings(args), settings, journal=args.journal)
+        print(json.dumps({k: summary[k] for k in ("written", "proposed", "kept", "rejected", "stopped")}))
+        return 0 if summary["written"] >= args.n else 1
     return 2
 
 
