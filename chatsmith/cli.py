@@ -363,6 +363,18 @@ def _datagen_parsers(dsub: Any, fmt: Any) -> None:
     si.add_argument("--parse-retries", type=int, default=2, help="asks again after an unusable answer (default 2)")
     si.add_argument("--any-language", action="store_true", help="keep instructions that start with a non-ASCII "
                     "character (Alpaca drops them)")
+    sc = dsub.add_parser("self-chat", help="multi-turn dialogues: the teacher plays both the user and the assistant "
+                         "(Baize)", epilog=EXAMPLES["datagen"], formatter_class=fmt)
+    sc.add_argument("--seeds", required=True, help="seed questions: a .txt file (one a line), a JSON list of strings, "
+                    "Alpaca or self-instruct records, ShareGPT/messages records (their first user turn)")
+    sc.add_argument("--output", required=True, help="JSONL of ShareGPT records with provenance")
+    sc.add_argument("--turns", type=int, default=4, help="assistant answers per dialogue at most (default 4)")
+    sc.add_argument("--n", type=int, default=None, help="dialogues (default: one per seed; seeds are reused beyond that)")
+    _teacher_flags(sc)
+    sc.add_argument("--temperature", type=float, default=0.7)
+    sc.add_argument("--max-tokens", type=int, default=512, help="per turn (default 512)")
+    sc.add_argument("--parse-retries", type=int, default=2, help="asks again after an empty or refused turn (default 2)")
+    sc.add_argument("--seed", type=int, default=0, help="dialogue i asks with seed + i (default 0)")
 
 
 def _kb_parser(sub: argparse._SubParsersAction, fmt: type) -> None:
@@ -597,7 +609,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 2
 
 
-DATAGEN_COMMANDS = ("self-instruct",)
+DATAGEN_COMMANDS = ("self-instruct", "self-chat")
 
 
 def _run_datagen(args: argparse.Namespace) -> int:
@@ -616,6 +628,14 @@ def _run_datagen(args: argparse.Namespace) -> int:
         summary = run_self_instruct(args.seeds, args.output, _teacher_settings(args), settings, journal=args.journal)
         print(json.dumps({k: summary[k] for k in ("written", "proposed", "kept", "rejected", "stopped")}))
         return 0 if summary["written"] >= args.n else 1
+    if cmd == "self-chat":
+        from chatsmith.datagen.self_chat import SelfChatSettings, run_self_chat
+
+        chat = SelfChatSettings(n=args.n, turns=args.turns, temperature=args.temperature, max_tokens=args.max_tokens,
+                                parse_retries=args.parse_retries, seed=args.seed)
+        summary = run_self_chat(args.seeds, args.output, _teacher_settings(args), chat, journal=args.journal)
+        print(json.dumps({k: summary[k] for k in ("written", "n", "rejected", "stops")}))
+        return 0 if summary["written"] else 1
     return 2
 
 

@@ -126,7 +126,10 @@ class FakeTeacher:
         exchanges = sum(m["role"] == "assistant" for m in msgs)
         if exchanges >= 3:
             return "[END]"
-        return f"Follow-up {exchanges}: why is that so for '{msgs[1]['content'][:30]}'?"
+        topic = msgs[2]["content"][:30]
+        follow = ["why does that happen with", "can you give me one concrete everyday example of",
+                  "what would an expert recommend reading next about"][exchanges - 1]
+        return f"Follow-up {exchanges}: {follow} '{topic}'?"
 
     # -- HTTP --------------------------------------------------------------------------------------
 

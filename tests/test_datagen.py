@@ -268,3 +268,54 @@ def test_self_instruct_completions_endpoint_and_garbage_teacher(tmp_path, monkey
     summary = json.loads((tmp_path / "g.summary.json").read_text())
     assert rc == 1 and summary["written"] == 0 and "rounds in a row kept no instruction" in summary["stopped"]
     assert summary["rejected"]["too_short"] > 0
+
+
+# ---- self-chat end to end --------------------------------------------------------------------------
+
+
+def _sc(url: str, out: Path, seeds: Path, *extra: str) -> list[str]:
+    return ["data", "self-chat", "--seeds", str(seeds), "--output", str(out), "--teacher-url", url,
+            "--teacher-model", "fake-teacher", "--concurrency", "3", *extra]
+
+
+def test_self_chat_end_to_end_and_resume(tmp_path):
+    seeds = tmp_path / "questions.txt"
+    seeds.write_text("\n".join(f"How do {t} work?" for t in ("volcanoes", "tides", "vaccines", "glaciers",
+                                                              "bees", "markets", "engines")) + "\n")
+    whole = FakeTeacher(rate_limit_first=1, delay=0.02)
+    with whole as url:
+        assert main(_sc(url, tmp_path / "a.jsonl", seeds)) == 0
+        assert main(_sc(url, tmp_path / "short.jsonl", seeds, "--turns", "2", "--n", "9")) == 0
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "a.summary.json").read_text())
+    assert len(records) == 7 and summary["stops"] == {"end": 7}
+    for r in records:
+        roles = [t["from"] for t in r["conversations"]]
+        # The fake human says [END] after three questions: three full exchanges, alternating, ShareGPT.
+        assert roles == ["human", "gpt"] * 3
+        assert r["conversations"][2]["value"].startswith("Follow-up 1:")
+        assert all(t["value"].strip() for t in r["conversations"])
+        assert r["provenance"]["method"] == "self-chat" and len(r["provenance"]["prompt_ids"]) == 6
+    # Empty assistant turns were asked again and counted, never written.
+    assert summary["rejected"].get("assistant_empty", 0) > 0
+    assert summary["usage"]["by_status"] == {"429": 1}
+    short = [json.loads(line) for line in (tmp_path / "short.jsonl").read_text().splitlines()]
+    assert len(short) == 9 and all(len(r["conversations"]) == 4 for r in short)
+    assert json.loads((tmp_path / "short.summary.json").read_text())["stops"] == {"turn_limit": 9}
+    # The SharGPT output is read by chatsmith's own loader as it is.
+    from chatsmith.data.formats import read_conversations
+
+    assert len(read_conversations(str(tmp_path / "a.jsonl")).conversations) == 7
+
+    # Resume: drop the second half of the journal and the output, run again: only the dropped answers
+    # are asked again, and the dialogues come out the same.
+    journal = tmp_path / "a.journal.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    (tmp_path / "a.jsonl").unlink()
+    again = FakeTeacher(rate_limit_first=0)
+    with again as url:
+        assert main(_sc(url, tmp_path / "a.jsonl", seeds)) == 0
+    assert sum(again.answered.values()) == len(lines) - len(lines) // 2
+    assert [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [
+        {**r, "provenance": {**r["provenance"], "teacher_url": url}} for r in records]
