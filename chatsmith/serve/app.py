@@ -39,7 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatsmith.embed import DEFAULT_MODEL as EMBEDDING_MODEL
-from chatsmith.embed import Embedder
+from chatsmith.embed import Embedder, shared_embedder
 from chatsmith.embed import available as embeddings_available
 from chatsmith.errors import ChatsmithError
 from chatsmith.serve import http
@@ -86,7 +86,7 @@ class ServerState:
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
-    embedder: Embedder = field(default_factory=Embedder)
+    embedder: Embedder = field(default_factory=shared_embedder)
     # What the OpenAI API calls the backend configuration: chatsmith's version, the model and precision.
     fingerprint: str = "fp_chatsmith"
 
