@@ -94,6 +94,14 @@ EXAMPLES["datagen"] = """examples:
 """
 
 
+EXAMPLES["label"] = """examples:
+  chatsmith label --prompts prompts.txt --model runs/sft --k 4 --output labels/rankings.jsonl
+      open http://127.0.0.1:8010/ ; rank with the mouse or keys 1-4 and Enter; stop and start again at will
+  chatsmith rm --data labels/rankings.jsonl --loss listwise            a reward model from the rankings
+  chatsmith dpo --data labels/rankings.pairs.jsonl                     DPO on the pairs
+"""
+
+
 SERVE_EXAMPLES = """examples:
   chatsmith serve smollm2-135m                          web chat at http://127.0.0.1:8000/, API at /v1
   CHATSMITH_API_KEY=secret chatsmith serve runs/mine --port 9000      require the key on the API routes
@@ -299,6 +307,24 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-name", default=None, help="model name the API reports (default: MODEL)")
     sv.add_argument("--template", default=None, help="chat template (default: the model's own)")
     sv.add_argument("--trust-remote-code", action="store_true")
+
+    lb = sub.add_parser("label", help="a local page to rank K sampled answers per prompt (drag or keys 1-K, ties, "
+                        "skip, edit the best); saves rankings for `rm`/`dpo --loss rrhf` and pairs for `dpo`",
+                        epilog=EXAMPLES["label"], formatter_class=fmt)
+    lb.add_argument("--prompts", required=True, help="a .txt file (one prompt a line), prompt records (JSON, JSONL, CSV, "
+                    "Parquet with a 'prompt'), or builtin")
+    lb.add_argument("--model", required=True, help="the model whose answers are ranked (alias, run directory, ...)")
+    lb.add_argument("--k", type=int, default=4, help="answers per prompt (default 4)")
+    lb.add_argument("--output", required=True, help="rankings JSONL; pairs go to OUTPUT's name + .pairs.jsonl")
+    lb.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; must be > 0)")
+    lb.add_argument("--max-new-tokens", type=int, default=256)
+    lb.add_argument("--seed", type=int, default=0)
+    lb.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    lb.add_argument("--precision", default="auto", choices=["auto", "int8", "module"])
+    lb.add_argument("--limit", type=int, default=None, help="the first N prompts only")
+    lb.add_argument("--host", default="127.0.0.1")
+    lb.add_argument("--port", type=int, default=8010)
+    lb.add_argument("--open", action="store_true", help="open the page in the default browser")
 
     q = sub.add_parser("quickstart", help="teach the embedded model a new identity and show before/after",
                        formatter_class=fmt)
@@ -542,6 +568,14 @@ def _run(args: argparse.Namespace) -> int:
                           template=args.template, trust_remote_code=args.trust_remote_code,
                           allowed_hosts=args.allowed_host, max_body_mb=args.max_body_mb,
                           header_timeout=args.header_timeout, max_connections=args.max_connections)
+    if args.command == "label":
+        from chatsmith.datagen.label import LabelSettings, run_label
+
+        settings = LabelSettings(model=args.model, k=args.k, temperature=args.temperature,
+                                 max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template,
+                                 precision=args.precision)
+        return run_label(args.prompts, args.output, settings, host=args.host, port=args.port, limit=args.limit,
+                         open_browser=args.open)
     if args.command == "quickstart":
         from chatsmith.quickstart import run_quickstart
 
