@@ -94,6 +94,19 @@ EXAMPLES["datagen"] = """examples:
 """
 
 
+EXAMPLES["data_tools"] = """examples:
+  chatsmith data mix alpaca.jsonl:0.7 chats.jsonl:0.3 --total 100000 --output mix.jsonl     ratios, seeded, shuffled
+  chatsmith data mix a.jsonl:5000 b.jsonl:2000 --counts --output mix.jsonl                 record counts
+  chatsmith data dedupe mix.jsonl --near --threshold 0.8 --output dedup.jsonl               exact + MinHash LSH
+  chatsmith data filter dedup.jsonl --model smollm2-135m --max-tokens 1024 --lang en --output f.jsonl
+  chatsmith data filter f.jsonl --quality-threshold 7 --teacher-url URL --teacher-model M --output good.jsonl
+  chatsmith data split good.jsonl --test-size 0.05 --output-dir splits/
+  chatsmith data sample good.jsonl --n 1000 --output small.jsonl
+  chatsmith data translate alpaca.jsonl --to Korean --teacher-url URL --teacher-model M --output ko.jsonl
+  chatsmith data clean sharegpt.json --model smollm2-135m --max-length 2048 --output clean.jsonl
+"""
+
+
 EXAMPLES["label"] = """examples:
   chatsmith label --prompts prompts.txt --model runs/sft --k 4 --output labels/rankings.jsonl
       open http://127.0.0.1:8010/ ; rank with the mouse or keys 1-4 and Enter; stop and start again at will
@@ -154,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--columns", default=None, help="column mapping for CSV/Parquet/JSONL input")
     cv.add_argument("--skip-bad", action="store_true")
     _datagen_parsers(dsub, fmt)
+    _data_tool_parsers(dsub, fmt)
 
     _kb_parser(sub, fmt)
 
@@ -403,6 +417,76 @@ def _datagen_parsers(dsub: Any, fmt: Any) -> None:
     sc.add_argument("--seed", type=int, default=0, help="dialogue i asks with seed + i (default 0)")
 
 
+def _data_tool_parsers(dsub: Any, fmt: Any) -> None:
+    ex = EXAMPLES["data_tools"]
+    mx = dsub.add_parser("mix", help="mix files by ratio or record count, seeded and shuffled (streams)", epilog=ex,
+                         formatter_class=fmt)
+    mx.add_argument("sources", nargs="+", metavar="FILE[:N]", help="FILE:RATIO (like --data a.json:0.7), or FILE:COUNT "
+                    "with --counts; a source without a number has ratio 1")
+    mx.add_argument("--output", required=True, help=".jsonl or .json")
+    mx.add_argument("--counts", action="store_true", help="the numbers are record counts, not ratios")
+    mx.add_argument("--total", type=int, default=None, help="records in the mixture (ratios only; default: as many as "
+                    "all sources together)")
+    mx.add_argument("--seed", type=int, default=0)
+    mx.add_argument("--no-shuffle", action="store_true", help="keep the sources in order, one after the other")
+    mx.add_argument("--tag-source", action="store_true", help="add a 'source' field naming each record's file")
+    dd = dsub.add_parser("dedupe", help="drop exact and (--near) MinHash-LSH near duplicates (streams)", epilog=ex,
+                         formatter_class=fmt)
+    dd.add_argument("input")
+    dd.add_argument("--output", required=True)
+    dd.add_argument("--near", action="store_true", help="also drop near duplicates (MinHash LSH)")
+    dd.add_argument("--threshold", type=float, default=0.8, help="Jaccard similarity of word 3-grams (default 0.8)")
+    dd.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    dd.add_argument("--ngram", type=int, default=3, help="words per shingle (default 3)")
+    dd.add_argument("--removed", default=None, help="also write the dropped records here")
+    sp = dsub.add_parser("split", help="train/valid/test files, seeded (streams)", epilog=ex, formatter_class=fmt)
+    sp.add_argument("input")
+    sp.add_argument("--output-dir", required=True, help="train/valid/test.jsonl (or .json) are written here")
+    sp.add_argument("--test-size", type=float, required=True, help="a fraction (below 1) or a record count")
+    sp.add_argument("--valid-size", type=float, default=0.0, help="a fraction or a count (default none)")
+    sp.add_argument("--seed", type=int, default=0)
+    sa = dsub.add_parser("sample", help="a uniform random sample, in file order (streams)", epilog=ex,
+                         formatter_class=fmt)
+    sa.add_argument("input")
+    sa.add_argument("--output", required=True)
+    sa.add_argument("--n", type=float, required=True, help="records to keep, or a fraction when below 1")
+    sa.add_argument("--seed", type=int, default=0)
+    fl = dsub.add_parser("filter", help="keep records by token length, language, regex or a teacher's quality score "
+                         "(streams)", epilog=ex, formatter_class=fmt)
+    fl.add_argument("input")
+    fl.add_argument("--output", required=True)
+    fl.add_argument("--model", default=None, help="the tokenizer (and chat template) that --min/--max-tokens count with")
+    fl.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    fl.add_argument("--max-tokens", type=int, default=None, help="drop conversations longer than this, as rendered")
+    fl.add_argument("--min-tokens", type=int, default=None)
+    fl.add_argument("--lang", default=None, help="keep these languages, comma-separated ISO codes (en,fr,de,es,it,pt,nl,"
+                    "ru,uk,zh,ja,ko,ar,hi,el,he,th)")
+    fl.add_argument("--drop-regex", default=None, help="drop records whose text matches this regular expression")
+    fl.add_argument("--keep-regex", default=None, help="keep only records whose text matches this")
+    fl.add_argument("--quality-threshold", type=float, default=None, help="keep records a teacher scores at least this "
+                    "(1-10); needs --teacher-url and --teacher-model")
+    fl.add_argument("--rejected", default=None, help="also write the dropped records, with the reason, here")
+    _teacher_flags(fl)
+    tr = dsub.add_parser("translate", help="translate every text of every record through a teacher, keeping the format",
+                         epilog=ex, formatter_class=fmt)
+    tr.add_argument("input")
+    tr.add_argument("--to", required=True, dest="language", help="the target language, in words (Korean, German...)")
+    tr.add_argument("--output", required=True)
+    tr.add_argument("--parse-retries", type=int, default=2, help="asks again after an empty or refused answer")
+    _teacher_flags(tr)
+    cl = dsub.add_parser("clean", help="FastChat-style ShareGPT cleaning: HTML to Markdown, empty and broken turns, "
+                         "split conversations longer than --max-length (streams)", epilog=ex, formatter_class=fmt)
+    cl.add_argument("input")
+    cl.add_argument("--output", required=True)
+    cl.add_argument("--model", default=None, help="the tokenizer and template --max-length counts with")
+    cl.add_argument("--max-length", type=int, default=None, help="split longer conversations at exchange boundaries")
+    cl.add_argument("--template", default=None)
+    cl.add_argument("--blocked-words", default="", help="drop conversations containing any of these, comma-separated "
+                    "(FastChat used openai,chatgpt)")
+    for p in (mx, dd, sp, sa, fl, tr, cl):
+        p.add_argument("--skip-bad", action="store_true", help="drop unreadable records instead of stopping")
+
+
 def _kb_parser(sub: argparse._SubParsersAction, fmt: type) -> None:
     kb = sub.add_parser("kb", help="a local knowledge base: ingest documents, hybrid BM25 + vector search",
                         epilog=EXAMPLES["kb"], formatter_class=fmt)
@@ -514,6 +598,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         if args.data_command in DATAGEN_COMMANDS:
             return _run_datagen(args)
+        if args.data_command in DATA_TOOLS:
+            return _run_data_tool(args)
         _parser().parse_args(["data", "--help"])
         return 2
     if args.command in TRAIN_STAGES and getattr(args, "rm_command", None) is None:
@@ -671,6 +757,114 @@ def _run_datagen(args: argparse.Namespace) -> int:
         print(json.dumps({k: summary[k] for k in ("written", "n", "rejected", "stops")}))
         return 0 if summary["written"] else 1
     return 2
+
+
+DATA_TOOLS = ("mix", "dedupe", "split", "sample", "filter", "translate", "clean")
+
+
+def _run_data_tool(args: argparse.Namespace) -> int:
+    import json
+
+    cmd = args.data_command
+    if cmd == "mix":
+        from chatsmith.data.ops.select import mix
+
+        sources = []
+        for spec in args.sources:
+            path, number = spec, None
+            if not os.path.exists(spec) and ":" in spec:
+                head, tail = spec.rsplit(":", 1)
+                try:
+                    path, number = head, float(tail)
+                except ValueError:
+                    raise ChatsmithError(f"data mix {spec}: '{tail}' is not a number (FILE:RATIO or FILE:COUNT)") from None
+            sources.append((path, number))
+        result = mix(sources, args.output, counts=args.counts, total=args.total, seed=args.seed,
+                     shuffle=not args.no_shuffle, tag_source=args.tag_source, skip_bad=args.skip_bad)
+    elif cmd == "dedupe":
+        from chatsmith.data.ops.dedupe import dedupe
+
+        result = dedupe(args.input, args.output, near=args.near, threshold=args.threshold, num_perm=args.num_perm,
+                        ngram=args.ngram, skip_bad=args.skip_bad, removed_path=args.removed)
+    elif cmd == "split":
+        from chatsmith.data.ops.select import split
+
+        result = split(args.input, args.output_dir, test=args.test_size, valid=args.valid_size, seed=args.seed,
+                       skip_bad=args.skip_bad)
+    elif cmd == "sample":
+        from chatsmith.data.ops.select import sample
+
+        result = sample(args.input, args.output, n=args.n, seed=args.seed, skip_bad=args.skip_bad)
+    elif cmd == "filter":
+        result = _run_filter(args)
+    elif cmd == "translate":
+        from chatsmith.datagen.self_instruct import journal_path
+        from chatsmith.datagen.teacher import Journal, Teacher, usage_line
+        from chatsmith.datagen.teacher_ops import translate
+
+        settings = _teacher_settings(args)
+        teacher = Teacher(settings, Journal(journal_path(args.output, args.journal)))
+        teacher.check_reachable()
+        result = translate(teacher, args.input, args.output, args.language, parse_retries=args.parse_retries,
+                           skip_bad=args.skip_bad)
+        result["usage"] = teacher.usage.as_dict(settings)
+        print(usage_line(teacher.usage, settings))
+    else:
+        from chatsmith.data.ops.clean import clean
+
+        if args.max_length and not args.model:
+            raise ChatsmithError("data clean --max-length counts tokens: pass --model too (its tokenizer and template)")
+        tok = None
+        if args.model:
+            from chatsmith.models import load_tokenizer
+
+            tok = load_tokenizer(args.model)
+        result = clean(args.input, args.output, tokenizer=tok, max_length=args.max_length, template=args.template,
+                       blocked_words=[w.strip() for w in args.blocked_words.split(",") if w.strip()],
+                       skip_bad=args.skip_bad)
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+def _run_filter(args: argparse.Namespace) -> dict[str, Any]:
+    from chatsmith.data.ops.select import (
+        filter_records,
+        language_predicate,
+        regex_predicate,
+        token_length_predicate,
+    )
+
+    preds: list[Any] = []
+    if args.min_tokens is not None or args.max_tokens is not None:
+        if not args.model:
+            raise ChatsmithError("data filter --min-tokens/--max-tokens count with a model's tokenizer: pass --model")
+        from chatsmith.models import load_tokenizer
+
+        preds.append(("tokens", token_length_predicate(load_tokenizer(args.model), min_tokens=args.min_tokens,
+                                                       max_tokens=args.max_tokens, template=args.template)))
+    if args.lang:
+        preds.append(("lang", language_predicate([x.strip() for x in args.lang.split(",") if x.strip()])))
+    if args.drop_regex:
+        preds.append(("regex", regex_predicate(args.drop_regex, keep_matching=False)))
+    if args.keep_regex:
+        preds.append(("regex", regex_predicate(args.keep_regex, keep_matching=True)))
+    teacher = None
+    if args.quality_threshold is not None:
+        from chatsmith.datagen.self_instruct import journal_path
+        from chatsmith.datagen.teacher import Journal, Teacher
+        from chatsmith.datagen.teacher_ops import quality_predicate
+
+        teacher = Teacher(_teacher_settings(args), Journal(journal_path(args.output, args.journal)))
+        teacher.check_reachable()
+        preds.append(("quality", quality_predicate(teacher, args.quality_threshold)))
+    if not preds:
+        raise ChatsmithError("data filter: say what to filter on: --max-tokens/--min-tokens with --model, --lang, "
+                             "--drop-regex, --keep-regex or --quality-threshold")
+    result = filter_records(args.input, args.output, preds, rejected_path=args.rejected, skip_bad=args.skip_bad,
+                            batch_size=max(64, 4 * args.concurrency))
+    if teacher is not None:
+        result["usage"] = teacher.usage.as_dict(teacher.settings)
+    return result
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

@@ -85,7 +85,7 @@ class FakeTeacher:
                 return ""
             return f"Here is my answer about '{msgs[-1]['content'][:40]}': it depends, but mostly yes."
         if prompt.startswith("Translate"):
-            text = prompt.split("<<<", 1)[1].rsplit(">>>", 1)[0]
+            text = prompt.rsplit("<<<", 1)[1].rsplit(">>>", 1)[0]
             return re.sub(r"```.*?```|([^`]+)", lambda m: m.group(0) if m.group(1) is None else m.group(1).upper(),
                           text, flags=re.S)
         if prompt.startswith("Rate the quality"):

@@ -37,37 +37,51 @@ def request_key(body: dict[str, Any]) -> str:
 
 
 class Journal:
-    """Answers already paid for, keyed by request digest, appended and flushed as they arrive."""
+    """Answers already paid for, keyed by request digest, appended and flushed as they arrive.
+    Memory holds each key's byte offset in the file, not the answers (a translation of a million
+    records keeps a journal of millions of answers)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.rows: dict[str, dict[str, Any]] = {}
+        self.offsets: dict[str, int] = {}
         self._lock = threading.Lock()
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue   # the torn last line of a killed run
-                if isinstance(row, dict) and "key" in row:
-                    self.rows[row["key"]] = row
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            with self.path.open("rb") as f:
+                offset, line = 0, b""
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        row = None   # the torn last line of a killed run
+                    if isinstance(row, dict) and "key" in row:
+                        self.offsets[row["key"]] = offset
+                    offset += len(line)
+                if line and not line.endswith(b"\n"):
+                    self.path.open("ab").write(b"\n")   # a torn line must not swallow the next append
+        self._reader = self.path.open("a+b")
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.offsets)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The journalled answer of a request, if any."""
-        return self.rows.get(key)
+        with self._lock:
+            offset = self.offsets.get(key)
+            if offset is None:
+                return None
+            self._reader.seek(offset)
+            return json.loads(self._reader.readline())
 
     def put(self, row: dict[str, Any]) -> None:
         """Record an answer (the row carries its 'key') and flush it to disk at once."""
-        line = json.dumps(row, ensure_ascii=False) + "\n"
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
         with self._lock:
-            self.rows[row["key"]] = row
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
+            self._reader.seek(0, 2)
+            offset = self._reader.tell()
+            self._reader.write(line)
+            self._reader.flush()
+            self.offsets[row["key"]] = offset
 
 
 @dataclass
