@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chatsmith.cache.serving import cacheable, replay_json, replay_stream, request_key, stream_and_store
 from chatsmith.embed import DEFAULT_MODEL as EMBEDDING_MODEL
 from chatsmith.embed import Embedder, shared_embedder
 from chatsmith.embed import available as embeddings_available
@@ -89,6 +90,7 @@ class ServerState:
     embedder: Embedder = field(default_factory=shared_embedder)
     # What the OpenAI API calls the backend configuration: chatsmith's version, the model and precision.
     fingerprint: str = "fp_chatsmith"
+    cache: Any = None   # a chatsmith.cache.ResponseCache (serve --cache)
 
     @property
     def ready(self) -> bool:
@@ -260,9 +262,16 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "field 'top_logprobs': needs 'logprobs': true", param="top_logprobs")
         json_mode = body.response_format is not None and body.response_format.type == "json_object"
         params = _sampling(state, body, ids, max_tokens, top)
+        cache_key = None
+        if state.cache is not None and cacheable(body):
+            cache_key = await asyncio.to_thread(request_key, state, body, _plain(body.messages), ids, adapter)
+            found = await asyncio.to_thread(state.cache.lookup, cache_key)
+            state.metrics.cache_lookup(found.hit.tier if found.hit else "miss", found.refused)
+            if found.hit is not None:
+                return _replay(found.hit, body, len(ids))
         job = GenerationJob(state, "chat.completion", [ids], [params], body.n, adapter,
                             body.model or state.model_name, logprobs=body.logprobs, json_mode=json_mode)
-        return await _answer(job, request, body)
+        return await _answer(job, request, body, cache_key)
 
     @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -353,21 +362,45 @@ async def read_body(request: Request, schema: Any) -> Any:
     return parse_body(raw, schema)
 
 
-async def _answer(job: GenerationJob, request: Request, body: Any) -> Response:
+async def _answer(job: GenerationJob, request: Request, body: Any, cache_key: Any = None) -> Response:
     """Admit the job to the engine (a full queue or a bad parameter is a 4xx before any byte is
-    sent), then answer with one JSON response or a stream of server-sent events."""
+    sent), then answer with one JSON response or a stream of server-sent events. With a cache key,
+    a finished answer is stored in the response cache."""
+    state = job.state
     if body.stream:
         queue = job.submit()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(job.stream(queue, include_usage), media_type="text/event-stream",
+        events = job.stream(queue, include_usage)
+        if cache_key is not None:
+            events = stream_and_store(events, job, state.cache, cache_key, state.metrics.cache_stored)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     answer = await job.run(request)
+    if cache_key is not None and all(r.finish_reason in ("stop", "length") for r in job.requests):
+        state.metrics.cache_stored(await asyncio.to_thread(state.cache.store, cache_key, answer))
     if job.want_logprobs:   # an answer with log-probs may be megabytes of JSON: serialized off the event loop
         return await asyncio.to_thread(JSONResponse, answer)
     return JSONResponse(answer)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+
+
+def _plain(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """A request's messages as [{role, content}] (roles as the template sees them)."""
+    return [{"role": ROLES.get(m.role, m.role), "content": _text(m.content)} for m in messages]
+
+
+def _replay(hit: Any, body: Any, prompt_tokens: int) -> Response:
+    """A cached answer, as JSON or as a stream, marked with the header X-Chatsmith-Cache: TIER."""
+    model = body.model or hit.response.get("model") or ""
+    headers = {"X-Chatsmith-Cache": hit.tier}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(replay_stream(hit, prompt_tokens, model, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    return JSONResponse(replay_json(hit, prompt_tokens, model), headers=headers)
 
 
 def _require_ready(state: ServerState) -> None:
@@ -498,8 +531,9 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                kv_cache_mb: float | None = 2048, max_queue: int = 64, served_name: str | None = None,
                template: str | None = None, trust_remote_code: bool = False, allowed_hosts: list[str] | None = None,
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
-               max_connections: int = 256) -> int:
-    """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready)."""
+               max_connections: int = 256, cache: dict[str, Any] | None = None) -> int:
+    """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
+    `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None."""
     import uvicorn
 
     hosts = None
@@ -507,6 +541,12 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         hosts = {h.lower() for h in (allowed_hosts or [])} | (set(LOOPBACK) if host in LOOPBACK else set())
     state = ServerState(model_name=served_name or model, api_key=api_key, allowed_hosts=hosts,
                         max_body_bytes=int(max_body_mb * 2**20), body_timeout=body_timeout)
+    if cache is not None:
+        from chatsmith.cache import ResponseCache
+
+        state.cache = ResponseCache(**cache)
+        print(f"response cache: {cache['path']} ({len(state.cache)} entries"
+              + (", semantic" if cache.get("semantic") else "") + ")", flush=True)
     app = create_app(state)
     threading.Thread(target=load_state, args=(state, model), daemon=True, name="chatsmith-load",
                      kwargs={"precision": precision, "max_concurrency": max_concurrency, "kv_cache_mb": kv_cache_mb,

@@ -42,6 +42,14 @@ class Metrics:
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("chatsmith_time_to_first_token_seconds", "time from request to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
+        # The response cache (chatsmith serve --cache): lookups by result, guard refusals by reason.
+        self.cache_lookups = Counter("chatsmith_cache_lookups", "response cache lookups by result (exact, semantic, "
+                                     "miss)", ["result"], registry=r)
+        self.cache_refusals = Counter("chatsmith_cache_guard_refusals", "semantic matches the guard refused, by "
+                                      "reason", ["reason"], registry=r)
+        self.cache_stores = Counter("chatsmith_cache_stores", "responses stored in the cache", registry=r)
+        self.cache_evictions = Counter("chatsmith_cache_evictions", "cache entries evicted (LRU or expired)",
+                                       registry=r)
 
     def route(self, path: str) -> str:
         """The label of a request path: the route it belongs to, or "other"."""
@@ -68,6 +76,18 @@ class Metrics:
         self.request_seconds.observe(seconds)
         if ttft is not None:
             self.ttft.observe(ttft)
+
+    def cache_lookup(self, result: str, refused: str | None = None) -> None:
+        """One cache lookup: "exact", "semantic" or "miss" (with the guard's reason when it refused one)."""
+        self.cache_lookups.labels(result=result).inc()
+        if refused:
+            self.cache_refusals.labels(reason=refused).inc()
+
+    def cache_stored(self, evicted: int) -> None:
+        """One response stored, `evicted` entries evicted to make room."""
+        self.cache_stores.inc()
+        if evicted:
+            self.cache_evictions.inc(evicted)
 
     def render(self, running: int, waiting: int) -> bytes:
         """The Prometheus text exposition of every metric, with the engine's current occupancy."""
