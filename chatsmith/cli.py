@@ -115,19 +115,19 @@ EXAMPLES["label"] = """examples:
 """
 
 
+DEFAULT_CACHE = "~/.cache/chatsmith/responses.db"   # serve --cache without a PATH
 SERVE_EXAMPLES = """examples:
   chatsmith serve smollm2-135m                          web chat at http://127.0.0.1:8000/, API at /v1
   CHATSMITH_API_KEY=secret chatsmith serve runs/mine --port 9000      require the key on the API routes
   chatsmith serve runs/mine --host 0.0.0.0 --api-key-file key.txt     every interface, key from a file
   chatsmith serve smollm2-135m --lora mine=runs/mine/adapter --max-concurrency 8
+  chatsmith serve runs/mine --cache --cache-semantic     answer repeats and guarded paraphrases from a cache
 then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret").chat.completions.create(...)
-DEFAULT_CACHE = "~/.cache/chatsmith/responses.db"   # serve --cache without a PATH
 """
 
 
 # Training stages: command -> (config class in chatsmith.config, module, function(cfg), help). Each
 # gets --config YAML plus one flag per config field, and runs function(load_config(...)).
-  chatsmith serve runs/mine --cache --cache-semantic     answer repeats and guarded paraphrases from a cache
 TRAIN_STAGES = {
     "sft": ("SFTConfig", "chatsmith.train.sft", "run_sft",
             "supervised fine-tuning (full, freeze, LoRA, DoRA, QLoRA, prompt, prefix, adapter)"),
@@ -323,6 +323,16 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-name", default=None, help="model name the API reports (default: MODEL)")
     sv.add_argument("--template", default=None, help="chat template (default: the model's own)")
     sv.add_argument("--trust-remote-code", action="store_true")
+    sv.add_argument("--cache", nargs="?", const=DEFAULT_CACHE, default=None, metavar="PATH",
+                    help="cache deterministic answers (temperature 0 or a seed) in this SQLite file, kept across "
+                         f"restarts (default PATH: {DEFAULT_CACHE})")
+    sv.add_argument("--cache-semantic", action="store_true", help="also answer a close paraphrase (same system "
+                    "prompt and earlier turns) from the cache, after the guard (negation, numbers, names, quotes)")
+    sv.add_argument("--cache-threshold", type=float, default=None,
+                    help="cosine similarity a paraphrase needs (default 0.80)")
+    sv.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS", help="entries expire after this long")
+    sv.add_argument("--cache-max-entries", type=int, default=10000, help="least recently used entries are evicted "
+                    "past this many (default 10000)")
 
     lb = sub.add_parser("label", help="a local page to rank K sampled answers per prompt (drag or keys 1-K, ties, "
                         "skip, edit the best); saves rankings for `rm`/`dpo --loss rrhf` and pairs for `dpo`",
@@ -345,16 +355,6 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="teach the embedded model a new identity and show before/after",
                        formatter_class=fmt)
     q.add_argument("--name", default="Smithy", help="the assistant's new name")
-    sv.add_argument("--cache", nargs="?", const=DEFAULT_CACHE, default=None, metavar="PATH",
-                    help="cache deterministic answers (temperature 0 or a seed) in this SQLite file, kept across "
-                         f"restarts (default PATH: {DEFAULT_CACHE})")
-    sv.add_argument("--cache-semantic", action="store_true", help="also answer a close paraphrase (same system "
-                    "prompt and earlier turns) from the cache, after the guard (negation, numbers, names, quotes)")
-    sv.add_argument("--cache-threshold", type=float, default=None,
-                    help="cosine similarity a paraphrase needs (default 0.80)")
-    sv.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS", help="entries expire after this long")
-    sv.add_argument("--cache-max-entries", type=int, default=10000, help="least recently used entries are evicted "
-                    "past this many (default 10000)")
     q.add_argument("--maker", default="the chatsmith project", help="who made it")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--output", default="runs/quickstart")
@@ -807,23 +807,6 @@ def _run_data_tool(args: argparse.Namespace) -> int:
     elif cmd == "sample":
         from chatsmith.data.ops.select import sample
 
-def _cache_options(args: argparse.Namespace) -> dict | None:
-    """ResponseCache's arguments from `serve --cache...` (None without --cache)."""
-    if args.cache is None:
-        if args.cache_semantic or args.cache_threshold is not None or args.cache_ttl is not None:
-            raise ChatsmithError("--cache-semantic, --cache-threshold and --cache-ttl need --cache [PATH]")
-        return None
-    from chatsmith.cache import DEFAULT_THRESHOLD
-
-    threshold = DEFAULT_THRESHOLD if args.cache_threshold is None else args.cache_threshold
-    if not 0 < threshold <= 1:
-        raise ChatsmithError(f"--cache-threshold must be in (0, 1], got {threshold}")
-    if args.cache_max_entries < 1 or (args.cache_ttl is not None and args.cache_ttl <= 0):
-        raise ChatsmithError("--cache-max-entries and --cache-ttl must be positive")
-    return {"path": os.path.expanduser(args.cache), "semantic": args.cache_semantic, "threshold": threshold,
-            "ttl": args.cache_ttl, "max_entries": args.cache_max_entries}
-
-
         result = sample(args.input, args.output, n=args.n, seed=args.seed, skip_bad=args.skip_bad)
     elif cmd == "filter":
         result = _run_filter(args)
@@ -895,6 +878,23 @@ def _run_filter(args: argparse.Namespace) -> dict[str, Any]:
     if teacher is not None:
         result["usage"] = teacher.usage.as_dict(teacher.settings)
     return result
+
+
+def _cache_options(args: argparse.Namespace) -> dict | None:
+    """ResponseCache's arguments from `serve --cache...` (None without --cache)."""
+    if args.cache is None:
+        if args.cache_semantic or args.cache_threshold is not None or args.cache_ttl is not None:
+            raise ChatsmithError("--cache-semantic, --cache-threshold and --cache-ttl need --cache [PATH]")
+        return None
+    from chatsmith.cache import DEFAULT_THRESHOLD
+
+    threshold = DEFAULT_THRESHOLD if args.cache_threshold is None else args.cache_threshold
+    if not 0 < threshold <= 1:
+        raise ChatsmithError(f"--cache-threshold must be in (0, 1], got {threshold}")
+    if args.cache_max_entries < 1 or (args.cache_ttl is not None and args.cache_ttl <= 0):
+        raise ChatsmithError("--cache-max-entries and --cache-ttl must be positive")
+    return {"path": os.path.expanduser(args.cache), "semantic": args.cache_semantic, "threshold": threshold,
+            "ttl": args.cache_ttl, "max_entries": args.cache_max_entries}
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

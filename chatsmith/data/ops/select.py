@@ -97,6 +97,7 @@ def mix(sources: Sequence[tuple[str, float | None]], output_path: str, *, counts
             wanted = [round(w / sum(ws) * total) for w in ws]
     rng = np.random.default_rng(seed)
     chosen = [multiplicities(size, n, rng) for size, n in zip(sizes, wanted)]
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)   # the shuffle's buckets go beside the output
     shuffler = ExternalShuffle(sum(wanted), seed, bucket_records, str(Path(output_path).parent)) if shuffle else None
     with RecordWriter(output_path) as out:
         for (path, _), mult in zip(sources, chosen):
