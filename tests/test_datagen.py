@@ -329,3 +329,42 @@ def _check_self_chat(tmp_path: Path) -> None:
     from chatsmith.data.formats import read_conversations
 
     assert len(read_conversations(str(tmp_path / "a.jsonl")).conversations) == 7
+
+
+# ---- one short real run: `chatsmith serve` of the embedded model as the teacher ----------------------
+
+
+@pytest.mark.slow
+def test_real_teacher_chatsmith_serve(tmp_path):
+    """The embedded 135M model served by chatsmith answers self-chat and self-instruct requests
+    through the official client. A model this small rarely writes a usable numbered list, so
+    self-instruct must end either with records or with counted rejections, never a crash."""
+    from chatsmith.serve.app import ServerState, ServerThread, load_state
+
+    state = ServerState("smollm2-135m")
+    with ServerThread(state) as base:
+        load_state(state, "smollm2-135m", max_concurrency=4, kv_cache_mb=64)
+        assert state.load_error is None, state.load_error
+        url = base + "/v1"
+        seeds = tmp_path / "q.txt"
+        seeds.write_text("What is the capital of France?\nHow do I boil an egg?\n")
+        try:
+            rc = main(["data", "self-chat", "--seeds", str(seeds), "--output", str(tmp_path / "chat.jsonl"),
+                       "--teacher-url", url, "--teacher-model", "smollm2-135m", "--turns", "2", "--max-tokens", "40",
+                       "--concurrency", "2"])
+            assert rc == 0
+            chats = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+            assert chats and all(c["conversations"][1]["from"] == "gpt" and c["conversations"][1]["value"]
+                                 for c in chats)
+            summary = json.loads((tmp_path / "chat.summary.json").read_text())
+            assert summary["usage"]["requests"] >= 2 and summary["usage"]["completion_tokens"] > 0
+            rc = main(["data", "self-instruct", "--seeds", str(shared_file("self_instruct_seed_tasks.jsonl")),
+                       "--n", "2", "--output", str(tmp_path / "si.jsonl"), "--teacher-url", url,
+                       "--teacher-model", "smollm2-135m", "--tasks-per-request", "5", "--max-tokens", "96",
+                       "--instance-max-tokens", "64", "--concurrency", "2", "--parse-retries", "0"])
+            summary = json.loads((tmp_path / "si.summary.json").read_text())
+            assert (rc == 0 and summary["written"] == 2) or (rc == 1 and summary["stopped"] and summary["rejected"])
+            assert summary["usage"]["requests"] > 0 and summary["usage"]["failed"] == 0
+            print(json.dumps({k: summary[k] for k in ("written", "proposed", "kept", "rejected", "stopped")}))
+        finally:
+            state.engine.stop()
