@@ -171,6 +171,9 @@ class FakeTeacher:
                         self._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}},
                                    {"Retry-After": "0"})
                         return
+                    if "TOO LONG" in json.dumps(body):
+                        self._send(400, {"error": {"message": "prompt longer than the context", "type": "invalid"}})
+                        return
                     key = json.dumps(body, sort_keys=True)
                     with teacher.lock:
                         occurrence = teacher.answered[key]

@@ -162,6 +162,14 @@ def test_teacher_gives_up_after_retries_with_the_url():
         assert t.usage.retries == 2 and t.usage.failed == 1
 
 
+def test_a_refused_request_is_an_unusable_answer(tmp_path):
+    with FakeTeacher(rate_limit_first=0) as url:
+        t = Teacher(TeacherSettings(url=url, model="fake", backoff=0.01), Journal(tmp_path / "j.jsonl"))
+        a = t.complete("TOO LONG " * 3)
+        assert (a.text, a.finish_reason) == ("", "refused")
+        assert t.usage.by_status == {"400 (not retried)": 1} and t.usage.retries == 0 and len(t.journal) == 0
+
+
 def test_unreachable_teacher_fails_fast_with_the_url(tmp_path, capsys):
     start = time.monotonic()
     rc = main(["data", "self-instruct", "--seeds", str(shared_file("self_instruct_seed_tasks.jsonl")), "--n", "5",

@@ -227,6 +227,10 @@ class Teacher:
                           row.get("completion_tokens", 0), replayed=True)
         with self._slots:
             text, finish, pt, ct = self._call(body)
+        if finish == "refused":
+            # The endpoint refused this one request (400/413/422, e.g. a prompt longer than the
+            # model's context): an unusable answer for the caller to count, not journalled (unpaid).
+            return Answer("", finish, key)
         with self._lock:
             self.usage.requests += 1
             self.usage.prompt_tokens += pt
@@ -261,6 +265,11 @@ class Teacher:
                 retryable = not isinstance(e, o.APIStatusError) or status == 429 or (status or 0) >= 500 \
                     or status in (408, 409)
                 kind = str(status) if status else ("timeout" if isinstance(e, o.APITimeoutError) else "connection")
+                if status in (400, 413, 422):
+                    with self._lock:
+                        self.usage.by_status[f"{status} (not retried)"] = self.usage.by_status.get(
+                            f"{status} (not retried)", 0) + 1
+                    return "", "refused", 0, 0
                 if not retryable or attempt >= s.max_retries:
                     with self._lock:
                         self.usage.failed += 1
