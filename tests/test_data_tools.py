@@ -111,6 +111,15 @@ def test_sample_and_split_exact_sizes(tmp_path):
     assert sorted(sum(parts.values(), [])) == sorted(f"r{i}" for i in range(1000))
     split(src, str(tmp_path / "again"), test=0.05, valid=20, seed=3)
     assert [x["text"] for x in _read(tmp_path / "again" / "test.jsonl")] == parts["test"]
+    # An unreadable line stops the run, naming it; with skip_bad the choices by index still land
+    # on the readable records (no record lost or doubled).
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"r{i}"}) + "\n" if i != 4 else "{oops\n" for i in range(10)))
+    with pytest.raises(DataError, match="line 5"):
+        split(str(bad), str(tmp_path / "b"), test=3)
+    r = split(str(bad), str(tmp_path / "b"), test=3, skip_bad=True)
+    texts = [x["text"] for k in r for x in _read(r[k]["path"])]
+    assert sorted(texts) == sorted(f"r{i}" for i in range(10) if i != 4)
 
 
 # ---- dedupe and MinHash ------------------------------------------------------------------------------

@@ -277,6 +277,14 @@ def test_self_instruct_completions_endpoint_and_garbage_teacher(tmp_path, monkey
     summary = json.loads((tmp_path / "g.summary.json").read_text())
     assert rc == 1 and summary["written"] == 0 and "rounds in a row kept no instruction" in summary["stopped"]
     assert summary["rejected"]["too_short"] > 0
+    # A teacher whose inputs/outputs are never JSON: counted, and a stop that says so.
+    monkeypatch.undo()
+    monkeypatch.setattr(FakeTeacher, "instance", lambda self, prompt, occurrence: "no JSON here")
+    with FakeTeacher(rate_limit_first=0) as url:
+        rc = main(_si(url, tmp_path / "j.jsonl", "--parse-retries", "0"))
+    summary = json.loads((tmp_path / "j.summary.json").read_text())
+    assert rc == 1 and summary["written"] == 0 and "got no usable input/output" in summary["stopped"]
+    assert summary["rejected"]["instance_invalid_json"] == summary["rejected"]["instance_unusable"] > 0
 
 
 # ---- self-chat end to end --------------------------------------------------------------------------

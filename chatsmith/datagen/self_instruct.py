@@ -251,7 +251,7 @@ class SelfInstruct:
         t = self.teacher.settings
         self.output.parent.mkdir(parents=True, exist_ok=True)
         queue: list[Candidate] = []
-        round_ = barren = 0
+        round_ = barren = no_instances = 0
         stopped = None
         with self.output.open("w", encoding="utf-8") as out, \
                 ThreadPoolExecutor(max_workers=t.concurrency) as pool:
@@ -270,6 +270,7 @@ class SelfInstruct:
                     if not queue:
                         continue
                 batch, queue = queue[:need], queue[need:]
+                written_before = self.tally.written
                 for cand, key, inst, reasons in pool.map(self._ask_instance, batch):
                     self.tally.rejected.update(f"instance_{r}" for r in reasons)
                     if inst is None:
@@ -282,6 +283,11 @@ class SelfInstruct:
                     out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     out.flush()
                     self.tally.written += 1
+                no_instances = 0 if self.tally.written > written_before else no_instances + 1
+                if no_instances >= s.patience:
+                    stopped = (f"{no_instances} batches in a row got no usable input/output; see the rejections (is "
+                               "the teacher answering with a JSON object?)")
+                    break
                 self.progress(f"round {round_}: {self.tally.written}/{s.n} records, pool {len(self.pool)}, "
                               f"{self.teacher.usage.requests} paid + {self.teacher.usage.replayed} replayed requests")
         summary = {"kind": "self-instruct", "output": str(self.output), "n": s.n, "rounds": round_,

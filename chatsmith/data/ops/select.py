@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from chatsmith.data.mixing import mixture_sizes
-from chatsmith.data.ops.stream import RecordWriter, count_records, good_records, record_text
+from chatsmith.data.ops.stream import RecordWriter, count_records, good_records, numbered_records, record_text
 from chatsmith.errors import ChatsmithError
 
 # ---- choosing records ------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def mix(sources: Sequence[tuple[str, float | None]], output_path: str, *, counts
     shuffler = ExternalShuffle(sum(wanted), seed, bucket_records, str(Path(output_path).parent)) if shuffle else None
     with RecordWriter(output_path) as out:
         for (path, _), mult in zip(sources, chosen):
-            for i, (_, rec) in enumerate(good_records(path, skip_bad)):
+            for i, rec in numbered_records(path, skip_bad):
                 if i >= len(mult) or not mult[i]:
                     continue
                 if tag_source and isinstance(rec, dict):
@@ -137,7 +137,7 @@ def sample(input_path: str, output_path: str, *, n: float, seed: int = 0, skip_b
     keep = np.zeros(size, dtype=bool)
     keep[np.random.default_rng(seed).choice(size, k, replace=False)] = True
     with RecordWriter(output_path) as out:
-        for i, (_, rec) in enumerate(good_records(input_path, skip_bad)):
+        for i, rec in numbered_records(input_path, skip_bad):
             if i < size and keep[i]:
                 out.write(rec)
     return {"read": size, "written": out.count}
@@ -161,7 +161,7 @@ def split(input_path: str, output_dir: str, *, test: float, valid: float = 0.0, 
     writers = [RecordWriter(str(Path(output_dir) / f"{name}{suffix}")) if name != "valid" or n_valid else None
                for name in names]
     try:
-        for i, (_, rec) in enumerate(good_records(input_path, skip_bad)):
+        for i, rec in numbered_records(input_path, skip_bad):
             w = writers[where[i]] if i < size else None
             if w is not None:
                 w.write(rec)

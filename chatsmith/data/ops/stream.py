@@ -111,6 +111,18 @@ def good_records(path: str, skip_bad: bool = False, bad: list[DataError] | None 
         yield where, rec
 
 
+def numbered_records(path: str, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
+    """(index, record) with the index counting every record, readable or not, as count_records
+    does, so a choice made by index lands on the same record; unreadable ones raise, or with
+    `skip_bad` are passed over."""
+    for i, (_, rec) in enumerate(iter_records(path)):
+        if isinstance(rec, DataError):
+            if not skip_bad:
+                raise rec
+            continue
+        yield i, rec
+
+
 class RecordWriter:
     """Writes records to .jsonl (one per line) or .json (a list, element by element)."""
 
