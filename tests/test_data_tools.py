@@ -79,7 +79,7 @@ def test_mix_by_ratio_and_count_upsamples_and_shuffles(tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(100)])
     b = _write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(50)])
     out = tmp_path / "mix.jsonl"
-    r = mix([(a, 0.7), (b, 0.3)], str(out), total=200, seed=1, bucket_records=30)   # 7 buckets on disk
+    r = mix([(a, 0.7), (b, 0.3)], str(out), total=200, seed=1, bucket_bytes=600)    # several buckets on disk
     got = [x["text"] for x in _read(out)]
     assert r["written"] == len(got) == 200
     from_a, from_b = Counter(t for t in got if t[0] == "a"), Counter(t for t in got if t[0] == "b")
@@ -89,7 +89,7 @@ def test_mix_by_ratio_and_count_upsamples_and_shuffles(tmp_path):
     assert sorted(Counter(from_b.values()).items()) == [(1, 40), (2, 10)]
     assert got != sorted(got, key=lambda t: (t[0], int(t[1:])))          # shuffled
     again = tmp_path / "again.jsonl"
-    mix([(a, 0.7), (b, 0.3)], str(again), total=200, seed=1, bucket_records=30)
+    mix([(a, 0.7), (b, 0.3)], str(again), total=200, seed=1, bucket_bytes=600)
     assert [x["text"] for x in _read(again)] == got                       # seeded
     r = mix([(a, 5), (b, 3)], str(out), counts=True, seed=2, shuffle=False, tag_source=True)
     got = _read(out)

@@ -4,7 +4,7 @@ Choosing records by index needs the record count first, so mix, sample and split
 twice: once to count, once to copy the chosen records. What stays in memory is one small integer
 per input record (how often it is chosen, or which split it goes to), never the records; a
 shuffle goes through temporary bucket files (Rao's two-pass shuffle: scatter records to random
-buckets, then shuffle each bucket in memory), so memory holds one bucket of `bucket_records`.
+buckets, then shuffle each bucket in memory), so memory holds one bucket (32 MB of records by default).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def multiplicities(size: int, count: int, rng: np.random.Generator) -> np.ndarra
 
 
 class ExternalShuffle:
-    """Collects JSON lines, then yields them in a uniformly random order with at most about
-    `bucket_records` lines in memory at once."""
+    """Collects JSON lines, then yields them in a uniformly random order with about `bucket_bytes`
+    of them in memory at once (`expected_bytes`: about how much will be added)."""
 
-    def __init__(self, expected: int, seed: int, bucket_records: int = 200_000, tmpdir: str | None = None) -> None:
+    def __init__(self, expected_bytes: int, seed: int, bucket_bytes: int = 32 << 20, tmpdir: str | None = None) -> None:
         self.rng = random.Random(seed)
-        self.n_buckets = max(1, math.ceil(expected / bucket_records))
+        self.n_buckets = max(1, math.ceil(expected_bytes / bucket_bytes))
         self.dir = tempfile.TemporaryDirectory(prefix="chatsmith-shuffle-", dir=tmpdir)
         self.files = [open(os.path.join(self.dir.name, f"{i}.jsonl"), "w+", encoding="utf-8")
                       for i in range(self.n_buckets)]
@@ -75,7 +75,7 @@ class ExternalShuffle:
 
 def mix(sources: Sequence[tuple[str, float | None]], output_path: str, *, counts: bool = False,
         total: int | None = None, seed: int = 0, shuffle: bool = True, tag_source: bool = False,
-        skip_bad: bool = False, bucket_records: int = 200_000) -> dict[str, Any]:
+        skip_bad: bool = False, bucket_bytes: int = 32 << 20) -> dict[str, Any]:
     """Mix files by ratio (weights, as `--data a:0.7 b:0.3`; the mixture has `total` records, by
     default as many as all sources together) or by record counts (`counts`). Sources too small for
     their share are upsampled (whole passes first). Seeded; shuffled unless `shuffle` is False."""
@@ -98,7 +98,8 @@ def mix(sources: Sequence[tuple[str, float | None]], output_path: str, *, counts
     rng = np.random.default_rng(seed)
     chosen = [multiplicities(size, n, rng) for size, n in zip(sizes, wanted)]
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)   # the shuffle's buckets go beside the output
-    shuffler = ExternalShuffle(sum(wanted), seed, bucket_records, str(Path(output_path).parent)) if shuffle else None
+    expected_bytes = sum(Path(p).stat().st_size * n // max(1, size) for (p, _), size, n in zip(sources, sizes, wanted))
+    shuffler = ExternalShuffle(expected_bytes, seed, bucket_bytes, str(Path(output_path).parent)) if shuffle else None
     with RecordWriter(output_path) as out:
         for (path, _), mult in zip(sources, chosen):
             for i, rec in numbered_records(path, skip_bad):
