@@ -16,6 +16,7 @@ from typing import Any
 
 from chatsmith.errors import ChatsmithError, ModelNotFoundError
 from chatsmith.models.registry import (
+    ALIASES,
     ResolvedModel,
     cache_dir,
     embedded_gguf_path,
@@ -135,6 +136,9 @@ def local_path(resolved: ResolvedModel) -> str:
         gguf = Path(resolved.path)
         target = cache_dir() / "models" / f"{gguf_cache_key(gguf)}-{CONVERTER_VERSION}"
         return str(_atomic_build(target, lambda tmp: convert_gguf(gguf, tmp)))
+    if resolved.kind == "adapter" and (resolved.path in ALIASES or resolved.path.endswith(".gguf")):
+        # An adapter trained on an alias or a GGUF names that as its base (run/adapter/ does).
+        return local_path(resolve_model(resolved.path))
     return resolved.path
 
 
@@ -235,6 +239,12 @@ def load_model(
             model = model.merge_and_unload()
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    new_rows = Path(path) / "chatsmith_vocab.json"
+    if resolved.kind != "hub" and new_rows.is_file():
+        # `chatsmith vocab extend` added these rows; adapter methods train them (models/adapters.py).
+        import json
+
+        model.chatsmith_new_token_ids = json.loads(new_rows.read_text()).get("new_token_ids") or None
     if device and quantization is None:
         model.to(device)
     model.eval()
