@@ -8,10 +8,10 @@ clock is recorded too, but on a shared machine it measures the neighbours). The 
 a 10-record file (the interpreter, numpy and chatsmith's imports). Files: Alpaca records (~300
 bytes, 5% exact and 5% near duplicates) and ShareGPT conversations (2-6 turns, 5% with HTML, 2%
 with broken roles), generated with a seed. `translate` goes through a local fake teacher (the
-test suite's) over HTTP, on 2K and 20K records, since a million requests would measure the
-teacher.
+test suite's) over HTTP, on 1K and 10K records, since a million requests would measure the
+teacher; the two tools that render every record with the model's template run on 10K and 100K.
 
-    python benchmarks/data_tools_memory.py                    # 100K and 1M records
+    python benchmarks/data_tools_memory.py                    # 100K and 1M records (tokenizer tools: 10K, 100K)
     python benchmarks/data_tools_memory.py --sizes 20000,200000 --keep-files
 
 Prints a Markdown table and writes bench-out/data_tools_memory.json.
@@ -45,7 +45,7 @@ def make_alpaca(path: Path, n: int, seed: int) -> None:
     rng = random.Random(seed)
     recent: list[dict] = []
     with path.open("w") as f:
-        for i in range(n):
+        for _ in range(n):
             r = rng.random()
             if recent and r < 0.05:
                 rec = dict(rng.choice(recent))                       # exact duplicate
@@ -68,7 +68,7 @@ def make_sharegpt(path: Path, n: int, seed: int) -> None:
     with path.open("w") as f:
         for i in range(n):
             turns = []
-            for t in range(rng.randint(1, 3)):
+            for _turn in range(rng.randint(1, 3)):
                 turns.append({"from": "human", "value": _sentence(rng, rng.randint(5, 15))})
                 answer = " ".join(_sentence(rng, 12) for _ in range(rng.randint(1, 4)))
                 if rng.random() < 0.05:
@@ -104,17 +104,26 @@ def tools(a: Path, s: Path, work: Path) -> dict[str, list[str]]:
         "sample": ["data", "sample", str(a), "--n", "0.1", "--output", str(work / "sample.jsonl")],
         "filter (lang + regex)": ["data", "filter", str(a), "--lang", "en", "--drop-regex", "(?i)\\bproblem\\b",
                                   "--output", str(work / "f.jsonl")],
+        "clean (ShareGPT: HTML, broken turns)": ["data", "clean", str(s), "--output", str(work / "c0.jsonl")],
+    }
+
+
+def tokenizer_tools(a: Path, s: Path, work: Path) -> dict[str, list[str]]:
+    """The tools that render every record with the model's template: CPU-bound per record, so
+    measured on smaller files (their memory is the tokenizer's plus one record's)."""
+    return {
         "filter (tokens, smollm2 template)": ["data", "filter", str(s), "--model", "smollm2-135m", "--max-tokens",
                                               "200", "--output", str(work / "ft.jsonl")],
-        "clean (ShareGPT, split at 128 tokens)": ["data", "clean", str(s), "--model", "smollm2-135m", "--max-length",
-                                                  "128", "--output", str(work / "c.jsonl")],
+        "clean (+ split at 128 tokens)": ["data", "clean", str(s), "--model", "smollm2-135m", "--max-length",
+                                          "128", "--output", str(work / "c.jsonl")],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
-    ap.add_argument("--translate-sizes", default="2000,20000")
+    ap.add_argument("--tokenizer-sizes", default="10000,100000", help="sizes for the tools that render every record")
+    ap.add_argument("--translate-sizes", default="1000,10000")
     ap.add_argument("--only", default=None, help="run only tools whose name contains this")
     ap.add_argument("--keep-files", action="store_true")
     ap.add_argument("--output", default="bench-out/data_tools_memory.json")
@@ -126,9 +135,11 @@ def main() -> None:
         base_a, base_s = tmp / "a10.jsonl", tmp / "s10.jsonl"
         make_alpaca(base_a, 10, 0)
         make_sharegpt(base_s, 10, 0)
-        baseline = {name: run(cmd)["peak_rss_mb"] for name, cmd in tools(base_a, base_s, tmp / "w10").items()
-                    if not args.only or args.only in name}
-        for n in (int(x) for x in args.sizes.split(",")):
+        every = {**tools(base_a, base_s, tmp / "w10"), **tokenizer_tools(base_a, base_s, tmp / "w10")}
+        baseline = {name: run(cmd)["peak_rss_mb"] for name, cmd in every.items() if not args.only or args.only in name}
+        light = [int(x) for x in args.sizes.split(",") if x]
+        heavy = [int(x) for x in args.tokenizer_sizes.split(",") if x]
+        for n in sorted(set(light) | set(heavy)):
             a, s = tmp / f"a{n}.jsonl", tmp / f"s{n}.jsonl"
             t = time.perf_counter()
             make_alpaca(a, n, 1)
@@ -136,7 +147,9 @@ def main() -> None:
             results["files"][n] = {"alpaca_mb": a.stat().st_size / 2**20, "sharegpt_mb": s.stat().st_size / 2**20}
             print(f"{n} records: {a.stat().st_size / 2**20:.0f} MB + {s.stat().st_size / 2**20:.0f} MB "
                   f"({time.perf_counter() - t:.0f} s to write)", flush=True)
-            for name, cmd in tools(a, s, tmp / f"w{n}").items():
+            todo = {**(tools(a, s, tmp / f"w{n}") if n in light else {}),
+                    **(tokenizer_tools(a, s, tmp / f"w{n}") if n in heavy else {})}
+            for name, cmd in todo.items():
                 if args.only and args.only not in name:
                     continue
                 r = run(cmd)

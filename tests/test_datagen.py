@@ -359,7 +359,7 @@ def test_real_teacher_chatsmith_serve(tmp_path):
 
     state = ServerState("smollm2-135m")
     with ServerThread(state) as base:
-        load_state(state, "smollm2-135m", max_concurrency=4, kv_cache_mb=64)
+        load_state(state, "smollm2-135m", max_concurrency=2, kv_cache_mb=512)
         assert state.load_error is None, state.load_error
         url = base + "/v1"
         seeds = tmp_path / "q.txt"
@@ -381,6 +381,6 @@ def test_real_teacher_chatsmith_serve(tmp_path):
             summary = json.loads((tmp_path / "si.summary.json").read_text())
             assert (rc == 0 and summary["written"] == 2) or (rc == 1 and summary["stopped"] and summary["rejected"])
             assert summary["usage"]["requests"] > 0 and summary["usage"]["failed"] == 0
-            print(json.dumps({k: summary[k] for k in ("written", "proposed", "kept", "rejected", "stopped")}))
+            print(json.dumps({k: summary[k] for k in ("written", "proposed", "kept", "rejected", "stopped", "usage")}))
         finally:
             state.engine.stop()
