@@ -21,18 +21,22 @@ from safetensors.torch import load_file
 
 from chatsmith.config import DPOConfig, GRPOConfig, RMConfig, SFTConfig
 
+REPO = Path(__file__).resolve().parents[1]
 
-def launch_two(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` two processes of `python -m chatsmith ARGS` on this machine."""
+
+def launch_two(args: list[str], cwd: Path, recipe: str | None = None) -> subprocess.CompletedProcess:
+    """`chatsmith ARGS --num-processes 2`: the shortcut runs `accelerate launch --multi_gpu` (or
+    with `recipe`, an accelerate config from recipes/accelerate/) with two processes (gloo here)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "chatsmith", *args]
+    cmd = [sys.executable, "-m", "chatsmith", *args, "--num-processes", "2", "--main-process-port", str(port)]
+    if recipe:
+        cmd += ["--accelerate-config", str(REPO / "recipes" / "accelerate" / recipe)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}   # 2 processes on 2 cores
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    assert "launching 2 processes" in r.stderr
     return r
 
 
@@ -116,7 +120,7 @@ def test_dpo_lora_two_processes_equal_one(tmp_path):
                   max_steps=3, batch_size=2, lr=3e-2, max_length=96, eval_split=0, warmup_ratio=0.0,
                   scheduler="constant", seed=5)
     one = run_dpo(DPOConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
-    launch_two(["dpo", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
+    launch_two(["dpo", *flags({**common, "output": str(tmp_path / "two")})], tmp_path, recipe="ddp.yaml")
     assert_same_weights(one, tmp_path / "two", tiny_dir())
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
 
@@ -143,3 +147,16 @@ def test_grpo_two_processes_equal_one(tmp_path):
     for a, b in zip([x for x in r1 if "loss" in x], [x for x in r2 if "loss" in x], strict=True):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-6)   # the same episodes
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_a_process_count_other_than_asked_fails_loudly(tmp_path, monkeypatch):
+    """accelerate can start fewer processes than asked (huggingface/accelerate#2741: `--cpu
+    --num_processes 2` runs one): the loop refuses to train with the wrong world size."""
+    from chatsmith.data import Conversation, Message
+    from chatsmith.errors import ChatsmithError
+    from chatsmith.train.sft import run_sft
+
+    monkeypatch.setenv("CHATSMITH_EXPECTED_WORLD", "2")
+    cfg = SFTConfig(model="tiny-random-llama", output=str(tmp_path / "run"), max_steps=1, method="full")
+    with pytest.raises(ChatsmithError, match="asked for 2 processes but this process sees 1"):
+        run_sft(cfg, conversations=[Conversation([Message("user", "hi"), Message("assistant", "hello")])] * 4)

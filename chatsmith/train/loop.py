@@ -39,6 +39,7 @@ import torch
 
 from chatsmith.errors import ChatsmithError
 from chatsmith.train.dist import all_sum
+from chatsmith.train.launch import check_world
 from chatsmith.train.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class Trainer:
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tb")),
         )
+        check_world(self.accelerator)
         world = self.accelerator.num_processes
         if batch_source is None and any(len(step) % world for step in plan):
             raise ChatsmithError(f"the plan's steps must hold a multiple of {world} micro-batches (one share per "
