@@ -77,6 +77,17 @@ in the chat: /reset clears the history, /system TEXT sets the system prompt, /ex
   chatsmith kb stats docs.kb
 then: chatsmith chat MODEL --kb docs.kb   or   chatsmith serve MODEL --kb docs.kb
 """,
+    "export": """examples:
+  chatsmith export runs/mine --to hf --output out/mine-hf              merged safetensors + tokenizer + template
+  chatsmith export runs/mine --to gguf --quant q8_0 --output out/       GGUF for llama.cpp / LM Studio, checked by round trip
+  chatsmith export runs/mine --to ollama --quant q4_0 --output out/ollama   GGUF + Modelfile; then `ollama create`
+  chatsmith export smollm2-135m --to gguf --quant f16 --output smol.gguf --no-verify
+""",
+    "vocab": """examples:
+  chatsmith vocab extend --model smollm2-135m --corpus zh.txt --add 2000 --output models/smol-zh   learn 2000 tokens
+  chatsmith vocab prune --model smollm2-135m --corpus my_data.jsonl --output models/smol-small      keep what the data uses
+  chatsmith sft --model models/smol-zh --data zh_chat.jsonl --output runs/zh     the new rows train with LoRA
+""",
     "data": """examples:
   chatsmith data stats ../shared/data/alpaca_50.json --model smollm2-135m --max-length 512
   chatsmith data convert sharegpt.json out.jsonl --to messages
@@ -283,6 +294,36 @@ def _parser() -> argparse.ArgumentParser:
                           formatter_class=fmt)
     ecm.add_argument("a", help="a results folder of `chatsmith eval ... --output`")
     ecm.add_argument("b", help="another one")
+
+    x = sub.add_parser("export", help="merge adapters and write HF, GGUF or Ollama with the chat template, "
+                       "checked by round trip", epilog=EXAMPLES["export"], formatter_class=fmt)
+    x.add_argument("model", help="run directory, adapter directory, HF directory, .gguf file or alias")
+    x.add_argument("--to", required=True, choices=["hf", "gguf", "ollama"])
+    x.add_argument("--quant", default=None, help="hf: f32 (default), f16, bf16; gguf/ollama: f32, f16 (gguf default), "
+                   "bf16, q8_0 (ollama default), q4_0, q4_1. K-quants: run llama.cpp's llama-quantize on an f16 file")
+    x.add_argument("--output", required=True, help="hf/ollama: a directory; gguf: a .gguf file or a directory")
+    x.add_argument("--no-verify", action="store_true", help="skip the round-trip check after writing a GGUF")
+    x.add_argument("--template", default=None, help="chat template (default: the one the model or run trained with)")
+    x.add_argument("--system", default=None, help="system prompt for the Modelfile (default: the run's)")
+    x.add_argument("--pre-tokenizer", default=None, help="llama.cpp pre-tokenizer name to write when chatsmith does "
+                   "not recognise the tokenizer's (see docs/export.md)")
+    x.add_argument("--trust-remote-code", action="store_true")
+
+    vo = sub.add_parser("vocab", help="grow the vocabulary from a corpus, or prune it to what a corpus uses",
+                        epilog=EXAMPLES["vocab"], formatter_class=fmt)
+    vsub = vo.add_subparsers(dest="vocab_command", metavar="VOCAB_COMMAND")
+    ve = vsub.add_parser("extend", help="learn N new BPE tokens from a corpus; new embeddings start at the mean of "
+                         "the tokens they replace", epilog=EXAMPLES["vocab"], formatter_class=fmt)
+    vp = vsub.add_parser("prune", help="keep only the tokens a corpus uses (plus specials and bytes); remap the "
+                         "embeddings and LM head", epilog=EXAMPLES["vocab"], formatter_class=fmt)
+    for v in (ve, vp):
+        v.add_argument("--model", required=True, help="alias, HF directory, run directory or .gguf file")
+        v.add_argument("--corpus", required=True, nargs="+", help="text files (whole file) or chat datasets (every "
+                       "message)")
+        v.add_argument("--output", required=True, help="directory for the new model")
+    ve.add_argument("--add", type=int, required=True, help="how many tokens to learn")
+    ve.add_argument("--heldout", type=float, default=0.1, help="fraction of the corpus texts (the last ones) kept out "
+                    "of learning to measure the gain (default 0.1)")
 
     c = sub.add_parser("chat", help="streaming chat in the terminal", epilog=EXAMPLES["chat"], formatter_class=fmt)
     c.add_argument("model", help="alias, HF directory, run directory, adapter directory, .gguf file or hub id")
@@ -648,6 +689,30 @@ def _run(args: argparse.Namespace) -> int:
         return _run_eval(args)
     if args.command == "kb":
         return _run_kb(args)
+    if args.command == "export":
+        from chatsmith.export import export_model, print_result
+
+        print_result(export_model(args.model, args.to, args.output, quant=args.quant, verify=not args.no_verify,
+                                  template=args.template, system_prompt=args.system, pre_tokenizer=args.pre_tokenizer,
+                                  trust_remote_code=args.trust_remote_code))
+        return 0
+    if args.command == "vocab":
+        from chatsmith.models import vocab
+
+        if args.vocab_command == "extend":
+            r = vocab.extend_vocab(args.model, args.corpus, args.add, args.output, heldout_fraction=args.heldout)
+            st = r.stats
+            print(f"{r.old_size} -> {r.new_size} tokens; held-out text: {st['heldout_tokens_before']} -> "
+                  f"{st['heldout_tokens_after']} tokens ({st['fewer_tokens']:.1%} fewer)")
+            print("new tokens, first 20: " + ", ".join(repr(t) for t in r.new_tokens[:20]))
+        elif args.vocab_command == "prune":
+            r = vocab.prune_vocab(args.model, args.corpus, args.output)
+            print(f"{r.old_size} -> {r.new_size} tokens ({r.stats['removed']} removed)")
+        else:
+            _parser().parse_args(["vocab", "--help"])
+            return 2
+        print(f"wrote {r.output} (train it: chatsmith sft --model {r.output} ...)")
+        return 0
     if args.command == "chat":
         from chatsmith.chat import run_chat
         from chatsmith.infer.sampling import SamplingParams
