@@ -88,6 +88,32 @@ def test_cli_models_and_help():
     assert "examples:" in r.stdout and "--method" in r.stdout and "--resume" in r.stdout
 
 
+def test_every_help_page_renders_cleanly():
+    """Every command's --help (examples included) prints, in one process, with no '%%' left over
+    from argparse's %-formatting (epilogs are printed raw, help strings are %-formatted)."""
+    import argparse
+    import contextlib
+    import io
+
+    from chatsmith.cli import _parser as build_parser
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    seen = 0
+    for p in parsers(build_parser()):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            p.print_help()
+        assert "%%" not in out.getvalue(), p.prog
+        seen += 1
+    assert seen > 20
+
+
 def test_import_is_light():
     code = "import sys, chatsmith.cli; bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(bad)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

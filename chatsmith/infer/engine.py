@@ -63,6 +63,16 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # ms); costly choices in one step take at most as long as the step's forward pass (or this floor).
 COSTLY_CHOICE_S = 0.002
 COSTLY_BUDGET_FLOOR_S = 0.02
+
+
+def _costly(req: Any) -> bool:
+    """Whether a request's token choice waits for its fair turn: only a constrained one that has
+    proved slow. An unconstrained choice is always made at once, so which rows a step decodes never
+    depends on wall-clock time (a loaded machine once made plain sampling cross the threshold, and
+    the same seeded generation then batched differently and differed in the last float bits)."""
+    return req.constraint is not None and req.choice_cost >= COSTLY_CHOICE_S
+
+
 # Text the int8 path measures activation ranges on (SmoothQuant calibration): prose, a dialogue
 # turn, code and numbers, like what a chat model sees.
 CALIBRATION_TEXT = """<|im_start|>system
@@ -590,7 +600,7 @@ class Engine:
         """A prompt's last logits: a cheap choice is made at once (the answer's next token then joins
         this step's decode), a costly one waits for its fair turn."""
         req.ready = (logits, None)
-        if req.choice_cost < COSTLY_CHOICE_S:
+        if not _costly(req):
             self._choose_now(req)
 
     def _choose_ready(self, forward_s: float) -> None:
@@ -599,7 +609,7 @@ class Engine:
         ready = [r for r in self._running if r.ready is not None and not r.finished]
         costly: dict[Any, list[Request]] = {}
         for r in ready:
-            if r.choice_cost < COSTLY_CHOICE_S:
+            if not _costly(r):
                 self._choose_now(r)
             else:
                 costly.setdefault(r.group, []).append(r)
