@@ -193,7 +193,7 @@ def test_eval_rm_accuracy_equals_counting_score_comparisons(tmp_path, reward_dir
     data = str(shared_data / "hh_rlhf_harmless_train_1600.jsonl")
     summary = run_rm_eval(reward_dir, data, limit=12, output=str(tmp_path / "out"))
     rm = load_reward_model(reward_dir)
-    rm.max_length = 256      # as trained (the fixture's max_length); eval rm cuts answers the same way
+    assert rm.max_length == 256   # scores as trained (the fixture's max_length), as eval rm does
     right = 0
     for rec in read_preferences(data).records[:12]:
         prompt = [{"role": m.role, "content": m.content} for m in rec.prompt]

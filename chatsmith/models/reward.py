@@ -167,4 +167,6 @@ def load_reward_model(spec: str, *, device: str | None = None) -> RewardModel:
     if device:
         model.to(device)
     enable_segment_attention(model)   # a scored batch is one packed row
-    return RewardModel(model, tokenizer, max_length=max(int(meta.get("max_length", 2048)), 2048))
+    # Score as trained: a conversation longer than the run's --max-length loses the start of its
+    # prompt, as it did in training (a reward model never saw positions beyond that length).
+    return RewardModel(model, tokenizer, max_length=int(meta.get("max_length") or 2048))
