@@ -35,7 +35,7 @@ class ChatSession:
     """
 
     def __init__(self, engine: Any, params: SamplingParams, *, system: str | None = None,
-                 template: str | None = None) -> None:
+                 template: str | None = None, kb: Any = None) -> None:
         params.validate()
         tokenizer = engine.tokenizer
         template_source(tokenizer, template)  # fail now, not at the first answer, if there is no template
@@ -47,6 +47,10 @@ class ChatSession:
         self.last_prompt_ids: list[int] = []
         self.dropped_messages = 0  # oldest messages removed so far to fit the context
         self._stream: Any = None   # the answer being generated, while `reply` runs
+        # chat --kb: a chatsmith.kb.prompt.Retriever; `sources` are those of the latest answer,
+        # carried in the rendered system message only (the conversation keeps the plain turns).
+        self.kb = kb
+        self.sources: list[Any] = []
         self.reset()
 
     def reset(self) -> None:
@@ -59,9 +63,14 @@ class ChatSession:
         self.reset()
 
     def render(self) -> list[int]:
-        """Token ids of the conversation so far, ending with the assistant header."""
-        return render_conversation(self.tokenizer, self.conversation, self.template,
-                                   add_generation_prompt=True).input_ids
+        """Token ids of the conversation so far (with the retrieved sources, if any), ending with
+        the assistant header."""
+        conversation = self.conversation
+        if self.sources:
+            from chatsmith.kb.prompt import with_sources
+
+            conversation = Conversation(with_sources(conversation.messages, self.sources))
+        return render_conversation(self.tokenizer, conversation, self.template, add_generation_prompt=True).input_ids
 
     def prompt_ids(self) -> list[int]:
         """`render()`, after dropping the oldest turns until the prompt and an answer fit the context."""
@@ -70,6 +79,14 @@ class ChatSession:
         # Room for the answer: max_new_tokens, but never more than a quarter of the context, so a
         # large --max-new-tokens does not erase the whole history.
         reserve = min(self.params.max_new_tokens, context // 4)
+        if self.sources:   # the lowest-ranked sources go first, whole, before any turn is dropped
+            from chatsmith.kb.prompt import fit_sources
+
+            def render_with(sources: list[Any]) -> list[int]:
+                self.sources = sources
+                return self.render()
+
+            ids = fit_sources(render_with, self.sources, context - reserve)[0]
         first = 1 if self.system else 0
         msgs = self.conversation.messages
         saved, saved_dropped = list(msgs), self.dropped_messages
@@ -101,6 +118,7 @@ class ChatSession:
         messages.append(Message("user", text))
         stream = None
         try:
+            self.sources = self.kb.retrieve(text) if self.kb is not None else []
             self.last_prompt_ids = self.prompt_ids()
             stream = self._stream = self.engine.stream(self.last_prompt_ids, self.params, self.stop_ids)
             started = False
@@ -172,6 +190,10 @@ def _answer(session: ChatSession, text: str, stdout: TextIO, stderr: TextIO) -> 
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    if session.sources:
+        from chatsmith.kb.prompt import sources_footer
+
+        stdout.write("\n" + sources_footer(session.sources))
     stdout.write("\n\n")
     stdout.flush()
     if stopped:
@@ -229,6 +251,8 @@ def run_chat(
     stdin: TextIO | None = None,
     stdout: TextIO | None = None,
     precision: str = "auto",
+    kb: str | None = None,
+    kb_top_k: int = 5,
 ) -> int:
     """Run `chatsmith chat`. With `prompt`, print only its answer and a newline; else chat.
 
@@ -240,6 +264,11 @@ def run_chat(
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     params.validate()  # before the slow model load, so a bad flag fails at once
+    retriever = None
+    if kb is not None:   # a missing knowledge base fails now, not after the model load
+        from chatsmith.kb.prompt import Retriever
+
+        retriever = Retriever(kb, top_k=kb_top_k)
     import torch
 
     from chatsmith.models import load_model
@@ -250,11 +279,15 @@ def run_chat(
 
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=device)
     engine = Engine(model, tokenizer, max_batch_size=1, precision=resolve_precision(model, precision))
-    session = ChatSession(engine, params, system=system, template=template)
+    session = ChatSession(engine, params, system=system, template=template, kb=retriever)
     if prompt is not None:
         for piece in session.reply(prompt):
             stdout.write(piece)
             stdout.flush()
+        if session.sources:
+            from chatsmith.kb.prompt import sources_footer
+
+            stdout.write("\n" + sources_footer(session.sources))
         stdout.write("\n")
         stdout.flush()
         return 0

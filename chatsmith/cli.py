@@ -56,6 +56,7 @@ EXAMPLES = {
   chatsmith chat smollm2-135m
   chatsmith chat runs/mine --temperature 0 --prompt "Who are you?"
   chatsmith chat model.gguf --system "You answer in French." --max-new-tokens 100
+  chatsmith chat runs/mine --kb docs.kb --prompt "How do I stream answers?"   answer with numbered sources
 in the chat: /reset clears the history, /system TEXT sets the system prompt, /exit leaves.
 """,
     "eval": """examples:
@@ -340,6 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
                    help="auto: int8 weights for Llama-family models on a CPU, else the model's own (module)")
     c.add_argument("--trust-remote-code", action="store_true")
+    c.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
+                   "with numbered citations; the sources are listed after each answer")
+    c.add_argument("--kb-top-k", type=int, default=5, help="sources retrieved per question (default 5)")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible API server and web chat page", epilog=SERVE_EXAMPLES,
                         formatter_class=fmt)
@@ -366,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-name", default=None, help="model name the API reports (default: MODEL)")
     sv.add_argument("--template", default=None, help="chat template (default: the model's own)")
     sv.add_argument("--trust-remote-code", action="store_true")
+    sv.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
+                    "with numbered citations; a request's \"kb\": false turns it off, {\"top_k\": N} sets the count")
+    sv.add_argument("--kb-top-k", type=int, default=5, help="sources retrieved per question (default 5)")
     sv.add_argument("--cache", nargs="?", const=DEFAULT_CACHE, default=None, metavar="PATH",
                     help="cache deterministic answers (temperature 0 or a seed) in this SQLite file, kept across "
                          f"restarts (default PATH: {DEFAULT_CACHE})")
@@ -722,7 +729,8 @@ def _run(args: argparse.Namespace) -> int:
                                 seed=args.seed)
         params.validate()
         return run_chat(args.model, prompt=args.prompt, system=args.system, params=params, template=args.template,
-                        trust_remote_code=args.trust_remote_code, precision=args.precision)
+                        trust_remote_code=args.trust_remote_code, precision=args.precision, kb=args.kb,
+                        kb_top_k=args.kb_top_k)
     if args.command == "serve":
         from chatsmith.serve.app import run_server
 
@@ -738,7 +746,7 @@ def _run(args: argparse.Namespace) -> int:
                           template=args.template, trust_remote_code=args.trust_remote_code,
                           allowed_hosts=args.allowed_host, max_body_mb=args.max_body_mb,
                           header_timeout=args.header_timeout, max_connections=args.max_connections,
-                          cache=_cache_options(args))
+                          cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k)
     if args.command == "label":
         from chatsmith.datagen.label import LabelSettings, run_label
 

@@ -279,3 +279,214 @@ def test_pdf_fixture_is_a_real_pdf():
 
     r = PdfReader(io.BytesIO(make_pdf([["one"], ["two"]])))
     assert [p.extract_text() for p in r.pages] == ["one", "two"]
+
+
+# ---- answering with sources: chat --kb, serve --kb, the web page ----------------------------------------
+
+TINY = "tiny-random-llama"
+
+
+@pytest.fixture(scope="module")
+def corpus_kb(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("answer")
+    write_corpus(folder / "docs")
+    fake = FakeEmbedder()
+    add_paths(folder / "docs.kb", [folder / "docs"], embedder=fake, progress=False)
+    return folder / "docs.kb", fake
+
+
+def test_fit_sources_drops_the_lowest_ranked_whole():
+    from chatsmith.kb.prompt import Source, fit_sources
+
+    sources = [Source(i, i, f"/d/{i}.md", "", "", "word " * 10, 1.0 / i) for i in range(1, 6)]
+    ids, kept = fit_sources(lambda s: [0] * (20 + 11 * len(s)), sources, 60)
+    assert [s.n for s in kept] == [1, 2, 3] and len(ids) == 53
+    assert fit_sources(lambda s: [0] * 500, sources, 60)[1] == []
+
+
+def test_chat_answers_with_numbered_sources_within_the_context(corpus_kb, capsys):
+    from chatsmith.chat import ChatSession
+    from chatsmith.infer.engine import Engine
+    from chatsmith.infer.sampling import SamplingParams
+    from chatsmith.kb.prompt import Retriever, with_sources
+    from chatsmith.models import load_model
+
+    kb_path, fake = corpus_kb
+    retriever = Retriever(kb_path, top_k=5, embedder=fake)
+    question = "What does error E-4012 mean?"
+    ranked = retriever.retrieve(question)
+    assert len(ranked) == 5 and [s.n for s in ranked] == [1, 2, 3, 4, 5]
+    assert ranked[0].label == "pump.md > Pump manual > Troubleshooting > Error codes (line 18)"
+
+    model, tok = load_model(TINY)
+    from chatsmith.data.conversation import Conversation, Message
+    from chatsmith.data.template import render_conversation
+
+    def length(sources):
+        msgs = with_sources([Message("system", "Be brief."), Message("user", question)], sources)
+        return len(render_conversation(tok, Conversation(msgs), add_generation_prompt=True).input_ids)
+
+    # A context that holds the two best sources but not the third (8 tokens kept for the answer).
+    context = (length(ranked[:2]) + length(ranked[:3])) // 2 + 8
+    engine = Engine(model, tok, max_batch_size=1, kv_cache_mb=context * 512 / 2**20)
+    context = engine.slot_tokens
+    assert length(ranked[:2]) + 8 <= context < length(ranked[:3]) + 8
+    session = ChatSession(engine, SamplingParams(temperature=0, max_new_tokens=8), system="Be brief.", kb=retriever)
+    "".join(session.reply(question))
+    prompt = tok.decode(session.last_prompt_ids)
+    assert [s.n for s in session.sources] == [1, 2]
+    assert prompt.count("Be brief.") == 1 and "Cite each source you use by its number" in prompt
+    assert f"[1] {ranked[0].label}\n{ranked[0].text}" in prompt and f"[2] {ranked[1].label}\n{ranked[1].text}" in prompt
+    assert ranked[2].text not in prompt and "\n[3] " not in prompt   # dropped whole, never cut
+    assert len(session.last_prompt_ids) + 8 <= context
+    # The history keeps the plain turns; the sources live only in the rendered prompt.
+    assert [m.role for m in session.conversation.messages][:2] in (["system", "user"], ["system"])
+    assert session.conversation.messages[0].content == "Be brief."
+    assert not any("Cite each source" in m.content for m in session.conversation.messages)
+
+
+def test_chat_prompt_mode_prints_the_sources(corpus_kb, tmp_path, monkeypatch):
+    import io
+
+    import chatsmith.kb.prompt as kb_prompt
+    from chatsmith.chat import run_chat
+    from chatsmith.infer.sampling import SamplingParams
+
+    kb_path, fake = corpus_kb
+    original = kb_prompt.Retriever.__init__
+    monkeypatch.setattr(kb_prompt.Retriever, "__init__", lambda self, kb, top_k=5, embedder=None:
+                        original(self, kb, top_k, fake))
+    out = io.StringIO()
+    assert run_chat(TINY, prompt="How should I water tomatoes?", system=None, stdout=out, kb=str(kb_path), kb_top_k=2,
+                    params=SamplingParams(temperature=0, max_new_tokens=4)) == 0
+    text = out.getvalue()
+    assert "\nsources:\n  [1] " in text and "\n  [2] " in text and "[3]" not in text
+    with pytest.raises(ChatsmithError, match="no knowledge base at nowhere.kb; create it with"):
+        run_chat(TINY, prompt="x", system=None, stdout=out, kb="nowhere.kb", params=SamplingParams())
+
+
+@pytest.fixture(scope="module")
+def kb_server(corpus_kb):
+    from chatsmith.kb.prompt import Retriever
+    from chatsmith.serve.app import ServerState, ServerThread, load_state
+
+    kb_path, fake = corpus_kb
+    state = ServerState(TINY, kb=Retriever(kb_path, top_k=3, embedder=fake))
+    with ServerThread(state) as url:
+        load_state(state, TINY, max_concurrency=4, kv_cache_mb=8)
+        yield url, state
+        state.engine.stop()
+
+
+def test_api_answers_with_sources_per_request(kb_server):
+    import httpx
+    from openai import OpenAI
+
+    from chatsmith.data.conversation import Conversation, Message
+    from chatsmith.data.template import render_conversation
+    from chatsmith.kb.prompt import with_sources
+
+    url, state = kb_server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "What does error E-4012 mean?"}]
+    kw = dict(model=TINY, messages=msgs, max_tokens=6, temperature=0)
+    r = client.chat.completions.create(**kw)
+    sources = r.sources
+    assert [s["n"] for s in sources] == [1, 2, 3] and sources[0]["source"] == "pump.md"
+    assert sources[0]["heading"] == "Pump manual > Troubleshooting > Error codes" and sources[0]["location"] == "line 18"
+    assert sources[0]["url"] == f"/v1/kb/chunks/{sources[0]['id']}" and "impeller is jammed" in sources[0]["text"]
+    # The prompt the model read is the conversation with these sources in its system message.
+    retrieved = state.kb.retrieve(msgs[0]["content"], 3)
+    expected = render_conversation(state.tokenizer, Conversation(with_sources([Message("user", msgs[0]["content"])],
+                                                                               retrieved)), add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(expected.input_ids)
+    two = client.chat.completions.create(**kw, extra_body={"kb": {"top_k": 2}})
+    assert [s["n"] for s in two.sources] == [1, 2] and two.usage.prompt_tokens < r.usage.prompt_tokens
+    off = client.chat.completions.create(**kw, extra_body={"kb": False})
+    assert off.model_extra.get("sources") is None and off.usage.prompt_tokens < two.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].sources == sources and all(c.model_extra.get("sources") is None for c in chunks[1:])
+    bad = httpx.post(f"{url}/v1/chat/completions", json={**kw, "kb": {"top_k": 0}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "kb"
+
+    chunk = httpx.get(f"{url}{sources[0]['url']}").json()
+    assert chunk["text"] == sources[0]["text"] and chunk["source"] == "pump.md"
+    page = httpx.get(f"{url}{sources[0]['url']}", headers={"Accept": "text/html"})
+    assert page.headers["content-type"].startswith("text/html") and "impeller is jammed" in page.text
+    assert httpx.get(f"{url}/v1/kb/chunks/999999").status_code == 404
+    assert httpx.get(f"{url}/v1/kb/chunks/abc").json()["error"]["code"] == "not_found"
+    info = httpx.get(f"{url}/v1/kb").json()
+    assert info["documents"] == 5 and info["top_k"] == 3
+
+
+def test_kb_request_to_a_server_without_one_is_a_400():
+    import httpx
+
+    from chatsmith.serve.app import ServerState, ServerThread, load_state
+
+    state = ServerState(TINY)
+    with ServerThread(state) as url:
+        load_state(state, TINY, max_concurrency=1, kv_cache_mb=2)
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "kb": True, "max_tokens": 2})
+            assert r.status_code == 400 and "no knowledge base" in r.json()["error"]["message"]
+            assert httpx.get(f"{url}/v1/kb").status_code == 404
+        finally:
+            state.engine.stop()
+
+
+def test_web_page_shows_sources_as_links(kb_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_web import ARGS, ARTIFACTS, CHROMIUM
+
+    url, _ = kb_server
+    assert Path(CHROMIUM).exists(), "install Debian's chromium package (.ci/run does)"
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(url + "/")
+        expect(page.locator("#model")).to_have_text(TINY)
+        page.keyboard.press("Control+,")
+        expect(page.locator("#kb-setting")).to_be_visible()
+        expect(page.locator("#kb-name")).to_contain_text("chunks")
+        page.fill("#max_tokens", "6")
+        page.fill("#temperature", "0")
+        page.fill("#input", "What does error E-4012 mean?")
+        page.keyboard.press("Enter")
+        answer = page.locator(".msg.assistant").nth(0)
+        expect(answer).to_have_attribute("data-done", "true", timeout=20000)
+        links = answer.locator(".sources a")
+        expect(links).to_have_count(3)
+        expect(links.nth(0)).to_have_text("pump.md \u203a Pump manual > Troubleshooting > Error codes (line 18)")
+        href = links.nth(0).get_attribute("href")
+        assert href.startswith("/v1/kb/chunks/")
+        with page.context.expect_page() as opened:
+            links.nth(0).click()
+        chunk_page = opened.value
+        chunk_page.wait_for_load_state()
+        assert "impeller is jammed" in chunk_page.content()
+        chunk_page.close()
+        # [n] in an answer's text links to source n (not inside code, not past the list).
+        html = page.evaluate("""() => { const d = document.createElement('div');
+            d.innerHTML = window.renderMarkdown('See [1] and [2], not `[1]` or [7].');
+            window.linkCitations(d, [{n: 1, url: '/v1/kb/chunks/5', source: 'a.md', heading: '', location: ''},
+                                     {n: 2, url: '/v1/kb/chunks/9', source: 'b.md', heading: 'H', location: ''}]);
+            return d.innerHTML; }""")
+        assert '<a class="cite" href="/v1/kb/chunks/5"' in html and '<a class="cite" href="/v1/kb/chunks/9"' in html
+        assert "<code>[1]</code>" in html and "[7]" in html and html.count('class="cite"') == 2
+        # Off in the settings: the next answer has no sources.
+        page.uncheck("#use_kb")
+        page.fill("#input", "And without?")
+        page.keyboard.press("Enter")
+        second = page.locator(".msg.assistant").nth(1)
+        expect(second).to_have_attribute("data-done", "true", timeout=20000)
+        expect(second.locator(".sources")).to_have_count(0)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web_kb_sources.png"), full_page=True)
+        browser.close()
+    assert problems == []

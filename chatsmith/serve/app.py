@@ -91,6 +91,7 @@ class ServerState:
     # What the OpenAI API calls the backend configuration: chatsmith's version, the model and precision.
     fingerprint: str = "fp_chatsmith"
     cache: Any = None   # a chatsmith.cache.ResponseCache (serve --cache)
+    kb: Any = None      # a chatsmith.kb.prompt.Retriever (serve --kb)
 
     @property
     def ready(self) -> bool:
@@ -255,8 +256,23 @@ def create_app(state: ServerState) -> FastAPI:
         body = await read_body(request, ChatCompletionRequest)
         _require_ready(state)
         adapter = _adapter_for(state, body.model)
-        ids, _ = await asyncio.to_thread(_render, state, body.messages, True)
         max_tokens = body.max_completion_tokens or body.max_tokens
+        sources, kb_extra = [], None
+        top_k = _kb_top_k(state, body)
+        if top_k:
+            question = next((_text(m.content) for m in reversed(body.messages) if m.role == "user"), "")
+            sources = await asyncio.to_thread(state.kb.retrieve, question, top_k) if question else []
+            kb_extra = {"kb": state.kb.generation, "kb_top_k": top_k}
+        if sources:   # the lowest-ranked sources are dropped whole until the prompt and the answer fit
+            from chatsmith.kb.prompt import fit_sources
+
+            room = max_tokens or min(256, state.engine.slot_tokens // 4)
+            ids, sources = await asyncio.to_thread(
+                fit_sources, lambda s: _render(state, body.messages, True, s)[0], sources,
+                state.engine.slot_tokens - room)
+        else:
+            ids, _ = await asyncio.to_thread(_render, state, body.messages, True)
+        extra = {"sources": [s.to_dict() for s in sources]} if top_k else None
         top = (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "field 'top_logprobs': needs 'logprobs': true", param="top_logprobs")
@@ -264,14 +280,15 @@ def create_app(state: ServerState) -> FastAPI:
         params = _sampling(state, body, ids, max_tokens, top)
         cache_key = None
         if state.cache is not None and cacheable(body):
-            cache_key = await asyncio.to_thread(request_key, state, body, _plain(body.messages), ids, adapter)
+            cache_key = await asyncio.to_thread(request_key, state, body, _plain(body.messages), ids, adapter,
+                                                kb_extra)
             found = await asyncio.to_thread(state.cache.lookup, cache_key)
             state.metrics.cache_lookup(found.hit.tier if found.hit else "miss", found.refused)
             if found.hit is not None:
                 return _replay(found.hit, body, len(ids))
         job = GenerationJob(state, "chat.completion", [ids], [params], body.n, adapter,
                             body.model or state.model_name, logprobs=body.logprobs, json_mode=json_mode)
-        return await _answer(job, request, body, cache_key)
+        return await _answer(job, request, body, cache_key, extra)
 
     @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -326,6 +343,41 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"object": "list", "data": data, "model": EMBEDDING_MODEL,
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 
+    # ---- knowledge base (serve --kb) ------------------------------------------------------------------
+
+    @app.get("/v1/kb")
+    async def kb_info() -> JSONResponse:
+        """The served knowledge base: documents, chunks, embedding model (404 when there is none)."""
+        if state.kb is None:
+            raise APIError(404, "this server has no knowledge base; start it with --kb KB", code="not_found")
+        s = await asyncio.to_thread(state.kb.kb.stats)
+        return JSONResponse({"object": "knowledge_base", "name": Path(s["path"]).name, "documents": s["documents"],
+                             "chunks": s["chunks"], "embedding_model": s["embedding_model"], "top_k": state.kb.top_k})
+
+    @app.get("/v1/kb/chunks/{chunk_id}")
+    async def kb_chunk(chunk_id: str, request: Request) -> Response:
+        """One chunk of the knowledge base, the target of a source's link: JSON, or a small page
+        for a browser."""
+        if state.kb is None:
+            raise APIError(404, "this server has no knowledge base; start it with --kb KB", code="not_found")
+        if not chunk_id.isdigit() or len(chunk_id) > 18:
+            raise APIError(404, f"no chunk '{chunk_id[:40]}' in the knowledge base (chunk ids are numbers)",
+                           code="not_found")
+        c = await asyncio.to_thread(state.kb.kb.chunk, int(chunk_id))
+        if c is None:
+            raise APIError(404, f"no chunk {chunk_id} in the knowledge base (re-ingested since?)", code="not_found")
+        from chatsmith.kb.prompt import _shown
+
+        c["source"] = _shown(c["source"])
+        if "text/html" in request.headers.get("accept", ""):
+            import html
+
+            title = html.escape(c["source"] + (f" > {c['heading']}" if c["heading"] else ""))
+            page = (f"<!doctype html><meta charset=utf-8><title>{title}</title><h1>{title}</h1>"
+                    f"<p>{html.escape(c['location'])}</p><pre style='white-space:pre-wrap'>{html.escape(c['text'])}</pre>")
+            return Response(page, media_type="text/html")
+        return JSONResponse(c)
+
     # ---- web page ------------------------------------------------------------------------------------
 
     @app.get("/", include_in_schema=False)
@@ -362,20 +414,26 @@ async def read_body(request: Request, schema: Any) -> Any:
     return parse_body(raw, schema)
 
 
-async def _answer(job: GenerationJob, request: Request, body: Any, cache_key: Any = None) -> Response:
+async def _answer(job: GenerationJob, request: Request, body: Any, cache_key: Any = None,
+                  extra: dict[str, Any] | None = None) -> Response:
     """Admit the job to the engine (a full queue or a bad parameter is a 4xx before any byte is
     sent), then answer with one JSON response or a stream of server-sent events. With a cache key,
-    a finished answer is stored in the response cache."""
+    a finished answer is stored in the response cache. `extra` fields (the knowledge base's
+    `sources`) join the response, or a stream's first chunk."""
     state = job.state
     if body.stream:
         queue = job.submit()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = job.stream(queue, include_usage)
+        if extra:
+            events = _first_chunk_with(events, extra)
         if cache_key is not None:
-            events = stream_and_store(events, job, state.cache, cache_key, state.metrics.cache_stored)
+            events = stream_and_store(events, job, state.cache, cache_key, state.metrics.cache_stored, extra)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     answer = await job.run(request)
+    if extra:
+        answer.update(extra)
     if cache_key is not None and all(r.finish_reason in ("stop", "length") for r in job.requests):
         state.metrics.cache_stored(await asyncio.to_thread(state.cache.store, cache_key, answer))
     if job.want_logprobs:   # an answer with log-probs may be megabytes of JSON: serialized off the event loop
@@ -384,6 +442,29 @@ async def _answer(job: GenerationJob, request: Request, body: Any, cache_key: An
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+
+
+async def _first_chunk_with(events: Any, extra: dict[str, Any]) -> Any:
+    """A stream whose first chunk also carries `extra` (the sources arrive before the answer)."""
+    import json
+
+    first = True
+    async for ev in events:
+        if first and ev.startswith("data: {"):
+            first = False
+            ev = f"data: {json.dumps({**json.loads(ev[6:]), **extra})}\n\n"
+        yield ev
+
+
+def _kb_top_k(state: ServerState, body: Any) -> int:
+    """How many sources a chat request retrieves (0: none): the request's `kb`, on by default
+    when the server has a knowledge base."""
+    if body.kb is False or (body.kb is None and state.kb is None):
+        return 0
+    if state.kb is None:
+        raise APIError(400, "field 'kb': this server has no knowledge base; start it with `chatsmith serve MODEL "
+                       "--kb KB`", param="kb")
+    return state.kb.top_k if body.kb is True or body.kb is None else body.kb.top_k
 
 
 def _plain(messages: list[ChatMessage]) -> list[dict[str, str]]:
@@ -477,7 +558,10 @@ def _text(content: Any) -> str:
     return "".join(p.text for p in content)
 
 
-def _render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[list[int], str]:
+def _render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
+            sources: list[Any] | None = None) -> tuple[list[int], str]:
+    """Token ids and text of a request's conversation, with the knowledge base's `sources` in its
+    system message when given."""
     from chatsmith.data.conversation import Conversation, Message
     from chatsmith.data.template import render_conversation
 
@@ -492,6 +576,10 @@ def _render(state: ServerState, messages: list[ChatMessage], add_generation_prom
                            param=f"messages[{i}].content")
         # train=False: a request's messages are all context; no loss mask is needed to serve them.
         msgs.append(Message(role, _text(m.content), train=False))
+    if sources:
+        from chatsmith.kb.prompt import with_sources
+
+        msgs = with_sources(msgs, sources)
     try:
         r = render_conversation(state.tokenizer, Conversation(msgs), state.template,
                                 add_generation_prompt=add_generation_prompt)
@@ -531,7 +619,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                kv_cache_mb: float | None = 2048, max_queue: int = 64, served_name: str | None = None,
                template: str | None = None, trust_remote_code: bool = False, allowed_hosts: list[str] | None = None,
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
-               max_connections: int = 256, cache: dict[str, Any] | None = None) -> int:
+               max_connections: int = 256, cache: dict[str, Any] | None = None, kb: str | None = None,
+               kb_top_k: int = 5) -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
     `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None."""
     import uvicorn
@@ -541,6 +630,11 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         hosts = {h.lower() for h in (allowed_hosts or [])} | (set(LOOPBACK) if host in LOOPBACK else set())
     state = ServerState(model_name=served_name or model, api_key=api_key, allowed_hosts=hosts,
                         max_body_bytes=int(max_body_mb * 2**20), body_timeout=body_timeout)
+    if kb is not None:   # a missing knowledge base fails now, with the command to create it
+        from chatsmith.kb.prompt import Retriever
+
+        state.kb = Retriever(kb, top_k=kb_top_k)
+        print(f"knowledge base: {kb} ({state.kb.kb.stats()['chunks']} chunks)", flush=True)
     if cache is not None:
         from chatsmith.cache import ResponseCache
 

@@ -78,9 +78,17 @@ class _Sampling(_Strict):
     user: str | None = None
 
 
+class KBOptions(_Strict):
+    """`kb` as an object: how many sources to retrieve."""
+    top_k: int = Field(default=5, ge=1, le=20)
+
+
 class ChatCompletionRequest(_Sampling):
     """The body of POST /v1/chat/completions."""
     messages: list[ChatMessage] = Field(min_length=1)
+    kb: bool | KBOptions | None = Field(default=None, description=(
+        "answer from the server's knowledge base (serve --kb) with numbered sources: true, false, or "
+        "{top_k}; on by default when the server has one. The answer's `sources` list them"))
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)

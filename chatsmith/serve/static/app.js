@@ -3,18 +3,22 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const chat = $("chat"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop"), statusEl = $("status");
-  const SETTINGS = ["system", "temperature", "top_p", "top_k", "max_tokens", "seed", "api_key"];
+  const SETTINGS = ["system", "temperature", "top_p", "top_k", "max_tokens", "seed", "api_key", "use_kb"];
   let history = [];          // [{role, content}] of the conversation so far (system prompt not included)
   let controller = null;     // AbortController of the answer being streamed
   let modelName = null;
+  let kbAvailable = false;    // the server answers from a knowledge base (serve --kb)
 
   function loadSettings() {
     for (const k of SETTINGS) {
       const v = localStorage.getItem("chatsmith." + k);
-      if (v !== null) $(k).value = v;
+      if (v === null) continue;
+      if ($(k).type === "checkbox") $(k).checked = v === "true"; else $(k).value = v;
     }
   }
-  function saveSettings() { for (const k of SETTINGS) localStorage.setItem("chatsmith." + k, $(k).value); }
+  function saveSettings() {
+    for (const k of SETTINGS) localStorage.setItem("chatsmith." + k, $(k).type === "checkbox" ? $(k).checked : $(k).value);
+  }
   function headers() {
     const h = { "Content-Type": "application/json" };
     if ($("api_key").value) h["Authorization"] = "Bearer " + $("api_key").value;
@@ -57,6 +61,7 @@
   function setText(msg, text) {
     msg.text = text;
     msg.body.innerHTML = window.renderMarkdown(text);
+    if (msg.sources && msg.sources.length) linkCitations(msg.body, msg.sources);
     for (const pre of msg.body.querySelectorAll("pre")) {
       const code = pre.textContent;
       const b = button("Copy", "Copy this code", (ev) => copyText(code, ev.currentTarget));
@@ -65,6 +70,55 @@
     }
     chat.scrollTop = chat.scrollHeight;
   }
+
+  // Knowledge-base answers: the sources arrive with the first chunk; they are listed as links
+  // under the answer, and each [n] in the answer's text (outside code) links to source n.
+  function sourceLabel(s) {
+    return s.source + (s.heading ? " \u203a " + s.heading : "") + (s.location ? " (" + s.location + ")" : "");
+  }
+  function showSources(msg, sources) {
+    msg.sources = sources;
+    if (msg.sourcesEl) msg.sourcesEl.remove();
+    if (!sources.length) return;
+    const box = document.createElement("div"); box.className = "sources";
+    const title = document.createElement("div"); title.className = "role"; title.textContent = "sources";
+    const ol = document.createElement("ol");
+    for (const s of sources) {
+      const li = document.createElement("li"); li.value = s.n;
+      const a = document.createElement("a");
+      a.href = s.url; a.target = "_blank"; a.rel = "noopener"; a.textContent = sourceLabel(s); a.title = s.text;
+      li.appendChild(a); ol.appendChild(li);
+    }
+    box.append(title, ol);
+    msg.div.insertBefore(box, msg.note);
+    msg.sourcesEl = box;
+  }
+  function linkCitations(root, sources) {
+    const byN = new Map(sources.map((s) => [String(s.n), s]));
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    const nodes = [];
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+      if (!n.parentElement.closest("pre, code, a") && /\[\d+\]/.test(n.nodeValue)) nodes.push(n);
+    }
+    for (const node of nodes) {
+      const frag = document.createDocumentFragment();
+      let last = 0;
+      node.nodeValue.replace(/\[(\d+)\]/g, (m, num, at) => {
+        const s = byN.get(num);
+        if (!s) return m;
+        frag.append(node.nodeValue.slice(last, at));
+        const a = document.createElement("a");
+        a.className = "cite"; a.href = s.url; a.target = "_blank"; a.rel = "noopener"; a.textContent = m;
+        a.title = sourceLabel(s);
+        frag.append(a);
+        last = at + m.length;
+        return m;
+      });
+      frag.append(node.nodeValue.slice(last));
+      node.replaceWith(frag);
+    }
+  }
+  window.linkCitations = linkCitations;
 
   function busy(on) {
     sendBtn.disabled = on; stopBtn.hidden = !on;
@@ -83,6 +137,7 @@
     body.top_k = num("top_k", (v) => parseInt(v, 10));
     body.max_tokens = num("max_tokens", (v) => parseInt(v, 10));
     body.seed = num("seed", (v) => parseInt(v, 10));
+    if (kbAvailable) body.kb = $("use_kb").checked;
     return body;
   }
 
@@ -122,6 +177,7 @@
             const obj = JSON.parse(data);
             if (obj.error) throw new Error(obj.error.message);
             if (obj.usage) usage = obj.usage;
+            if (obj.sources) showSources(msg, obj.sources);
             for (const c of obj.choices || []) {
               if (c.delta && c.delta.content) { answer += c.delta.content; setText(msg, answer); }
               if (c.finish_reason) finish = c.finish_reason;
@@ -198,6 +254,13 @@
       const data = await resp.json();
       modelName = data.data[0].id;
       $("model").textContent = modelName;
+      const kb = await fetch("/v1/kb", { headers: headers() });
+      if (kb.ok) {
+        const info = await kb.json();
+        kbAvailable = true;
+        $("kb-setting").hidden = false;
+        $("kb-name").textContent = info.name + ", " + info.chunks + " chunks";
+      }
     } catch (e) { $("model").textContent = "server unreachable"; setTimeout(connect, 3000); }
   }
   loadSettings();
