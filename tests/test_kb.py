@@ -416,7 +416,7 @@ def test_api_answers_with_sources_per_request(kb_server):
     assert httpx.get(f"{url}/v1/kb/chunks/999999").status_code == 404
     assert httpx.get(f"{url}/v1/kb/chunks/abc").json()["error"]["code"] == "not_found"
     info = httpx.get(f"{url}/v1/kb").json()
-    assert info["documents"] == 5 and info["top_k"] == 3
+    assert info["available"] and info["documents"] == 5 and info["top_k"] == 3
 
 
 def test_kb_request_to_a_server_without_one_is_a_400():
@@ -431,7 +431,7 @@ def test_kb_request_to_a_server_without_one_is_a_400():
             r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                "kb": True, "max_tokens": 2})
             assert r.status_code == 400 and "no knowledge base" in r.json()["error"]["message"]
-            assert httpx.get(f"{url}/v1/kb").status_code == 404
+            assert httpx.get(f"{url}/v1/kb").json() == {"object": "knowledge_base", "available": False}
         finally:
             state.engine.stop()
 

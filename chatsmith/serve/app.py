@@ -347,12 +347,14 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/kb")
     async def kb_info() -> JSONResponse:
-        """The served knowledge base: documents, chunks, embedding model (404 when there is none)."""
+        """The served knowledge base: documents, chunks, embedding model; {"available": false} when
+        the server has none (a 200 either way: the web page asks on every load)."""
         if state.kb is None:
-            raise APIError(404, "this server has no knowledge base; start it with --kb KB", code="not_found")
+            return JSONResponse({"object": "knowledge_base", "available": False})
         s = await asyncio.to_thread(state.kb.kb.stats)
-        return JSONResponse({"object": "knowledge_base", "name": Path(s["path"]).name, "documents": s["documents"],
-                             "chunks": s["chunks"], "embedding_model": s["embedding_model"], "top_k": state.kb.top_k})
+        return JSONResponse({"object": "knowledge_base", "available": True, "name": Path(s["path"]).name,
+                             "documents": s["documents"], "chunks": s["chunks"], "embedding_model": s["embedding_model"],
+                             "top_k": state.kb.top_k})
 
     @app.get("/v1/kb/chunks/{chunk_id}")
     async def kb_chunk(chunk_id: str, request: Request) -> Response:

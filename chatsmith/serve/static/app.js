@@ -255,8 +255,8 @@
       modelName = data.data[0].id;
       $("model").textContent = modelName;
       const kb = await fetch("/v1/kb", { headers: headers() });
-      if (kb.ok) {
-        const info = await kb.json();
+      const info = kb.ok ? await kb.json() : { available: false };
+      if (info.available) {
         kbAvailable = true;
         $("kb-setting").hidden = false;
         $("kb-name").textContent = info.name + ", " + info.chunks + " chunks";
