@@ -5,6 +5,9 @@ through xllamacpp), Ollama Modelfiles from the trained template, and the round-t
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import gguf
@@ -287,3 +290,59 @@ def test_embedded_model_f16_gguf_in_llamacpp_and_chat_stops(tmp_path):
     with LlamaCpp(tmp_path / "smol.gguf") as lc:
         answer = lc.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=128)
     assert answer["finish_reason"] == "stop" and "Paris" in answer["content"] and "<|im_end|>" not in answer["content"]
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	tpl, _ := os.ReadFile(os.Args[1])
+	raw, _ := os.ReadFile(os.Args[2])
+	var convs [][]Message
+	json.Unmarshal(raw, &convs)
+	t := template.Must(template.New("m").Parse(string(tpl)))
+	out := []string{}
+	for _, c := range convs {
+		var b strings.Builder
+		if err := t.Execute(&b, struct{ Messages []Message }{c}); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (Debian: apt-get install golang-go) "
+                    "to run Go's own text/template; the Python twin above runs everywhere")
+@pytest.mark.parametrize("name", ["own", "chatml", "llama-3", "alpaca", "vicuna", "zephyr"])
+def test_go_template_renders_like_jinja_in_go(tokenizer, tmp_path, name):
+    """Go's text/template (what Ollama runs) renders the generated TEMPLATE exactly as the Jinja one."""
+    from chatsmith.data.template import FALLBACK_TEMPLATES
+
+    jinja = tokenizer.chat_template if name == "own" else FALLBACK_TEMPLATES[name][0]
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    (tmp_path / "t.tmpl").write_text(go_template(template_pieces(tokenizer, jinja)))
+    convs = [[{"role": "user", "content": "Hi there"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+             [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+              {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}]]
+    (tmp_path / "c.json").write_text(json.dumps(convs))
+    r = subprocess.run(["go", "run", "main.go", "t.tmpl", "c.json"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GO111MODULE": "off"})
+    assert r.returncode == 0, r.stderr
+    want = [tokenizer.apply_chat_template(c, chat_template=jinja, tokenize=False, add_generation_prompt=True)
+            for c in convs]
+    assert json.loads(r.stdout) == want
