@@ -95,7 +95,7 @@ def _digits_stay_single(vocab: dict[str, int]) -> bool:
     """Whether the tokenizer was trained with digits split one by one (SmolLM, Llama 3 splits runs of
     three, Qwen2 one by one): no token of two or more characters holds a digit. llama.cpp's pre-tokenizer
     for such a model isolates each digit, so a learned token must not join a digit to anything."""
-    return not any(len(t) > 1 and any(c.isdigit() for c in t) for t in vocab)
+    return not any(len(t) > 1 and any(c in "0123456789" for c in t) for t in vocab)
 
 
 def learn_merges(tokenizer: Any, texts: list[str], n_new: int) -> list[tuple[str, str]]:
@@ -124,7 +124,7 @@ def learn_merges(tokenizer: Any, texts: list[str], n_new: int) -> list[tuple[str
                 heapq.heappush(heap, (-pair_count[pair], pair))   # stale entry: requeue at its true count
             continue
         new = pair[0] + pair[1]
-        if single_digits and any(c.isdigit() for c in new):
+        if single_digits and any(c in "0123456789" for c in new):
             pair_count.pop(pair, None)
             continue
         if new in taken:   # already a token (reached by other merges): not new, and no merge needed
