@@ -246,6 +246,53 @@ def test_verify_catches_a_broken_file(tiny_models, tmp_path, monkeypatch):
     assert not report.ok and any("greedy" in p for p in report.problems)
 
 
+def _sentencepiece_llama(path: Path) -> Path:
+    """A tiny Llama 2-style model: SentencePiece-style BPE (a leading "▁", spaces as "▁", byte fallback to
+    <0xNN> tokens, BOS added), trained here on Python's argparse source, with an untied LM head."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.train_from_iterator([line for line in text.splitlines() if line.strip()],
+                           trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"]))
+    j = json.loads(tk.to_str())
+    n = max(j["model"]["vocab"].values()) + 1
+    j["model"]["vocab"].update({f"<0x{i:02X}>": n + i for i in range(256)})
+    tk = Tokenizer.from_str(json.dumps(j))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ '<s>[' + m['role'] + '] ' + m['content'] + '</s>' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<s>[assistant] ' }}{% endif %}")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+def test_sentencepiece_tokenizer_in_llamacpp(tmp_path):
+    """SentencePiece-style BPE goes to llama.cpp's "llama" tokenizer: tokens with merge-rank scores, BYTE
+    types for <0xNN>, the leading-space rule; llama.cpp then tokenizes as transformers does."""
+    src = load_source(str(_sentencepiece_llama(tmp_path / "spm")))
+    path = write_gguf(src, tmp_path / "spm.gguf", "f16", progress=False)
+    f = _fields(path)
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is True
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.token_type"][-1] == 6   # BYTE
+    texts = [VERIFY_TEXT, "def f(x): return x  # héllo 你", "  two leading spaces", "trailing  "]
+    with LlamaCpp(path) as lc:
+        for t in texts:
+            assert lc.tokenize(t) == src.tokenizer.encode(t, add_special_tokens=False), t
+    report = verify_gguf(src, path, "f16")
+    assert report.ok, report.problems
+
+
 # --- Ollama ---------------------------------------------------------------------------------------
 
 def test_modelfile_from_the_trained_template(lora_run, tokenizer, tmp_path, monkeypatch, capsys):

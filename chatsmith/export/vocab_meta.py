@@ -176,7 +176,11 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, end_of_turn_id: int | None, pre_
     types: list[int] = []
     scores: list[float] | None = [] if kind == "llama" else None
     merges = _merge_strings(tj["model"].get("merges", []))
-    rank = {m.replace(" ", ""): len(merges) - r for r, m in enumerate(merges)}  # SentencePiece-like scores
+    # SentencePiece-style scores: llama.cpp's SPM tokenizer merges the pair whose result scores highest,
+    # so a token's score falls with the rank of the first merge that makes it.
+    rank: dict[str, float] = {}
+    for r, m in enumerate(merges):
+        rank.setdefault(m.replace(" ", ""), float(len(merges) - r))
     for i in range(vocab_size):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
@@ -211,6 +215,10 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, end_of_turn_id: int | None, pre_
             special[name] = int(tid)
     add_bos, add_eos = _adds(tokenizer)
     prefix = getattr(tokenizer, "add_prefix_space", None)
+    if kind == "llama":   # SentencePiece: a leading "▁" before the first word, from the normalizer or Metaspace
+        prefix = any(c.get("type") == "Prepend" and c.get("prepend") == "\u2581" for c in _components(tj.get("normalizer"))) \
+            or any(c.get("type") == "Metaspace" and (c.get("prepend_scheme") in ("first", "always") or c.get("add_prefix_space"))
+                   for c in _components(tj.get("pre_tokenizer")))
     pre = pre_tokenizer_name(tokenizer, pre_override) if kind == "gpt2" else "default"
     return GGUFVocab(model=kind, pre=pre, tokens=tokens, types=types, merges=merges if kind == "gpt2" else [],
                      scores=scores, special_ids=special, add_bos=add_bos, add_eos=add_eos,
