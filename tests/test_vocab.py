@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, shared_file
 
 from chatsmith.export import export_model
 from chatsmith.export.llamacpp import LlamaCpp
@@ -114,3 +114,18 @@ def test_prune_keeps_logits_and_round_trips(corpus, tmp_path, monkeypatch, capsy
     for t in (text, VERIFY_TEXT):   # text the corpus never had still encodes (byte symbols) and decodes back
         assert tok.decode(tok.encode(t, add_special_tokens=False)) == t
     assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_start|>") == keep.index(1)
+
+
+def test_prune_to_a_chat_dataset(tmp_path, monkeypatch, capsys):
+    """A chat dataset is a corpus too (every message's text): cut to what 50 Alpaca records use, the
+    tokenizer still gives their text the original's tokens."""
+    data = shared_file("alpaca_50.json")
+    run_cli(["vocab", "prune", "--model", "tiny-random-llama", "--corpus", data, "--output", tmp_path / "p"], tmp_path,
+            monkeypatch, capsys)
+    keep = json.loads((tmp_path / "p" / "chatsmith_vocab.json").read_text())["kept_old_ids"]
+    _, base_tok = load_model("tiny-random-llama")
+    _, tok = load_model(str(tmp_path / "p"))
+    record = json.loads(data.read_text())[0]
+    text = record["instruction"] + "\n" + record["output"]
+    assert [keep[i] for i in tok.encode(text, add_special_tokens=False)] == base_tok.encode(text, add_special_tokens=False)
+    assert len(tok) < 8000

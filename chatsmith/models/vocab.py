@@ -56,7 +56,7 @@ def read_corpus(files: list[str]) -> list[str]:
         if not p.is_file():
             raise ChatsmithError(f"--corpus {f}: no such file")
         if p.suffix in (".json", ".jsonl", ".csv", ".parquet"):
-            texts += [m.content for c in read_conversations(str(p)) for m in c.messages]
+            texts += [m.content for c in read_conversations(str(p)).conversations for m in c.messages]
         else:
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
     if not any(t.strip() for t in texts):
