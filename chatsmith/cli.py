@@ -704,7 +704,7 @@ def _run(args: argparse.Namespace) -> int:
                                   trust_remote_code=args.trust_remote_code))
         return 0
     if args.command == "vocab":
-        from chatsmith.models import vocab
+        from chatsmith import vocab
 
         if args.vocab_command == "extend":
             r = vocab.extend_vocab(args.model, args.corpus, args.add, args.output, heldout_fraction=args.heldout)
