@@ -161,6 +161,26 @@ def test_native_decode_step_is_built_and_equals_the_python_path(tiny, prompts):
     assert [c.logprobs for c in fast] == [c.logprobs for c in slow]
 
 
+def test_a_killed_native_build_leaves_no_lock_that_hangs_the_next(tmp_path):
+    """torch's extension builder leaves its `lock` file behind when a build is killed, and the next
+    build waits for it forever (a server stuck at "loading"). chatsmith removes it under an flock;
+    the load runs in a fresh process, with a timeout that fails the test instead of hanging."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from chatsmith.infer import native
+
+    assert native.load() is not None   # built (or found) here first
+    key = hashlib.sha256(native.SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    stale = native.build_dir() / key / "lock"
+    stale.write_text("")                # what a killed build leaves
+    code = "from chatsmith.infer import native; print(native.load() is not None)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "True", r.stderr[-2000:]
+    assert not stale.exists()
+
+
 def test_seed_reproducible_and_n_choices_differ(tiny, prompts):
     model, tok = tiny
     engine = Engine(model, tok)

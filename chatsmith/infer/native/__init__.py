@@ -8,10 +8,12 @@ keyed by the source and the torch version, so it happens once per machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,35 @@ def load() -> Any | None:
             key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
             out = build_dir() / key
             out.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(name=f"chatsmith_decode_{key}", sources=[str(SOURCE)],
-                                        build_directory=str(out), extra_cflags=["-O3"], verbose=False)
+            with _build_lock(out):
+                module = cpp_extension.load(name=f"chatsmith_decode_{key}", sources=[str(SOURCE)],
+                                            build_directory=str(out), extra_cflags=["-O3"], verbose=False)
         except Exception as e:  # a missing compiler or header: the Python path still works
             log.warning("chatsmith's native decode step could not be built (%s: %s); using the Python path, "
                         "which is slower. Install a C++ compiler and the Python headers to enable it, or set "
                         "CHATSMITH_NATIVE=0 to silence this.", type(e).__name__, str(e).splitlines()[0][:300])
         _state["module"] = module
         return module
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """One chatsmith process at a time builds (or checks) the extension in `out`. torch's builder
+    guards the build with a plain `lock` file that a killed build leaves behind, and every later
+    build then waits for it forever (a server stuck at "loading"). This lock is an flock, which
+    the kernel releases when its holder dies; holding it, a leftover `lock` file can only be stale."""
+    try:
+        import fcntl
+    except ImportError:   # not POSIX: torch's own lock file only
+        yield
+        return
+    with open(out / "chatsmith-build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        stale = out / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build of the native decode step that was killed", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
