@@ -32,10 +32,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _gguf_path(output: Path, name: str, quant: str) -> Path:
-    return output if output.suffix == ".gguf" else output / f"{name}-{quant}.gguf"
-
-
 def export_model(spec: str, to: str, output: str | Path, *, quant: str | None = None, verify: bool = True,
                  template: str | None = None, system_prompt: str | None = None, pre_tokenizer: str | None = None,
                  progress: bool = True, trust_remote_code: bool = False) -> ExportResult:
@@ -63,13 +59,14 @@ def export_model(spec: str, to: str, output: str | Path, *, quant: str | None = 
     src = load_source(spec, template=template, system_prompt=system_prompt, trust_remote_code=trust_remote_code)
     check_architecture(src.model.config)
     name = _safe_name(spec)
-    path = _gguf_path(output, name, quant)
-    if to == "ollama":
+    if to == "ollama":   # a directory: the GGUF beside its Modelfile
         from chatsmith.export.ollama import modelfile
 
-        # Check the template translates before spending time on the weights.
-        modelfile(path.name, src.tokenizer, src.template, src.end_of_turn, src.system_prompt, source=spec)
         path = output / f"{name}-{quant}.gguf"
+        # Check that the template translates before spending time on the weights.
+        modelfile(path.name, src.tokenizer, src.template, src.end_of_turn, src.system_prompt, source=spec)
+    else:
+        path = output if output.suffix == ".gguf" else output / f"{name}-{quant}.gguf"
     write_gguf(src, path, quant, pre_tokenizer=pre_tokenizer, progress=progress)
     seconds = time.perf_counter() - t0
     paths = [str(path)]

@@ -165,7 +165,7 @@ def _write_vocab(w: Any, v: Any, template: str) -> None:
     w.add_chat_template(template)
 
 
-def tensor_type(name: str, n_dims: int, quant: str, output_role: bool, row: int) -> Any:
+def tensor_type(name: str, n_dims: int, quant: str, output_role: bool) -> Any:
     """The GGML type one tensor gets in a file of type `quant` (see the module docstring)."""
     from gguf import GGMLQuantizationType as T
 
@@ -177,13 +177,25 @@ def tensor_type(name: str, n_dims: int, quant: str, output_role: bool, row: int)
     return target
 
 
+def quantize_tensor(name: str, data: Any, quant: str, tied: bool) -> tuple[Any, Any]:
+    """(bytes or array, GGML type) of one tensor under llama.cpp name `name` in a `quant` file."""
+    import gguf
+    import numpy as np
+
+    qtype = tensor_type(name, data.ndim, quant, name == "output.weight" or (tied and name == "token_embd.weight"))
+    try:
+        return gguf.quants.quantize(np.ascontiguousarray(data), qtype), qtype
+    except gguf.QuantError as e:
+        log.warning("%s: %s, falling back to f16", name, e)
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
+
+
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}
 
 
 def gguf_tensors(model: Any, arch: Arch, quant: str, progress: bool = True):
     """(gguf name, data, ggml type) for every tensor, converted and quantised."""
     import gguf
-    import numpy as np
     import torch
     from tqdm import tqdm
 
@@ -207,15 +219,7 @@ def gguf_tensors(model: Any, arch: Arch, quant: str, progress: bool = True):
         if name is None:
             raise ChatsmithError(f"no llama.cpp name for the tensor {hf_name} of {type(model).__name__}; this model "
                                  "has parts chatsmith's GGUF export does not know. Export --to hf")
-        data = t.numpy()
-        output_role = name == "output.weight" or (tied and name == "token_embd.weight")
-        qtype = tensor_type(name, data.ndim, quant, output_role, data.shape[-1])
-        try:
-            out = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
-        except gguf.QuantError as e:
-            log.warning("%s: %s, falling back to f16", name, e)
-            qtype = gguf.GGMLQuantizationType.F16
-            out = gguf.quants.quantize(data, qtype)
+        out, qtype = quantize_tensor(name, t.numpy(), quant, tied)
         yield name, out, qtype
 
 

@@ -71,7 +71,7 @@ def rounded_like_gguf(model: Any, quant: str) -> Any:
     import numpy as np
     import torch
 
-    from chatsmith.export.gguf_file import check_architecture, tensor_type
+    from chatsmith.export.gguf_file import check_architecture, quantize_tensor
 
     arch = check_architecture(model.config)
     name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch.upper()),
@@ -84,13 +84,7 @@ def rounded_like_gguf(model: Any, quant: str) -> Any:
                 continue
             name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name
             data = p.detach().float().numpy()
-            qtype = tensor_type(name, data.ndim, quant, name == "output.weight" or (tied and name == "token_embd.weight"),
-                                data.shape[-1])
-            try:
-                q = gguf.quants.quantize(np.ascontiguousarray(data), qtype)
-            except gguf.QuantError:
-                qtype = gguf.GGMLQuantizationType.F16
-                q = gguf.quants.quantize(data, qtype)
+            q, qtype = quantize_tensor(name, data, quant, tied)
             back = gguf.quants.dequantize(q, qtype).reshape(data.shape)
             p.copy_(torch.from_numpy(np.ascontiguousarray(back)))
     return rounded

@@ -190,9 +190,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, end_of_turn_id: int | None, pre_
             continue
         text = reverse[i]
         if i in added:
-            tok = added[i]
-            if not getattr(tok, "normalized", True) or getattr(tok, "special", False):
-                pass   # llama.cpp matches added tokens on the raw text: they are stored as written
+            tok = added[i]   # stored as written: llama.cpp matches added tokens on the raw text
             types.append(CONTROL if getattr(tok, "special", False) or _looks_special(text) else USER_DEFINED)
             if scores is not None:
                 scores.append(-1000.0)
@@ -202,7 +200,7 @@ def gguf_vocab(tokenizer: Any, vocab_size: int, end_of_turn_id: int | None, pre_
         else:
             types.append(NORMAL)
             if scores is not None:
-                scores.append(float(rank.get(text, 0)) if i >= 3 else 0.0)
+                scores.append(rank.get(text, 0.0))
         tokens.append(text)
     if kind == "llama":
         unk = tokenizer.unk_token_id
