@@ -26,12 +26,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/chatsmith quickstart
 
-# The web page is tested in Debian's Chromium (headless). Installed here when missing, so that a
-# fresh machine needs nothing by hand (root with apt-get, as on CI).
+# The web pages are tested in Debian's Chromium (headless), and the Ollama Modelfile's TEMPLATE in
+# Go's own text/template (golang-go). Installed here when missing, so that a fresh machine needs
+# nothing by hand (root with apt-get, as on CI).
 browser:
-	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "chromium not found: install Debian's chromium package for the web page test"
+	@command -v chromium >/dev/null && command -v go >/dev/null || { command -v apt-get >/dev/null && \
+	  [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium golang-go >/dev/null; } || \
+	  echo "chromium or go not found: install Debian's chromium and golang-go packages for the page and template tests"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
