@@ -161,15 +161,14 @@ def test_server_cache_hits_misses_streams_and_metrics(server):
     msgs = [SYS, {"role": "user", "content": "How do I reset my password?"}]
     first = client.chat.completions.create(messages=msgs, **KW)
     assert first.model_extra.get("cache") is None and first.choices[0].message.content
-    t0 = time.perf_counter()
+    generated = state.engine.stats["generated_tokens"]
     raw = client.chat.completions.with_raw_response.create(messages=msgs, **KW)
-    hit_seconds = time.perf_counter() - t0
     second = raw.parse()
     assert raw.headers["x-chatsmith-cache"] == "exact" and second.cache["tier"] == "exact"
     assert second.choices[0].message.content == first.choices[0].message.content and second.id != first.id
     assert second.usage.completion_tokens == first.usage.completion_tokens
     assert second.usage.prompt_tokens == first.usage.prompt_tokens
-    assert hit_seconds < 5   # (generous: the latency is measured by benchmarks/cache_hits.py, not asserted)
+    assert state.engine.stats["generated_tokens"] == generated   # a hit generates nothing (latency: benchmarks/)
 
     # The same request streamed: replayed as a stream of the same text, with the usage.
     chunks = list(client.chat.completions.create(messages=msgs, stream=True, stream_options={"include_usage": True},

