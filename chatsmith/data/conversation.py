@@ -20,6 +20,10 @@ class Message:
     # (and plain text) are trained, everything else is not. A reader sets False to keep an
     # assistant turn as context only (e.g. LLaMA-Factory's `loss_weight: 0.0`).
     train: bool | None = None
+    # Tool calling (chatsmith/data/tools.py): an assistant's calls [{id, name, arguments: dict}],
+    # and the id of the call a tool message answers.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def trains(self) -> bool:
         """Whether this message's tokens are training targets."""
@@ -32,6 +36,10 @@ class Message:
         d: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.train is not None:
             d["train"] = self.train
+        if self.tool_calls:
+            d["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
         return d
 
 
@@ -43,6 +51,8 @@ class Conversation:
     source: str | None = None
     # Extra fields of the record that later stages may use (ids, labels, reward targets...).
     meta: dict[str, Any] = field(default_factory=dict)
+    # The functions the assistant may call, in OpenAI's shape (chatsmith/data/tools.py), or None.
+    tools: list[dict[str, Any]] | None = None
 
     @property
     def is_text(self) -> bool:

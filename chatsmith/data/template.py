@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatsmith.data.conversation import Conversation, Message
+from chatsmith.data.tools import template_messages
 from chatsmith.errors import ChatsmithError
 
 # Named fallback templates for base models without a chat template of their own.
@@ -107,14 +108,15 @@ def template_tokens(template: str | None) -> list[str]:
     return []
 
 
-def _render_text(tokenizer: Any, source: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render_text(tokenizer: Any, source: str, messages: list[dict], add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> str:
     if not messages and not add_generation_prompt:
         return ""
     if not messages:
         raise ChatsmithError("a trained assistant turn opens the conversation, so no prompt precedes it; "
                              "start with a user (or system) message, or mark that turn as context (train: false)")
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
+        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt)
     except ChatsmithError:
         raise
@@ -221,17 +223,19 @@ def render_conversation(
     if conversation.is_text:
         return render_text_document(tokenizer, conversation.messages[0].content, max_length)
     source = template_source(tokenizer, template)
-    messages = _messages_with_system(conversation, system_prompt)
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    full = _render_text(tokenizer, source, dicts, add_generation_prompt)
+    # Tools, calls and results: natively when the template renders them, else in the fallback format.
+    given = template_messages(tokenizer, source, _messages_with_system(conversation, system_prompt),
+                              conversation.tools)
+    messages, dicts, tools = given.messages, given.dicts, given.tools
+    full = _render_text(tokenizer, source, dicts, add_generation_prompt, tools)
     eot = end_of_turn(tokenizer, template)
 
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m.role != "assistant" or not m.trains():
             continue
-        head = _render_text(tokenizer, source, dicts[:i], True)
-        upto = _render_text(tokenizer, source, dicts[: i + 1], False)
+        head = _render_text(tokenizer, source, dicts[:i], True, tools)
+        upto = _render_text(tokenizer, source, dicts[: i + 1], False, tools)
         if not (upto.startswith(head) and full.startswith(upto)):
             raise ChatsmithError(
                 "this chat template renders earlier turns differently once later turns are added "

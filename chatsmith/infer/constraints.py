@@ -189,3 +189,141 @@ class JsonObjectConstraint:
         if nxt is not None:
             self.state = nxt
             self.chars += len(piece)
+
+
+# ---- JSON schemas and tool calls: a grammar library ------------------------------------------------
+#
+# `response_format: json_schema` and forced tool calls (`tool_choice` required or named) are
+# constrained by llguidance (Microsoft's grammar engine, also used by llama.cpp and vLLM): it
+# compiles a JSON schema or a Lark grammar and gives the set of allowed tokens for a state as a
+# bitmask of the vocabulary in tens of microseconds (benchmarks/tool_constraint_overhead.py),
+# against milliseconds for the character automaton above walking token texts. The JSON is written
+# as Python's json.dumps writes it (", " and ": " separators, no other whitespace): the format
+# the tool-call training data is rendered in (chatsmith/data/tools.py), and no whitespace run for
+# a weak model to get lost in.
+
+JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+_LL_TOKENIZERS: dict[int, Any] = {}
+
+
+class GrammarError(ValueError):
+    """A schema or grammar the grammar library cannot compile; the message says why."""
+
+
+def ll_tokenizer(tokenizer: Any) -> Any:
+    """llguidance's view of a transformers tokenizer, built once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _LL_TOKENIZERS:
+        import llguidance.hf
+
+        _LL_TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer)
+    return _LL_TOKENIZERS[key]
+
+
+def strict_schema(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object schema that does not say
+    otherwise: strict mode's rule (OpenAI's structured outputs require it), so no key outside
+    `properties` is generated."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_schema(v) if k not in ("enum", "const", "default", "examples") else v for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """An llguidance grammar for one JSON value matching `schema`; GrammarError when it cannot be compiled."""
+    from llguidance import LLMatcher
+
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema is an object, got {type(schema).__name__}")
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+    except Exception as e:   # llguidance raises ValueError with its reason
+        raise GrammarError(str(e)) from None
+    problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise GrammarError(problem)
+    return grammar
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], name: str | None = None, parallel: bool = True) -> str:
+    """An llguidance grammar for tool calls in chatsmith's fallback format: one or more (with
+    `parallel`) `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks joined by a
+    newline, the arguments valid for the named function's parameter schema (any offered function
+    when `name` is None)."""
+    import json
+
+    from llguidance import LLMatcher
+
+    from chatsmith.data.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+    options = []
+    for t in tools:
+        fn = t["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        params = strict_schema(fn.get("parameters") or {"type": "object", "properties": {}})
+        options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    if not options:
+        raise GrammarError(f"no tool named '{name}' among the tools")
+    schema = {"anyOf": options, "x-guidance": JSON_STYLE}
+    more = ' ("\\n" call)*' if parallel else ""
+    lark = "\n".join([f"start: call{more}",
+                      f"call: {json.dumps(TOOL_CALL_OPEN + chr(10))} body {json.dumps(chr(10) + TOOL_CALL_CLOSE)}",
+                      f"body: %json {json.dumps(schema)}", ""])
+    grammar = LLMatcher.grammar_from_lark(lark)
+    problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise GrammarError(problem)
+    return grammar
+
+
+class GrammarConstraint:
+    """Allow only tokens that keep the generated text a prefix of a sentence of `grammar` (from
+    `json_schema_grammar` or `tool_call_grammar`). The engine's stop tokens are allowed once the
+    text is complete, and `done` says when nothing but a stop can follow."""
+
+    def __init__(self, tokenizer: Any, grammar: str, stop_ids: set[int] | frozenset[int] = frozenset()) -> None:
+        from llguidance import LLMatcher
+
+        self.ll = ll_tokenizer(tokenizer)
+        self.matcher = LLMatcher(self.ll, grammar)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+        self.stop_ids = frozenset(stop_ids) | {self.ll.eos_token}
+        self._mask: Any = None
+
+    def mask(self) -> Any:
+        """The allowed tokens of the current state, a numpy bool array over the vocabulary."""
+        if self._mask is None:
+            import numpy as np
+
+            bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+            self._mask = np.unpackbits(bits, bitorder="little")[: self.ll.vocab_size].astype(bool)
+            self._mask[self.ll.eos_token] = False   # stops are judged by is_accepting (any stop id, not only this)
+        return self._mask
+
+    @property
+    def done(self) -> bool:
+        """Whether the text is complete and nothing but a stop token may follow."""
+        m = self.matcher
+        return m.is_stopped() or m.is_error() or (m.is_accepting() and not self.mask().any())
+
+    def allows(self, token: int) -> bool:
+        """Whether `token` keeps the text a valid prefix (a stop token: whether the text is complete)."""
+        if token in self.stop_ids:
+            return self.matcher.is_accepting()
+        mask = self.mask()
+        return 0 <= token < len(mask) and bool(mask[token])
+
+    def advance(self, token: int) -> None:
+        """Record that `token` was chosen."""
+        if token in self.stop_ids:
+            return
+        self.matcher.consume_token(token)
+        self._mask = None

@@ -61,10 +61,11 @@ from chatsmith.serve.schemas import (
     openapi_components,
     parse_body,
 )
+from chatsmith.serve.tools import tool_plan
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 256   # a stop string holds its length of text back while streaming
 # Echoed prompt log-probs (and their alternatives) in one answer: each is a JSON entry and Python
 # objects while the answer is built, so a 4 MB body of token ids must not become gigabytes.
@@ -257,6 +258,7 @@ def create_app(state: ServerState) -> FastAPI:
         _require_ready(state)
         adapter = _adapter_for(state, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens
+        plan = await asyncio.to_thread(tool_plan, state, body)   # tools, tool_choice, response_format
         sources, kb_extra = [], None
         top_k = _kb_top_k(state, body)
         if top_k:
@@ -268,18 +270,18 @@ def create_app(state: ServerState) -> FastAPI:
 
             room = max_tokens or min(256, state.engine.slot_tokens // 4)
             ids, sources = await asyncio.to_thread(
-                fit_sources, lambda s: _render(state, body.messages, True, s)[0], sources,
+                fit_sources, lambda s: _render(state, body.messages, True, s, plan.prompt_tools)[0], sources,
                 state.engine.slot_tokens - room)
         else:
-            ids, _ = await asyncio.to_thread(_render, state, body.messages, True)
+            ids, _ = await asyncio.to_thread(_render, state, body.messages, True, None, plan.prompt_tools)
         extra = {"sources": [s.to_dict() for s in sources]} if top_k else None
         top = (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "field 'top_logprobs': needs 'logprobs': true", param="top_logprobs")
-        json_mode = body.response_format is not None and body.response_format.type == "json_object"
         params = _sampling(state, body, ids, max_tokens, top)
         cache_key = None
-        if state.cache is not None and cacheable(body):
+        # The cache's key knows neither tools nor schemas: such answers are never cached.
+        if state.cache is not None and cacheable(body) and not plan.uncacheable:
             cache_key = await asyncio.to_thread(request_key, state, body, _plain(body.messages), ids, adapter,
                                                 kb_extra)
             found = await asyncio.to_thread(state.cache.lookup, cache_key)
@@ -287,7 +289,8 @@ def create_app(state: ServerState) -> FastAPI:
             if found.hit is not None:
                 return _replay(found.hit, body, len(ids))
         job = GenerationJob(state, "chat.completion", [ids], [params], body.n, adapter,
-                            body.model or state.model_name, logprobs=body.logprobs, json_mode=json_mode)
+                            body.model or state.model_name, logprobs=body.logprobs, constraint=plan.constraint,
+                            tools=plan.parser)
         return await _answer(job, request, body, cache_key, extra)
 
     @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
@@ -561,13 +564,15 @@ def _text(content: Any) -> str:
 
 
 def _render(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
-            sources: list[Any] | None = None) -> tuple[list[int], str]:
+            sources: list[Any] | None = None, tools: list[dict[str, Any]] | None = None) -> tuple[list[int], str]:
     """Token ids and text of a request's conversation, with the knowledge base's `sources` in its
-    system message when given."""
+    system message and the `tools` offered (normalized, chatsmith/data/tools.py) when given."""
     from chatsmith.data.conversation import Conversation, Message
     from chatsmith.data.template import render_conversation
+    from chatsmith.serve.tools import history_message
 
     msgs = []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         role = ROLES.get(m.role)
         if role is None:
@@ -576,6 +581,9 @@ def _render(state: ServerState, messages: list[ChatMessage], add_generation_prom
         if m.content is None and role != "assistant":
             raise APIError(400, f"field 'messages[{i}].content': required for role '{m.role}'",
                            param=f"messages[{i}].content")
+        if m.tool_calls or m.tool_call_id is not None or role == "tool":
+            msgs.append(history_message(m, i, role, _text(m.content), call_ids))
+            continue
         # train=False: a request's messages are all context; no loss mask is needed to serve them.
         msgs.append(Message(role, _text(m.content), train=False))
     if sources:
@@ -583,7 +591,7 @@ def _render(state: ServerState, messages: list[ChatMessage], add_generation_prom
 
         msgs = with_sources(msgs, sources)
     try:
-        r = render_conversation(state.tokenizer, Conversation(msgs), state.template,
+        r = render_conversation(state.tokenizer, Conversation(msgs, tools=tools or None), state.template,
                                 add_generation_prompt=add_generation_prompt)
     except ChatsmithError as e:
         raise APIError(400, f"field 'messages': {e}", param="messages") from None

@@ -28,10 +28,16 @@ class GenerationJob:
 
     def __init__(self, state: Any, kind: str, prompts: list[list[int]], params: list[Any], n: int,
                  adapter: str | None, model_name: str, *, logprobs: bool = False, json_mode: bool = False,
-                 echo: list[str] | None = None, prompt_logprobs: bool = False) -> None:
+                 echo: list[str] | None = None, prompt_logprobs: bool = False, constraint: Any = None,
+                 tools: Any = None) -> None:
         self.state, self.kind, self.prompts, self.params, self.n = state, kind, prompts, params, n
         self.adapter, self.model_name, self.want_logprobs, self.echo = adapter, model_name, logprobs, echo
-        self.json_mode = json_mode
+        if json_mode and constraint is None:
+            from chatsmith.infer.constraints import JsonObjectConstraint
+
+            constraint = lambda: JsonObjectConstraint(state.tokenizer)   # noqa: E731
+        self.make_constraint = constraint   # a factory: each choice is generated under its own constraint
+        self.tools = tools                  # serve/tools.py ToolParsing: answers are read for tool calls
         self.prompt_logprobs = prompt_logprobs   # echo the prompt tokens' log-probs before the generated ones
         self.choices = len(prompts) * n
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -56,10 +62,8 @@ class GenerationJob:
                 def on_finish(req: Any, i: int = i) -> None:
                     loop.call_soon_threadsafe(queue.put_nowait, ("done", i, 0, "", req))
 
-                if self.json_mode:
-                    from chatsmith.infer.constraints import JsonObjectConstraint
-
-                    constraint = JsonObjectConstraint(self.state.tokenizer)
+                if self.make_constraint is not None:
+                    constraint = self.make_constraint()
                 prompt, params = self.prompts[i // self.n], self.params[i // self.n]
                 # seed + j for the j-th choice of a prompt: a prompt's answers do not depend on its batch.
                 seed = None if params.seed is None else params.seed + i % self.n
@@ -148,8 +152,16 @@ class GenerationJob:
             finish = FINISH_REASONS[r.finish_reason]
             echo = self.echo[i // self.n] if self.echo is not None else None
             if self.kind == "chat.completion":
-                choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": finish,
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if self.tools is not None:
+                    from chatsmith.data.tools import openai_call, parse_tool_calls
+
+                    parsed = parse_tool_calls(text, self.tools.names, self.tools.parallel)
+                    if parsed.calls:
+                        message = {"role": "assistant", "content": parsed.content,
+                                   "tool_calls": [openai_call(c) for c in parsed.calls]}
+                        finish = "tool_calls" if finish == "stop" else finish
+                choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish,
                                           "logprobs": {"content": self._logprob_entries(r, 0, len(r.output))}
                                           if self.want_logprobs else None}
             else:
@@ -160,13 +172,16 @@ class GenerationJob:
                 "choices": choices, "usage": self._usage(), "system_fingerprint": self.state.fingerprint}
 
     def _chunk(self, i: int, text: str | None, finish: str | None, req: Any = None,
-               lp_range: tuple[int, int] | None = None, first: bool = False) -> str:
+               lp_range: tuple[int, int] | None = None, first: bool = False,
+               calls: list[dict[str, Any]] | None = None) -> str:
         if self.kind == "chat.completion":
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": finish}
             if self.want_logprobs:
                 choice["logprobs"] = ({"content": self._logprob_entries(req, *lp_range)}
@@ -178,6 +193,25 @@ class GenerationJob:
         data = {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
                 "system_fingerprint": self.state.fingerprint, "choices": [choice]}
         return f"data: {json.dumps(data)}\n\n"
+
+    def _tool_chunks(self, i: int, events: list[tuple[str, Any]], called: list[int], req: Any,
+                     lp_range: tuple[int, int]) -> list[str]:
+        """Chunks of a tools request's events: content deltas, and each call whole in one delta
+        (id, type, name and the complete arguments string) at its index, as OpenAI's stream shapes them."""
+        from chatsmith.data.tools import openai_call
+
+        out = []
+        for kind, value in events:
+            if kind == "content":
+                out.append(self._chunk(i, value, None, req, lp_range))
+            else:
+                call = openai_call(value)
+                out.append(self._chunk(i, None, None, req, lp_range, calls=[{"index": called[i], **call}]))
+                called[i] += 1
+            lp_range = (lp_range[1], lp_range[1])   # the log-probs go with the first chunk only
+        if not events and self.want_logprobs and lp_range[1] > lp_range[0]:
+            out.append(self._chunk(i, None, None, req, lp_range))
+        return out
 
     # ---- the two ways to answer ------------------------------------------------------------------
 
@@ -213,6 +247,11 @@ class GenerationJob:
         the usage (when asked), then [DONE]. A client that leaves cancels the generation."""
         logged = [0] * self.choices      # log-prob entries already sent per choice
         remaining = self.choices
+        parsers, called = None, [0] * self.choices   # tool calls: one parser per choice, calls sent per choice
+        if self.tools is not None and self.kind == "chat.completion":
+            from chatsmith.data.tools import ToolCallStream
+
+            parsers = [ToolCallStream(self.tools.names, self.tools.parallel) for _ in range(self.choices)]
         try:
             if self.kind == "chat.completion":
                 for i in range(self.choices):
@@ -223,7 +262,11 @@ class GenerationJob:
             while remaining:
                 kind, i, count, text, req = await queue.get()
                 if kind == "token":
-                    if text:
+                    if text and parsers is not None:
+                        for chunk in self._tool_chunks(i, parsers[i].push(text), called, req, (logged[i], count)):
+                            yield chunk
+                        logged[i] = count
+                    elif text:
                         yield self._chunk(i, text, None, req, (logged[i], count))
                         logged[i] = count
                     continue
@@ -233,7 +276,16 @@ class GenerationJob:
                     yield f"data: {json.dumps(err)}\n\n"
                     continue
                 end = len(req.output)
-                yield self._chunk(i, req.tail, FINISH_REASONS[req.finish_reason], req, (logged[i], end))
+                finish = FINISH_REASONS[req.finish_reason]
+                if parsers is not None:
+                    events = parsers[i].push(req.tail) + parsers[i].finish() if req.tail else parsers[i].finish()
+                    for chunk in self._tool_chunks(i, events, called, req, (logged[i], end)):
+                        yield chunk
+                    logged[i] = end
+                    yield self._chunk(i, None, "tool_calls" if called[i] and finish == "stop" else finish, req,
+                                      (end, end))
+                else:
+                    yield self._chunk(i, req.tail, finish, req, (logged[i], end))
                 logged[i] = end
             self._record()
             if include_usage:

@@ -38,17 +38,66 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    """The function of an assistant's tool call: its name and its arguments, a JSON object as a string."""
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """One tool call of an assistant message in the history."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     """One message of a chat request."""
     # Checked by the server (with a message naming the allowed roles); the enum documents them.
-    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})
+    role: str = Field(json_schema_extra={"enum": ["system", "developer", "user", "assistant", "tool"]})
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="an assistant's calls (role assistant)")
+    tool_call_id: str | None = Field(default=None, description="the call a tool result answers (role tool)")
+
+
+class FunctionDefinition(_Strict):
+    """A function the model may call: its name, what it does, and a JSON schema of its arguments."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    """One entry of `tools`."""
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    """The function a named `tool_choice` forces."""
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming one function: {"type": "function", "function": {"name": ...}}."""
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`: the schema the answer must match."""
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Strict):
-    """`response_format`: plain text or a JSON object."""
-    type: Literal["text", "json_object"]
+    """`response_format`: plain text, a JSON object, or JSON matching a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(_Strict):
@@ -93,6 +142,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 MAX_PROMPTS = 128   # prompts in one batched completion request (each of its choices is an engine request)
@@ -241,7 +293,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[TextPart]", "list[int]", "list[str]", "list[list[int]]", "int", "float",
+        elif part in ("str", "list[TextPart]", "NamedToolChoice", "literal['none','auto','required']", "list[int]", "list[str]", "list[list[int]]", "int", "float",
                       "bool") or "[" in str(part):
             continue  # pydantic names the union member it tried; the user wants the field only
         else:
