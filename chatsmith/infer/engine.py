@@ -122,10 +122,20 @@ def resolve_precision(model: Any, precision: str = "auto") -> str:
 
     if precision not in ("auto", "int8", "module"):
         raise ChatsmithError(f"precision must be auto, int8 or module, got '{precision}'")
+    if precision == "int8" and not supports_fast_path(model):
+        return _int8_fallback(model)
     if precision != "auto":
         return precision
     on_cpu = next(model.parameters()).device.type == "cpu"
     return "int8" if on_cpu and supports_fast_path(model) else "module"
+
+
+def _int8_fallback(model: Any) -> str:
+    """'module', with a log line saying why: the int8 decode step is the Llama-family runner's."""
+    log.warning("precision 'int8': the native int8 decode step covers Llama-family models (llama, mistral "
+                "without a sliding window, qwen2); this '%s' model decodes through its own modules "
+                "(precision 'module') instead", getattr(getattr(model, "config", None), "model_type", "?"))
+    return "module"
 
 
 @dataclass
@@ -247,6 +257,8 @@ class Engine:
         self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, max(1, prefill_chunk), max_queue
         self.context = context_length(model) or 2048
         fast = fast_path and supports_fast_path(model)
+        if not fast and precision == "int8" and not adapters:
+            precision = _int8_fallback(model)
         if not fast and (precision == "int8" or adapters):
             raise ChatsmithError(f"precision 'int8' and named LoRA adapters need a Llama-family model "
                                  f"(llama, mistral, qwen2); this one is "

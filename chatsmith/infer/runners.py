@@ -416,6 +416,8 @@ class ModuleRunner:
         except (TypeError, ValueError):
             self.logits_to_keep = False
         self.adapters: dict[str, Any] = {}
+        # A recurrent model (RWKV) carries a fixed-size state between calls instead of a KV cache.
+        self.recurrent = getattr(base.config, "model_type", None) == "rwkv"
 
     @staticmethod
     def bytes_per_token(model: Any) -> int:
@@ -444,12 +446,16 @@ class ModuleRunner:
         """Logits [V] of the last position of ids (of every position [T, V] with `all_logits`)."""
         from transformers import DynamicCache
 
-        cache = self.caches.get(slot)
-        if cache is None:
-            cache = self.caches[slot] = DynamicCache(config=base_model(self.model).config)
         extra = {"logits_to_keep": 1} if self.logits_to_keep and not all_logits else {}
-        out = self.model(input_ids=torch.tensor([ids], dtype=torch.long, device=self.device), past_key_values=cache,
-                         use_cache=True, **extra)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        if self.recurrent:   # RWKV: the slot holds the recurrent state the last call returned
+            out = self.model(input_ids=input_ids, state=self.caches.get(slot), use_cache=True, **extra)
+            self.caches[slot] = out.state
+        else:
+            cache = self.caches.get(slot)
+            if cache is None:
+                cache = self.caches[slot] = DynamicCache(config=base_model(self.model).config)
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **extra)
         return out.logits[0].float().cpu() if all_logits else out.logits[0, -1].float().cpu()  # sampling runs on the CPU
 
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None) -> torch.Tensor:

@@ -13,29 +13,16 @@ MERGEABLE = ("lora", "dora", "qlora")
 PEFT_METHODS = ("lora", "dora", "qlora", "prompt", "prefix", "adapter")
 
 
-def _first_attribute(model: Any, paths: tuple[str, ...]) -> Any:
-    """The first of the dotted attribute `paths` that `model` has, or None."""
-    for path in paths:
-        obj = model
-        try:
-            for name in path.split("."):
-                obj = getattr(obj, name)
-        except AttributeError:
-            continue
-        return obj
-    return None
-
-
 def _blocks(model: Any) -> Any:
-    blocks = _first_attribute(model, ("model.layers", "transformer.h", "gpt_neox.layers"))
-    if blocks is None:
-        raise ChatsmithError(f"--method freeze does not know where the transformer blocks of "
-                             f"{type(model).__name__} are; use --method lora or full")
-    return blocks
+    from chatsmith.models.families import transformer_blocks
+
+    return transformer_blocks(model)
 
 
 def _final_norm(model: Any) -> Any:
-    return _first_attribute(model, ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm"))
+    from chatsmith.models.families import final_norm
+
+    return final_norm(model)
 
 
 def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:

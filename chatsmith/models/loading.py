@@ -168,7 +168,41 @@ def load_tokenizer(spec: str | ResolvedModel, trust_remote_code: bool = False) -
         raise ModelNotFoundError(f"could not load a tokenizer from {src}: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    _family_template(tok, path, resolved.spec)
     return tok
+
+
+def _family_template(tokenizer: Any, path: str, spec: str) -> None:
+    """A local checkpoint without a chat template gets its family's fallback (models/families.py)."""
+    import json
+
+    from chatsmith.models.families import apply_fallback_template
+
+    config = Path(path) / "config.json"
+    if getattr(tokenizer, "chat_template", None) or not config.is_file():
+        return
+    try:
+        kind = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return
+    apply_fallback_template(tokenizer, kind, where=spec)
+
+
+def _check_loadable(path: str, spec: str) -> None:
+    """A clear error, before transformers' own, for an encoder-decoder checkpoint (T5 and its kind)."""
+    import json
+
+    from chatsmith.models.families import check_decoder_only
+
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return
+        from types import SimpleNamespace
+
+        check_decoder_only(SimpleNamespace(**{k: data.get(k) for k in ("model_type", "is_encoder_decoder")}), spec)
 
 
 def default_dtype(device: str | None = None) -> Any:
@@ -201,6 +235,7 @@ def load_model(
     _quiet_transformers()
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     path = local_path(resolved)
+    _check_loadable(path, resolved.spec)
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
         "dtype": dtype or default_dtype(device),
