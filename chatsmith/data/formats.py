@@ -36,6 +36,7 @@ from typing import Any
 from chatsmith.data.conversation import TEXT_ROLE, Conversation, Message
 from chatsmith.data.sources import SKIP_HINT, RecordContext, convert_records, read_records
 from chatsmith.data.spec import FORMATS
+from chatsmith.data.tools import ToolError, normalize_calls, normalize_tools, tool_names
 from chatsmith.errors import ChatsmithError, DataError
 
 COLUMN_KEYS = ("prompt", "response", "system", "text")
@@ -218,7 +219,7 @@ def _conversation(messages: list[tuple[Message, str]], ctx: RecordContext, list_
     for k, (m, fld) in enumerate(messages):
         if allow_empty_last and k == len(messages) - 1:
             continue
-        if m.role == "assistant" and not m.content.strip():
+        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
             raise ctx.error("assistant turn is empty", fld,
                             hint="write the reply, or pass --skip-bad to drop such records")
     if not any(m.role == "assistant" for m, _ in messages):
@@ -314,7 +315,10 @@ def _from_sharegpt(record: Any, ctx: RecordContext, columns: dict[str, str]) -> 
     for i, item in enumerate(turns):
         fld = f"conversations[{i}]"
         msgs.append((sharegpt_message(item, ctx, fld), fld))
-    meta = _meta(rec, {"conversations", "system", "chosen", "rejected"})
+    calls = {f"conversations[{i}]": "value" if "value" in t else "content" for i, t in enumerate(turns)
+             if isinstance(t, dict) and str(t.get("from", t.get("role", ""))).lower() == "function_call"}
+    tools = _tool_fields(rec, msgs, ctx, calls)
+    meta = _meta(rec, {"conversations", "system", "chosen", "rejected", "tools"})
     if "chosen" in rec:  # preference record: the prompt ends with the user; keep the chosen reply
         chosen = rec["chosen"]
         m = sharegpt_message(chosen, ctx, "chosen") if isinstance(chosen, dict) else \
@@ -324,12 +328,43 @@ def _from_sharegpt(record: Any, ctx: RecordContext, columns: dict[str, str]) -> 
         rej = rec["rejected"]
         meta["rejected"] = sharegpt_message(rej, ctx, "rejected").content if isinstance(rej, dict) \
             else text_field(rej, ctx, "rejected")
-    return [_conversation(msgs, ctx, "conversations", meta)]
+    conv = _conversation(msgs, ctx, "conversations", meta)
+    conv.tools = tools
+    return [conv]
+
+
+def _tool_fields(rec: dict[str, Any], msgs: list[tuple[Message, str]], ctx: RecordContext,
+                 calls: dict[str, str] | None = None) -> list[dict[str, Any]] | None:
+    """A record's `tools` (OpenAI's list, LLaMA-Factory's JSON string) and its calls checked
+    against them; ShareGPT `function_call` turns (`calls`: their fields -> text key) become structured calls."""
+    tools = None
+    try:
+        if rec.get("tools") not in (None, "", []):
+            tools = normalize_tools(rec["tools"])
+        names = tool_names(tools) if tools is not None else None
+        for m, fld in msgs:
+            if calls and fld in calls:
+                at = f"{fld}.{calls[fld]}"
+                try:
+                    raw = json.loads(m.content)
+                except json.JSONDecodeError as e:
+                    raise ToolError(f"a function_call turn holds JSON {{name, arguments}} (or a list of them); this is "
+                                    f"not JSON ({e.msg} at character {e.pos})", at) from None
+                m.tool_calls, m.content = normalize_calls(raw, at, names), ""
+            elif m.tool_calls and names is not None:
+                for j, c in enumerate(m.tool_calls):
+                    if c["name"] not in names:
+                        raise ToolError(f"calls '{c['name']}', which is not in tools (offered: {', '.join(names)})",
+                                        f"{fld.removesuffix('.content')}.tool_calls[{j}].function.name")
+    except ToolError as e:
+        raise ctx.error(e.reason, e.field, hint="fix the call or the tool list, or pass --skip-bad to drop such "
+                        "records") from None
+    return tools
 
 
 def _message_content(content: Any, ctx: RecordContext, fld: str, item: dict[str, Any]) -> str:
     if content is None and item.get("tool_calls"):
-        return json.dumps(item["tool_calls"], ensure_ascii=False)  # a tool call has no text
+        return ""  # a tool call has no text; its calls are the message's tool_calls
     if isinstance(content, list):  # typed parts: [{type: "text", text|value: ...}, ...]
         texts = []
         for j, part in enumerate(content):
@@ -365,7 +400,15 @@ def openai_messages(items: Any, ctx: RecordContext, list_field: str) -> list[tup
         if "content" not in item and not item.get("tool_calls"):
             raise ctx.error("missing 'content'", f"{fld}.content")
         content = _message_content(item.get("content"), ctx, f"{fld}.content", item)
-        out.append((Message(role, content, _train_flag(item, ctx, fld)), f"{fld}.content"))
+        m = Message(role, content, _train_flag(item, ctx, fld))
+        if item.get("tool_calls"):
+            try:
+                m.tool_calls = normalize_calls(item["tool_calls"], f"{fld}.tool_calls")
+            except ToolError as e:
+                raise ctx.error(e.reason, e.field) from None
+        if role == "tool" and isinstance(item.get("tool_call_id"), str):
+            m.tool_call_id = item["tool_call_id"]
+        out.append((m, f"{fld}.content"))
     return out
 
 
@@ -373,10 +416,13 @@ def _from_messages(record: Any, ctx: RecordContext, columns: dict[str, str]) -> 
     rec = _require_dict(record, ctx)
     if "messages" in rec:
         msgs = openai_messages(rec["messages"], ctx, "messages")
-        meta = _meta(rec, {"messages"})  # e.g. KTO's `label` ends up here
+        tools = _tool_fields(rec, msgs, ctx)
+        meta = _meta(rec, {"messages", "tools"})  # e.g. KTO's `label` ends up here
         if "rejected" in meta and isinstance(meta["rejected"], list):
             meta["rejected"] = _last_content(openai_messages(meta["rejected"], ctx, "rejected"))
-        return [_conversation(msgs, ctx, "messages", meta)]
+        conv = _conversation(msgs, ctx, "messages", meta)
+        conv.tools = tools
+        return [conv]
     if "chosen" not in rec:
         raise ctx.error("missing 'messages' (a list of {role, content})", "messages")
     # TRL conversational preference: prompt (list or string) + chosen/rejected message lists.
