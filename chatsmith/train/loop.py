@@ -119,8 +119,9 @@ class Trainer:
                  batch_source: Callable[[int], list[dict[str, Any]]] | None = None,
                  checkpoint_objects: Sequence[Any] = (),
                  evaluators: Sequence[Callable[[Any, int], dict[str, float]]] = ()) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
+
+        from chatsmith.train import sharding
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -133,16 +134,19 @@ class Trainer:
         self.batch_source = batch_source
         self.evaluators = list(evaluators)
         self.eval_time_s = 0.0
-        self.accelerator = Accelerator(
-            # Without a GPU, processes launched by `accelerate launch`/torchrun train together over gloo
-            # (accelerate only does so when told the run is a CPU one).
-            cpu=not torch.cuda.is_available(),
+        # Without a GPU, processes launched by `accelerate launch`/torchrun train together over gloo
+        # (accelerate only does so when told the run is a CPU one); FSDP runs there too (sharding.py).
+        self.accelerator = sharding.accelerator(
             mixed_precision=precision_mode(cfg.precision),
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tb")),
         )
         check_world(self.accelerator)
         world = self.accelerator.num_processes
+        self.sharded = sharding.is_sharded(self.accelerator)
+        if self.sharded and batch_source is not None:
+            raise ChatsmithError("PPO and GRPO do not run sharded yet (each process generates its own rollouts, and a "
+                                 "sharded model needs every process in every forward): use recipes/accelerate/ddp.yaml")
         if batch_source is None and any(len(step) % world for step in plan):
             raise ChatsmithError(f"the plan's steps must hold a multiple of {world} micro-batches (one share per "
                                  "process); build it with plan_steps(..., processes=world_size())")
@@ -161,6 +165,12 @@ class Trainer:
         scheduler = get_scheduler(
             "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
             optimizer, num_warmup_steps=int(round(cfg.warmup_ratio * total)), num_training_steps=total)
+        # Sharded: keep the model's shape (no weights) to load the consolidated weights into at the end.
+        self._shape = sharding.skeleton(model) if self.sharded else None
+        self._final: Any = None
+        if self.sharded and self.accelerator.is_main_process:
+            print(f"sharded over {world} processes ({self.accelerator.distributed_type.value}): checkpoints are "
+                  "sharded, final/ is gathered whole", file=sys.stderr, flush=True)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         # Checkpoints hold only what trains (a LoRA checkpoint is megabytes, not the whole base).
         self.accelerator.register_save_state_pre_hook(self._keep_trainable_weights)
@@ -268,7 +278,10 @@ class Trainer:
         acc = self.accelerator
         t0 = time.perf_counter()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        from chatsmith.train.sharding import full_weights
+
+        # Sharded layers are gathered once on every process, so forwards need no other process.
+        with torch.random.fork_rng(devices=devices), full_weights(self.model):
             out = self.evaluate()
             if self.evaluators:
                 if acc.is_main_process:
@@ -295,7 +308,8 @@ class Trainer:
         start = self._resume() if self.cfg.resume else 0
         resumed = start if start else None
         if start:
-            print(f"resumed from checkpoint at step {start} of {len(self.plan)}", file=sys.stderr)
+            if acc.is_main_process:
+                print(f"resumed from checkpoint at step {start} of {len(self.plan)}", file=sys.stderr)
         else:   # a fresh start: records of an earlier attempt that left no checkpoint do not belong here
             self.history = []
             if acc.is_main_process:
@@ -358,7 +372,9 @@ class Trainer:
                 last = {"step": step + 1, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                         "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9), "step_time_s": dt}
                 if grad_norm is not None:
-                    last["grad_norm"] = float(grad_norm)
+                    # (FSDP2 returns the norm as a DTensor)
+                    last["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                              else grad_norm)
                 last.update({k: v / max(denom, 1) for k, v in sums.items()})
                 done = step + 1
                 if self.extra_metrics:
@@ -388,6 +404,10 @@ class Trainer:
                 self._log(rec)
         if self.cfg.save_every:
             self.save_checkpoint(len(self.plan))
+        if self.sharded:   # gathered while the processes can still talk (end_training closes the group)
+            from chatsmith.train.sharding import consolidated
+
+            self._final = consolidated(acc, self.model, self._shape)
         acc.end_training()
         self.plot()
         # On a resumed run the step-0 record comes back from metrics.jsonl (main process).
@@ -408,6 +428,12 @@ class Trainer:
     def unwrapped(self) -> Any:
         """The trained model without accelerate's wrappers (what to save)."""
         return self.accelerator.unwrap_model(self.model)
+
+    def final_model(self) -> Any | None:
+        """The trained model to save, whole (after `fit`): the unwrapped model, or for a sharded run
+        the weights gathered from every process at the end of `fit` into a plain copy
+        (sharding.consolidated): on the main process, None on the others."""
+        return self._final if self.sharded else self.unwrapped()
 
 
 def _describe(metrics: dict[str, float]) -> str:

@@ -192,8 +192,8 @@ def fit_and_save(trainer: Any, save: Callable[[Any], Any]) -> Any:
     from chatsmith.models.attention import disable_segment_attention
 
     result = trainer.fit()
-    model = trainer.unwrapped()
-    disable_segment_attention(model)
+    model = trainer.final_model()   # sharded: gathered from every process (all take part), None off the main one
     if is_main():
+        disable_segment_attention(model)
         save(model)
     return result
