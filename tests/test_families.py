@@ -339,3 +339,29 @@ def test_t5_is_a_clear_chatsmith_error(tmp_path, byte_tokenizer, capsys):
     assert main(["chat", str(d), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "model_type 't5'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reward_model_scores_packed_as_one_by_one(name, family_dirs, data_files):
+    """`chatsmith rm`'s model (the backbone with a scalar head) on each family: the scores of a packed
+    batch (answers sharing their prompt copy where the family allows) equal each answer scored alone.
+    RWKV has no sequence-classification model in transformers: a chatsmith error says so."""
+    from chatsmith.data.packing import collate_preferences
+    from chatsmith.data.preference import encode_rankings, read_preferences
+    from chatsmith.models.attention import enable_segment_attention
+    from chatsmith.models.reward import load_backbone_with_head, sequence_scores
+
+    if name == "rwkv":
+        with pytest.raises(ChatsmithError, match="model_type 'rwkv'.*no sequence-classification"):
+            load_backbone_with_head(str(family_dirs[name]))
+        return
+    torch.manual_seed(0)
+    model, tok = load_backbone_with_head(str(family_dirs[name]))
+    model.eval()
+    examples, _ = encode_rankings(tok, read_preferences(str(data_files[1])).records, None, 96)
+    with torch.no_grad():
+        alone = torch.cat([sequence_scores(model, collate_preferences([ex])) for ex in examples
+                           for ex in [type(ex)([a], [0.0]) for a in ex.answers]])
+        share = enable_segment_attention(model)
+        packed = sequence_scores(model, collate_preferences(examples, share_prefix=share))
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)

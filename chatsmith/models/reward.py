@@ -82,8 +82,19 @@ def load_backbone_with_head(spec: str, *, dtype: Any = None, trust_remote_code: 
                              "(merge the adapter first, or pass the run's final/ directory)")
     path = local_path(resolved)
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        from transformers import AutoConfig
+
+        kind = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+        raise ChatsmithError(f"{spec} (model_type '{kind}') has no sequence-classification model in transformers, "
+                             "so it cannot carry a reward head; train the reward model from another family "
+                             "(see docs/families.md)") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
