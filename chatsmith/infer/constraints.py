@@ -308,6 +308,21 @@ class GrammarConstraint:
             self._mask[self.ll.eos_token] = False   # stops are judged by is_accepting (any stop id, not only this)
         return self._mask
 
+    def allowed(self, size: int) -> Any:
+        """The allowed tokens as a bool tensor [size] (the model's vocabulary, which may be padded past
+        the tokenizer's): the grammar's mask, and the stop tokens once the text is complete. The
+        engine masks the logits with it in one operation instead of asking token by token."""
+        import torch
+
+        out = torch.zeros(size, dtype=torch.bool)
+        mask = torch.from_numpy(self.mask()[:size])
+        out[: mask.numel()] = mask
+        if self.matcher.is_accepting():
+            for t in self.stop_ids:
+                if 0 <= t < size:
+                    out[t] = True
+        return out
+
     @property
     def done(self) -> bool:
         """Whether the text is complete and nothing but a stop token may follow."""

@@ -713,6 +713,14 @@ class Engine:
         c = req.constraint
         if c.done:
             return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
+        if hasattr(c, "allowed"):   # a grammar constraint gives its whole allowed set at once, as a mask
+            allowed = c.allowed(scores.numel())
+            if not bool(allowed.any()):
+                return min(req.stop_ids) if req.stop_ids else int(scores.argmax())
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            if req.params.greedy:
+                return int(scores.argmax())
+            return int(torch.multinomial(warped_probs(scores, req.params), 1, generator=req.generator))
         probs = None if req.params.greedy else warped_probs(scores, req.params)
         ranked = scores if probs is None else probs
         k = min(2048, ranked.numel())
