@@ -27,35 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-class Memo:
-    """The shared embedder with a memo, so every threshold reuses one embedding per text."""
-
-    def __init__(self, embedder) -> None:
-        self.embedder, self.memo, self.max_length = embedder, {}, embedder.max_length
-
-    def encode_array(self, texts, **kw):
-        import numpy as np
-
-        todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
-        if todo:
-            self.memo.update(zip(todo, self.embedder.encode_array(todo)))
-        return np.stack([self.memo[t] for t in texts])
-
-
 def pair_rates(thresholds: list[float]) -> dict:
     from chatsmith.cache import DEFAULT_THRESHOLD
     from chatsmith.cache.pairs import builtin_pairs, evaluate
     from chatsmith.embed import shared_embedder
 
     pairs = builtin_pairs()
-    memo = Memo(shared_embedder())
-    memo.encode_array([m["content"] for p in pairs for m in p.cached + p.asked])
+    embedder, vectors = shared_embedder(), {}   # every text embedded once (one batch), for every threshold
     rows = []
     for th in thresholds:
         for last in (False, True):
-            rows.append(evaluate(pairs, th, embedder=memo, last_message=last).to_dict())
-    default = {"chatsmith": evaluate(pairs, DEFAULT_THRESHOLD, embedder=memo).to_dict(),
-               "gptcache": evaluate(pairs, DEFAULT_THRESHOLD, embedder=memo, last_message=True).to_dict()}
+            rows.append(evaluate(pairs, th, embedder=embedder, last_message=last, vectors=vectors).to_dict())
+    default = {"chatsmith": evaluate(pairs, DEFAULT_THRESHOLD, embedder=embedder, vectors=vectors).to_dict(),
+               "gptcache": evaluate(pairs, DEFAULT_THRESHOLD, embedder=embedder, last_message=True,
+                                    vectors=vectors).to_dict()}
     return {"pairs": len(pairs), "rows": rows, "default_threshold": DEFAULT_THRESHOLD, "default": default}
 
 

@@ -262,9 +262,12 @@ class Evaluation:
                 "false_hit_rate": self.false_hit_rate, "wrong_entry": self.wrong_entry, "by_kind": self.by_kind}
 
 
-def evaluate(pairs: list[Pair], threshold: float, *, embedder: Any = None, last_message: bool = False) -> Evaluation:
+def evaluate(pairs: list[Pair], threshold: float, *, embedder: Any = None, last_message: bool = False,
+             vectors: dict[str, Any] | None = None) -> Evaluation:
     """Fill one in-memory cache with every distinct cached conversation, look up every asked one.
-    `last_message=True`: GPTCache's matching (last message embedding only; no guard, no context)."""
+    `last_message=True`: GPTCache's matching (last message embedding only; no guard, no context).
+    `vectors`: a dict text -> embedding shared by several calls (filled here with what is missing),
+    so evaluating several thresholds or both methods embeds each text once."""
     from chatsmith.cache.store import CacheKey, ResponseCache
 
     cache = ResponseCache(None, semantic=True, threshold=threshold, embedder=embedder,
@@ -276,20 +279,33 @@ def evaluate(pairs: list[Pair], threshold: float, *, embedder: Any = None, last_
             return CacheKey.from_messages(settings, messages[-1:], prompt=messages[-1]["content"])
         return CacheKey.from_messages(settings, messages, prompt=repr(messages))
 
-    entries: dict[str, str] = {}
-    for p in pairs:
-        k = key(p.cached)
+    cached = [key(p.cached) for p in pairs]
+    asked = [key(p.asked) for p in pairs]
+    # Every text embedded in one batched call (pair by pair, the set took minutes on 2 cores).
+    vectors = {} if vectors is None else vectors
+    texts = [t for t in dict.fromkeys(k.last for k in cached + asked if k.last is not None) if t not in vectors]
+    if texts:
+        if embedder is None:
+            from chatsmith.embed import shared_embedder
+
+            embedder = shared_embedder()
+        vectors.update(zip(texts, embedder.encode_array(texts, batch_size=64)))
+        for k in cached + asked:
+            if k.last is not None:
+                k.vector = vectors[k.last]
+    entries: set[str] = set()
+    for k in cached:
         if k.exact not in entries:
-            entries[k.exact] = k.exact
+            entries.add(k.exact)
             cache.store(k, {"choices": [{"message": {"content": k.exact}}]})
     result = Evaluation(threshold, "last message (GPTCache)" if last_message else "chatsmith")
-    for p in pairs:
-        hit = cache.lookup(key(p.asked)).hit
+    for p, c, k in zip(pairs, cached, asked):
+        hit = cache.lookup(k).hit
         row = result.by_kind.setdefault(p.kind, {"pairs": 0, "hits": 0, "false_hits": 0})
         row["pairs"] += 1
         if hit is None:
             continue
-        right = hit.response["choices"][0]["message"]["content"] == key(p.cached).exact
+        right = hit.response["choices"][0]["message"]["content"] == c.exact
         if p.should_hit and right:
             row["hits"] += 1
         else:

@@ -1,19 +1,30 @@
 """Hybrid retrieval: BM25 (SQLite FTS5) and vector search (cosine over the stored float32 vectors),
-fused by weighted reciprocal rank fusion (Cormack, Clarke and Buettcher 2009: score = sum over the
-lists of w / (k + rank)).
+fused by a convex combination of their normalised scores, with questions that name something
+exactly answered first from the chunks that hold it.
 
 BM25 finds what embeddings blur (exact names, error codes, numbers); vectors find what words miss
-(paraphrases). Plain RRF (k = 60, equal weights) lost on the built-in test set to the better single
-method on paraphrases (docs/benchmarks.md): a chunk ranked first by one list lost to chunks that
-both lists rank a few places down, and BM25 ranks chunks that share one common word with a
-paraphrased question as confidently as real matches. So:
-- k = 5: a first place counts for more than two middling ones;
-- each BM25 candidate (the top 20) votes with weight 1.5 x c^2, where c is the share of the
-  question's words it contains: a chunk matching one word of four barely votes;
-- when the question names something exactly (a code, a number, an identifier, a quoted phrase),
-  a third list joins: the chunks that contain all of it, by BM25.
-These settings were chosen on the built-in set itself (54 questions), so they are fitted to it;
-the benchmark prints plain RRF beside them.
+(paraphrases). Textbook reciprocal rank fusion (RRF, k = 60) lost on the built-in set to the better
+single method on paraphrases (docs/benchmarks.md): it throws the scores away, so a chunk that vectors
+put far ahead of the rest loses to chunks both lists rank a few places down. The fusion here keeps
+the scores (the convex combination that Bruch, Gai and Ingber, "An Analysis of Fusion Functions for
+Hybrid Retrieval", 2023, found better than RRF):
+
+    score = 0.5 * c * bm25' + 0.5 * cosine'
+
+- bm25' and cosine' are min-max normalised over each list's candidates (the best 50), so both lie
+  in 0..1 and the best of each list gets 1;
+- c is the share of the question's words (stopwords left out) that the chunk contains: BM25 ranks
+  a chunk sharing one common word with a paraphrased question as confidently as a real match,
+  and c discounts it by exactly what it misses;
+- the two halves weigh the same (0.5 is not fitted to any data);
+- a question that names something exactly (a code like E-4012, a number, an identifier like
+  max_tokens, an option like --max-queue, a quoted phrase) is answered first from the chunks that
+  contain all of it (a tier above the rest, ordered by the same score): a chunk about another
+  code can be closer in meaning, never a better answer.
+
+How this was chosen without fitting the numbers we report: the built-in set is split in two
+(every other question of each type); the fusion family and its settings were picked on the tuning
+half only, and docs/benchmarks.md reports the held-out half beside the whole set.
 """
 
 from __future__ import annotations
@@ -25,8 +36,7 @@ from typing import Any
 from chatsmith.kb.store import KnowledgeBase
 
 MODES = ("hybrid", "bm25", "vector")
-RRF_K = 5
-BM25_WEIGHT, BM25_VOTERS = 1.5, 20
+BM25_SHARE = 0.5   # the lexical half of the convex combination (equal weights: not fitted)
 # Words too common to help BM25; dropping them keeps an OR query from matching every chunk.
 STOPWORDS = frozenset("""a an and are as at be been but by can could did do does doing for from had has have how
 i if in into is it its me my of on or our so than that the their them then there these they this to
@@ -67,12 +77,14 @@ def fts_query(text: str) -> str | None:
 
 
 _EXACT = re.compile(r'"([^"]{2,})"|\u201c([^\u201d]{2,})\u201d|`([^`]{2,})`|'
-                    r"(\S*\d\S*|\b[A-Z][A-Z0-9]{1,}\b|\S*[a-z][A-Z]\S*|\S+_\S+|\S+\.\S+\.\S+|/\S+)")
+                    r"(\S*\d\S*|\b[A-Z][A-Z0-9]{1,}\b|\S*[a-z][A-Z]\S*|\S+_\S+|\S+\.\S+\.\S+|/\S+|"
+                    r"(?<![\w-])--?[A-Za-z][\w-]*)")
 
 
 def exact_terms(text: str) -> list[str]:
     """What a question names exactly: quoted strings, and tokens with digits (E-4012, 45, v1.2),
-    acronyms (RRF, FTS5), identifiers (max_tokens, camelCase, dotted.names, /paths). Each is
+    acronyms (RRF, FTS5), identifiers (max_tokens, camelCase, dotted.names, /paths), command-line
+    options (--max-queue, -k). Each is
     returned as its words (as FTS5 splits them) to be matched as a phrase."""
     out = []
     for m in _EXACT.finditer(text):
@@ -85,8 +97,8 @@ def exact_terms(text: str) -> list[str]:
 
 def exact_search(kb: KnowledgeBase, query: str, limit: int) -> list[tuple[int, float]]:
     """Chunks holding every exact term of `query` (see `exact_terms`), best BM25 first; empty
-    when the query names nothing exactly. This third list lets RRF put a chunk that holds the
-    code or number asked about above chunks that are merely close in both other lists."""
+    when the query names nothing exactly. `search` ranks these first: a chunk that holds the code
+    or number asked about comes before chunks that are merely close in both other lists."""
     terms = exact_terms(query)
     q = fts_query(query)
     if not terms or q is None:
@@ -148,10 +160,47 @@ def vector_search(kb: KnowledgeBase, qvec: Any, limit: int) -> tuple[list[tuple[
     return [(int(ids[i]), float(scores[i])) for i in top], ids, scores
 
 
+def normalised(scores: dict[int, float]) -> dict[int, float]:
+    """Min-max normalisation of one list's scores to 0..1 (the best gets 1; a list of one, or of
+    equal scores, gets 1 throughout)."""
+    if not scores:
+        return {}
+    hi, lo = max(scores.values()), min(scores.values())
+    span = hi - lo
+    return {c: (v - lo) / span if span > 0 else 1.0 for c, v in scores.items()}
+
+
+def fuse(lexical: list[tuple[int, float]], semantic: list[tuple[int, float]], share: dict[int, float],
+         exact: list[int] | tuple[int, ...] = ()) -> list[tuple[int, float]]:
+    """The hybrid ranking, best first, as (chunk id, fused score): 0.5 x share x normalised BM25 +
+    0.5 x normalised cosine (a chunk missing from one list gets 0 from it), the chunks in `exact`
+    (holding every exact term of the question) ranked above all others. Ties go to the lower id."""
+    b = normalised(dict(lexical))
+    v = normalised(dict(semantic))
+    total = {c: BM25_SHARE * share.get(c, 0.0) * x for c, x in b.items()}
+    for c, x in v.items():
+        total[c] = total.get(c, 0.0) + (1 - BM25_SHARE) * x
+    for c in exact:
+        total.setdefault(c, 0.0)
+    first = set(exact)
+    return sorted(total.items(), key=lambda x: (x[0] not in first, -x[1], x[0]))
+
+
+def plain_rrf(lexical: list[tuple[int, float]], semantic: list[tuple[int, float]],
+              k: int = 60) -> list[tuple[int, float]]:
+    """Textbook reciprocal rank fusion (Cormack, Clarke and Buettcher 2009): sum of 1 / (k + rank)
+    over the two lists, k = 60. The benchmark's untuned reference."""
+    total: dict[int, float] = {}
+    for ranked in (lexical, semantic):
+        for r, (cid, _) in enumerate(ranked, 1):
+            total[cid] = total.get(cid, 0.0) + 1.0 / (k + r)
+    return sorted(total.items(), key=lambda x: (-x[1], x[0]))
+
+
 def search(kb: KnowledgeBase, query: str, *, k: int = 5, mode: str = "hybrid", embedder: Any = None,
-           candidates: int = 50, rrf_k: int = RRF_K, plain_rrf: bool = False) -> list[Hit]:
-    """The `k` best chunks for `query`: hybrid (weighted RRF of BM25, vector and exact-term
-    ranks; `plain_rrf`: textbook RRF with k = 60, equal weights, two lists), bm25 or vector."""
+           candidates: int = 50, plain: bool = False) -> list[Hit]:
+    """The `k` best chunks for `query`: hybrid (see the module's docstring; `plain`: textbook RRF
+    instead, for comparison), bm25 or vector. Each list reads its best `candidates` chunks."""
     import numpy as np
 
     if mode not in MODES:
@@ -167,33 +216,19 @@ def search(kb: KnowledgeBase, query: str, *, k: int = 5, mode: str = "hybrid", e
             embedder = shared_embedder(kb.model)
         qvec = embedder.encode_array([query])[0]
         semantic, all_ids, all_scores = vector_search(kb, qvec, depth)
-    exact = exact_search(kb, query, depth) if mode == "hybrid" and not plain_rrf else []
     b_rank = {cid: r for r, (cid, _) in enumerate(lexical, 1)}
-    e_rank = {cid: r for r, (cid, _) in enumerate(exact, 1)}
     b_score = dict(lexical)
     v_rank = {cid: r for r, (cid, _) in enumerate(semantic, 1)}
     v_score = dict(semantic)
     if mode == "bm25":
-        fused = [(cid, s) for cid, s in lexical]
+        fused = lexical
     elif mode == "vector":
-        fused = [(cid, s) for cid, s in semantic]
-    elif plain_rrf:
-        total: dict[int, float] = {}
-        for ranks in (b_rank, v_rank):
-            for cid, r in ranks.items():
-                total[cid] = total.get(cid, 0.0) + 1.0 / (60 + r)
-        fused = sorted(total.items(), key=lambda x: (-x[1], x[0]))
+        fused = semantic
+    elif plain:
+        fused = plain_rrf(lexical, semantic)
     else:
-        voters = [cid for cid, _ in lexical[:BM25_VOTERS]]
-        share = coverage(kb, query, voters)
-        total = {}
-        for cid in voters:
-            total[cid] = BM25_WEIGHT * share[cid] ** 2 / (rrf_k + b_rank[cid])
-        for ranks in (v_rank, e_rank):
-            for cid, r in ranks.items():
-                total[cid] = total.get(cid, 0.0) + 1.0 / (rrf_k + r)
-        # Ties (same fused score) go to the better single rank, then the lower id: deterministic.
-        fused = sorted(total.items(), key=lambda x: (-x[1], min(b_rank.get(x[0], 1e9), v_rank.get(x[0], 1e9)), x[0]))
+        exact = [cid for cid, _ in exact_search(kb, query, depth)]
+        fused = fuse(lexical, semantic, coverage(kb, query, list(b_rank)), exact)
     fused = fused[:k]
     ids = [cid for cid, _ in fused]
     # Both scores for display, also where a chunk was outside one list's candidates.
