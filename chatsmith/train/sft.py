@@ -83,6 +83,12 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
 
     from chatsmith.models import load_model
     from chatsmith.models.adapters import prepare_trainable, trainable_parameters, uses_packed_rows
+    from chatsmith.models.seq2seq import (
+        collate_seq2seq,
+        is_encoder_decoder,
+        render_seq2seq_examples,
+        seq2seq_loss,
+    )
 
     set_seed(cfg.seed)
     check_eval_suite(cfg)
@@ -97,8 +103,10 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
                                   dtype=torch.float32 if cfg.precision != "fp16" else None)
     add_template_tokens(model, tokenizer, cfg.template)
     t0 = time.perf_counter()
-    train_ex, counts = render_examples(tokenizer, train_convs, cfg)
-    eval_ex, _ = render_examples(tokenizer, eval_convs, cfg)
+    seq2seq = is_encoder_decoder(model)   # T5/mT5: prompt in the encoder, answer in the decoder
+    render = render_seq2seq_examples if seq2seq else render_examples
+    train_ex, counts = render(tokenizer, train_convs, cfg)
+    eval_ex, _ = render(tokenizer, eval_convs, cfg)
     if not train_ex:
         raise ChatsmithError("no training example has a trained token (are there assistant turns?)")
     if cfg.eval_data and not eval_ex:
@@ -113,12 +121,14 @@ def run_sft(cfg: SFTConfig, conversations: list | None = None) -> Path:
         raise ChatsmithError(f"--packing does not work with --method {cfg.method} (virtual tokens are per sequence)")
     plan = plan_for(cfg, train_ex, token_budget=cfg.batch_size * cfg.max_length if cfg.packing else None)
     model = prepare_trainable(model, cfg)
-    if uses_packed_rows(cfg.method):
+    if uses_packed_rows(cfg.method) and not seq2seq:
         enable_segment_attention(model)
     n_train, n_total = trainable_parameters(model)
     say(f"method {cfg.method}: training {n_train:,} of {n_total:,} parameters ({100 * n_train / n_total:.2f}%); "
         f"{len(plan)} steps")
-    objective = sft_objective(cfg.method, tokenizer.pad_token_id)
+    objective = sft_objective(cfg.method, tokenizer.pad_token_id) if not seq2seq else Objective(
+        "sft", seq2seq_loss, partial(collate_seq2seq, pad_id=tokenizer.pad_token_id,
+                                     start_id=model.config.decoder_start_token_id), unit="tokens")
     trainer = Trainer(model=model, objective=objective, train_examples=train_ex, plan=plan, cfg=cfg,
                       run_dir=run, eval_examples=eval_ex, evaluators=suite_evaluators(cfg, tokenizer))
     result = fit_and_save(trainer, lambda model: save_final(model, tokenizer, cfg, run))
