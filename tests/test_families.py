@@ -322,21 +322,91 @@ def test_gguf_export_says_which_families_it_writes(family_dirs, tmp_path):
                          progress=False)
 
 
-def test_t5_is_a_clear_chatsmith_error(tmp_path, byte_tokenizer, capsys):
-    """An encoder-decoder checkpoint ends in a chatsmith error that names its model type and what is
-    supported, from the Python API and from a command (exit status 2, no traceback)."""
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory, byte_tokenizer):
+    """A tiny seeded T5 saved to a folder (no chat template: it gets the T5 family's fallback)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from chatsmith.cli import main
-    from chatsmith.models import load_model
-
-    d = tmp_path / "t5"
-    T5ForConditionalGeneration(T5Config(vocab_size=len(byte_tokenizer), d_model=32, d_ff=64, num_layers=1,
-                                        num_heads=2, d_kv=16)).save_pretrained(d)
+    d = tmp_path_factory.mktemp("t5") / "t5"
+    eos = byte_tokenizer.eos_token_id
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(byte_tokenizer), d_model=32, d_ff=64, num_layers=2,
+                                        num_heads=4, d_kv=8, eos_token_id=eos, pad_token_id=eos,
+                                        decoder_start_token_id=eos, initializer_factor=3.0)).save_pretrained(d)
     byte_tokenizer.save_pretrained(d)
-    with pytest.raises(ChatsmithError, match="encoder-decoder model \\(model_type 't5'\\).*GPT-NeoX"):
-        load_model(str(d))
-    assert main(["chat", str(d), "--prompt", "hi"]) == 2
+    return d
+
+
+def test_t5_loss_is_on_the_answer_and_the_engine_generates_as_transformers(t5_dir):
+    """T5: each trained assistant turn is an example with the conversation before it in the encoder
+    and the answer + EOS in the decoder; the padded batch's loss equals T5's own loss on each example
+    alone, and the engine (streaming, batching, chunked prompts; int8 falls back with a log line)
+    generates transformers' greedy tokens."""
+    from chatsmith.data.template import render_conversation
+    from chatsmith.infer.engine import Engine
+    from chatsmith.infer.sampling import SamplingParams
+    from chatsmith.models import load_model
+    from chatsmith.models.seq2seq import collate_seq2seq, render_seq2seq, seq2seq_loss
+
+    model, tok = load_model(str(t5_dir))
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    exs = render_seq2seq(tok, CONVS[1], None, 96)
+    assert [tok.decode(e.labels) for e in exs] == ["4<|endoftext|>", "six<|endoftext|>"]
+    assert tok.decode(exs[1].input_ids).endswith("and 3+3?\n\n### Response:\n")
+    batch = collate_seq2seq(exs + render_seq2seq(tok, CONVS[0], None, 96), tok.pad_token_id,
+                            model.config.decoder_start_token_id)
+    with torch.no_grad():
+        loss, _ = seq2seq_loss(model, batch)
+        alone = sum(float(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss)
+                    * len(e.labels) for e in exs + render_seq2seq(tok, CONVS[0], None, 96))
+    assert float(loss) == pytest.approx(alone, rel=1e-5)
+
+    prompts = [render_conversation(tok, Conversation(c.messages[:-1]), add_generation_prompt=True).input_ids
+               for c in CONVS]
+    engine = Engine(model, tok, max_batch_size=2, prefill_chunk=8, precision="int8")
+    assert engine.precision == "module" and type(engine.runner).__name__ == "Seq2SeqRunner"
+    got = [c.token_ids for c in engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=6),
+                                                stop_ids=[])]
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                               eos_token_id=None)[0, 1:].tolist() for p in prompts]
+    assert got == expected
+    streamed = "".join(engine.stream(prompts[0], SamplingParams(temperature=0.0, max_new_tokens=6), stop_ids=[]))
+    assert streamed == tok.decode(expected[0])
+
+
+def test_t5_sft_then_serve_and_export(t5_dir, data_files, tmp_path, monkeypatch, capsys):
+    """`chatsmith sft --method lora` on the T5 folder, then the server answers from the run (streamed
+    and not) and `export --to hf` writes it; `chatsmith dpo` on T5 is a chatsmith error naming the
+    model type (exit status 2, no traceback), and `export --to gguf` says it does not write T5."""
+    from fastapi.testclient import TestClient
+
+    from chatsmith.cli import main
+    from chatsmith.export import export_model
+    from chatsmith.serve.app import ServerState, create_app, load_state
+
+    sft, pairs = data_files
+    common = ["--max-steps", "1", "--batch-size", "2", "--max-length", "96", "--eval-split", "0"]
+    run_cli(["sft", "--model", t5_dir, "--data", sft, "--method", "lora", "--output", tmp_path / "sft", *common],
+            tmp_path, monkeypatch, capsys)
+    assert json.loads((tmp_path / "sft" / "summary.json").read_text())["steps"] == 1
+    state = ServerState("t5")
+    load_state(state, str(tmp_path / "sft"), max_concurrency=2, kv_cache_mb=None)
+    assert state.load_error is None, state.load_error
+    try:
+        with TestClient(create_app(state)) as client:
+            body = {"model": "t5", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+            r = client.post("/v1/chat/completions", json={**body, "stream": True})
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    finally:
+        state.engine.stop()
+    export_model(str(tmp_path / "sft"), "hf", tmp_path / "hf", verify=False, progress=False)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    with pytest.raises(ChatsmithError, match="does not support T5ForConditionalGeneration"):
+        export_model(str(t5_dir), "gguf", tmp_path / "t5.gguf", verify=False, progress=False)
+    assert main(["dpo", "--model", str(t5_dir), "--data", str(pairs), "--method", "lora",
+                 "--output", str(tmp_path / "dpo"), *common]) == 2
     err = capsys.readouterr().err
     assert "model_type 't5'" in err and "Traceback" not in err
 

@@ -263,7 +263,10 @@ class Engine:
             raise ChatsmithError(f"precision 'int8' and named LoRA adapters need a Llama-family model "
                                  f"(llama, mistral, qwen2); this one is "
                                  f"'{getattr(getattr(model, 'config', None), 'model_type', '?')}'. Use precision 'module'")
-        runner_cls = LlamaRunner if fast else ModuleRunner
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        if seq2seq:
+            from chatsmith.infer.seq2seq import Seq2SeqRunner
+        runner_cls = LlamaRunner if fast else Seq2SeqRunner if seq2seq else ModuleRunner
         self.bytes_per_token = runner_cls.bytes_per_token(model)
         if kv_cache_mb is None:
             self.slot_tokens = self.context
@@ -292,7 +295,7 @@ class Engine:
                 self.runner: Any = LlamaRunner(model, max_batch_size=max_batch_size, slot_tokens=self.slot_tokens,
                                                precision=precision, adapters=loaded, calibration_ids=calibration)
             else:
-                self.runner = ModuleRunner(model, max_batch_size=max_batch_size, slot_tokens=self.slot_tokens)
+                self.runner = runner_cls(model, max_batch_size=max_batch_size, slot_tokens=self.slot_tokens)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) if hasattr(
             model, "get_output_embeddings") and model.get_output_embeddings() is not None else None
 

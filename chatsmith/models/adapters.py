@@ -28,6 +28,17 @@ def _final_norm(model: Any) -> Any:
 def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:
     """Return the model to train (possibly a PeftModel), with requires_grad set per method."""
     method = method or cfg.method
+    from chatsmith.models.seq2seq import is_encoder_decoder
+
+    seq2seq = is_encoder_decoder(model)
+    if seq2seq and type(cfg).__name__ != "SFTConfig":
+        stage = type(cfg).__name__.removesuffix("Config").lower()
+        raise ChatsmithError(f"`chatsmith {stage}` trains decoder-only models; this one is an encoder-decoder "
+                             f"(model_type '{model.config.model_type}'), which `chatsmith sft`, chat, serve and "
+                             "export --to hf support (docs/families.md)")
+    if seq2seq and method not in ("full", "freeze", "lora", "dora"):
+        raise ChatsmithError(f"--method {method} is not available for an encoder-decoder model "
+                             f"('{model.config.model_type}'); use full, freeze, lora or dora")
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -59,7 +70,8 @@ def prepare_trainable(model: Any, cfg: Any, method: str | None = None) -> Any:
         # rows (and their tied LM-head rows) alongside the adapter, or the model never learns them.
         new_ids = getattr(model, "chatsmith_new_token_ids", None) or None
         pcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=targets, use_dora=(method == "dora"), task_type="CAUSAL_LM",
+                               target_modules=targets, use_dora=(method == "dora"),
+                               task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
                                trainable_token_indices=new_ids)
     elif method == "prompt":
         pcfg = peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")

@@ -90,7 +90,7 @@ def enable_segment_attention(model: Any) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     mode = packing_mode(base)
-    if config is None or mode == "positions":
+    if config is None or mode in ("positions", "padded"):
         return False
     if mode == "per-example":
         return per_example_forward(base)

@@ -18,6 +18,8 @@ of three ways, named by `Family.packing`:
 - "per-example": the family cannot keep examples apart inside one row, so the backbone runs each
   example on its own and the hidden states are put back in row order (models/attention.py). The
   numbers are exact; the row only saves the padding. `packing_reason` says why.
+- "padded": encoder-decoder models (T5): each example has its own encoder input, so batches are
+  padded (models/seq2seq.py).
 """
 
 from __future__ import annotations
@@ -82,11 +84,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("RWKV", ("rwkv",), "ChatRWKV, Raven", "rwkv.blocks", "rwkv.ln_out", "per-example",
            "a recurrent model: its state flows from one token to the next whatever the position ids say, so "
            "an example in a row would start from the state the previous one left"),
+    # Encoder-decoder: prompt in the encoder, answer in the decoder (models/seq2seq.py); padded batches.
+    Family("T5 / mT5", ("t5", "mt5"), "ChatYuan, FastChat-T5", "decoder.block", "decoder.final_layer_norm",
+           "padded", "an encoder-decoder: each example has its own encoder input, so examples are padded "
+           "into a batch, never packed into one row"),
 )
 
-# Encoder-decoder families: a different model class and training objective (prompt in the encoder,
-# answer in the decoder). chatsmith's training stages, engine and exporters are decoder-only.
-ENCODER_DECODER = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "longt5", "switch_transformers")
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -107,18 +110,6 @@ def family_of(model_or_type: Any) -> Family | None:
 def supported_types() -> list[str]:
     """Every model_type in the table, sorted."""
     return sorted(_BY_TYPE)
-
-
-def check_decoder_only(config: Any, where: str) -> None:
-    """Raise a ChatsmithError naming the model type when `config` is an encoder-decoder model (T5 and
-    its kind), which chatsmith's stages cannot train, serve or export."""
-    kind = getattr(config, "model_type", None)
-    if kind in ENCODER_DECODER or getattr(config, "is_encoder_decoder", False):
-        raise ChatsmithError(
-            f"{where} is an encoder-decoder model (model_type '{kind}'). chatsmith trains, chats with, serves "
-            f"and exports decoder-only causal language models: {', '.join(f.name for f in FAMILIES)} "
-            f"(model types {', '.join(supported_types())}), and other causal LMs transformers loads. For a "
-            "T5-style chat model, start from a decoder-only base of similar size (see docs/families.md)")
 
 
 def attribute(model: Any, path: str | None) -> Any:
@@ -177,7 +168,7 @@ def apply_fallback_template(tokenizer: Any, kind: str | None, where: str = "the 
 
 
 def packing_mode(model: Any) -> str:
-    """How packed rows stay exact for this loaded `model`: segment, positions or per-example (module
+    """How packed rows stay exact for this loaded `model`: segment, positions, per-example or padded (module
     docstring). A "segment" family loaded with another attention than SDPA keeps its own mask when
     that mask reads the position ids, else runs examples one by one; a family not in the table gets
     segment attention under SDPA and runs examples one by one otherwise (always exact)."""

@@ -188,21 +188,15 @@ def _family_template(tokenizer: Any, path: str, spec: str) -> None:
     apply_fallback_template(tokenizer, kind, where=spec)
 
 
-def _check_loadable(path: str, spec: str) -> None:
-    """A clear error, before transformers' own, for an encoder-decoder checkpoint (T5 and its kind)."""
+def _is_encoder_decoder(path: str) -> bool:
+    """Whether the checkpoint at `path` is an encoder-decoder (T5, mT5), read from its config.json."""
     import json
 
-    from chatsmith.models.families import check_decoder_only
-
     config = Path(path) / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError):
-            return
-        from types import SimpleNamespace
-
-        check_decoder_only(SimpleNamespace(**{k: data.get(k) for k in ("model_type", "is_encoder_decoder")}), spec)
+    try:
+        return bool(config.is_file() and json.loads(config.read_text()).get("is_encoder_decoder"))
+    except (OSError, ValueError):
+        return False
 
 
 def default_dtype(device: str | None = None) -> Any:
@@ -230,12 +224,13 @@ def load_model(
     quantization: None or "4bit" (QLoRA; needs bitsandbytes on a supported device).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     _quiet_transformers()
     resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
     path = local_path(resolved)
-    _check_loadable(path, resolved.spec)
+    # T5/mT5: `chatsmith sft` trains them (models/seq2seq.py), the engine runs them (infer/seq2seq.py).
+    auto = AutoModelForSeq2SeqLM if _is_encoder_decoder(path) else AutoModelForCausalLM
     tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
         "dtype": dtype or default_dtype(device),
@@ -248,7 +243,7 @@ def load_model(
     elif quantization is not None:
         raise ChatsmithError(f"unknown quantization '{quantization}'; use 4bit")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except OSError as e:
         if resolved.kind == "hub":
             raise _hub_error(resolved.spec, e) from None
