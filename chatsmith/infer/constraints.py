@@ -242,9 +242,9 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
         raise GrammarError(f"a JSON schema is an object, got {type(schema).__name__}")
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
+        problem = LLMatcher.validate_grammar(grammar)
     except Exception as e:   # llguidance raises ValueError with its reason
         raise GrammarError(str(e)) from None
-    problem = LLMatcher.validate_grammar(grammar)
     if problem:
         raise GrammarError(problem)
     return grammar
@@ -261,26 +261,43 @@ def tool_call_grammar(tools: list[dict[str, Any]], name: str | None = None, para
 
     from chatsmith.data.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
-    options = []
+    options, defs = [], {}
     for t in tools:
         fn = t["function"]
         if name is not None and fn["name"] != name:
             continue
         params = strict_schema(fn.get("parameters") or {"type": "object", "properties": {}})
+        # "#/$defs/X" references point at the root of the schema, which is now the union below:
+        # the definitions move there (pydantic-made schemas use them).
+        for key in ("$defs", "definitions"):
+            for k, v in (params.pop(key, None) or {}).items():
+                if defs.setdefault(key, {}).setdefault(k, v) != v:
+                    raise GrammarError(f"two tools define {key}/{k} differently; rename one")
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
     if not options:
         raise GrammarError(f"no tool named '{name}' among the tools")
-    schema = {"anyOf": options, "x-guidance": JSON_STYLE}
+    schema = {"anyOf": options, "x-guidance": JSON_STYLE, **defs}
     more = ' ("\\n" call)*' if parallel else ""
     lark = "\n".join([f"start: call{more}",
                       f"call: {json.dumps(TOOL_CALL_OPEN + chr(10))} body {json.dumps(chr(10) + TOOL_CALL_CLOSE)}",
                       f"body: %json {json.dumps(schema)}", ""])
-    grammar = LLMatcher.grammar_from_lark(lark)
-    problem = LLMatcher.validate_grammar(grammar)
+    try:
+        grammar = LLMatcher.grammar_from_lark(lark)
+        problem = LLMatcher.validate_grammar(grammar)
+    except Exception as e:   # llguidance's own errors (ValueError) and anything a hostile schema provokes
+        raise GrammarError(_schema_problem(str(e))) from None
     if problem:
-        raise GrammarError(problem)
+        raise GrammarError(_schema_problem(problem))
     return grammar
+
+
+def _schema_problem(message: str) -> str:
+    """llguidance's error about a schema inside a Lark grammar, without the grammar's text."""
+    import re
+
+    inner = re.split(r"\n\s*1 \| ", message.split("failed to compile JSON schema: ")[-1])[0]
+    return " ".join(inner.split())
 
 
 class GrammarConstraint:

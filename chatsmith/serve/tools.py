@@ -38,6 +38,13 @@ class ToolPlan:
 
 def tool_plan(state: Any, body: Any) -> ToolPlan:
     """The ToolPlan of a chat completion request (compiling grammars: run it in a worker thread)."""
+    try:
+        return _plan(state, body)
+    except RecursionError:
+        raise APIError(400, "a schema in 'tools' or 'response_format' is nested too deeply") from None
+
+
+def _plan(state: Any, body: Any) -> ToolPlan:
     from chatsmith.data.tools import ToolError, normalize_tools
     from chatsmith.infer.constraints import (
         GrammarConstraint,
