@@ -435,3 +435,41 @@ def test_reward_model_scores_packed_as_one_by_one(name, family_dirs, data_files)
         share = enable_segment_attention(model)
         packed = sequence_scores(model, collate_preferences(examples, share_prefix=share))
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rl_rollout_logprobs_match_the_trainers_packed_row(name, loaded):
+    """PPO/GRPO on each family: the engine samples a group of two answers per prompt (seeded), and the
+    trainer's packed row (completion_logprobs, the critic's hidden states included; and GRPO's row
+    with each prompt once where the family allows) gives the engine's log-probs."""
+    from chatsmith.data.prompts import Prompt
+    from chatsmith.data.template import render_conversation
+    from chatsmith.infer.engine import Engine
+    from chatsmith.infer.sampling import SamplingParams
+    from chatsmith.models.attention import disable_segment_attention, enable_segment_attention
+    from chatsmith.train.losses import token_logprobs
+    from chatsmith.train.rl_batches import RLBatchSpec, collate_episodes
+    from chatsmith.train.rollout import completion_logprobs, generate_episodes
+
+    model, tok = loaded[name]
+    prompts = [Prompt(render_conversation(tok, Conversation(c.messages[:-1]), add_generation_prompt=True).input_ids,
+                      c.messages[-2].content, {}) for c in CONVS[:2]]
+    engine = Engine(model, tok, max_batch_size=4)
+    episodes = generate_episodes(engine, prompts, group_size=2, stop_ids=set(),
+                                 params=SamplingParams(temperature=1.0, max_new_tokens=5, seed=3))
+    share = enable_segment_attention(model)
+    try:
+        lps, hidden = completion_logprobs(model, episodes, with_hidden=True)
+        for e, lp, h in zip(episodes, lps, hidden):
+            assert lp == pytest.approx(e.logprobs, abs=1e-4) and h.shape[0] == len(e.completion_ids)
+        if share:
+            for e in episodes:
+                e.advantages = [0.0] * len(e.completion_ids)
+            b = collate_episodes(episodes, RLBatchSpec(share_prompts=True))
+            with torch.no_grad():
+                out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False,
+                            logits_to_keep=b["target_positions"], segment_bounds=b["segment_bounds"])
+            assert token_logprobs(out.logits[0], b["targets"]).tolist() == pytest.approx(
+                [x for lp in lps for x in lp], abs=1e-4)
+    finally:
+        disable_segment_attention(model)
