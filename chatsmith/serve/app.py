@@ -6,7 +6,8 @@ conversation with the one template function, submits token ids to `chatsmith.inf
 
 Routes (llama.cpp's server is the model for the native ones):
 - OpenAI: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/embeddings
-- native: GET /health (503 while loading), GET /metrics (Prometheus), POST /tokenize,
+- native: GET /health (503 while loading), GET /metrics (Prometheus), POST /infill (llama.cpp's code
+  infill, FIM models; serve/infill.py), POST /tokenize,
   POST /detokenize, POST /apply-template, GET /tokenizer_info (vLLM's; lm-evaluation-harness's
   remote tokenizer uses it with /tokenize and /detokenize)
 - GET /: the web chat page (static files in chatsmith/serve/static, no CDN)
@@ -56,6 +57,7 @@ from chatsmith.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    InfillRequest,
     TokenizeRequest,
     openapi_body,
     openapi_components,
@@ -305,6 +307,12 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "field 'max_tokens': 0 generates nothing; it needs 'echo': true (with 'logprobs', "
                            "to score the prompt)", param="max_tokens")
         prompts, named = _prompt_list(body.prompt)
+        if body.suffix is not None:   # fill in the middle: each prompt is a prefix (serve/infill.py)
+            from chatsmith.serve.infill import infill_ids
+
+            if body.echo or any(not isinstance(p, str) for p in prompts):
+                raise APIError(400, "field 'suffix': needs text prompts and no echo", param="suffix")
+            prompts = [infill_ids(state, p, body.suffix) for p in prompts]
         if len(prompts) * body.n > MAX_PROMPTS:
             raise APIError(400, f"field 'prompt': {len(prompts)} prompts x n={body.n} is more than the {MAX_PROMPTS} "
                            "choices one request may ask for; send smaller batches", param="prompt")
@@ -322,6 +330,31 @@ def create_app(state: ServerState) -> FastAPI:
         job = GenerationJob(state, "text_completion", ids, params, body.n, adapter, body.model or state.model_name,
                             logprobs=body.logprobs is not None, echo=echo, prompt_logprobs=scored)
         return await _answer(job, request, body)
+
+    @app.post("/infill", openapi_extra=openapi_body(InfillRequest))
+    async def infill(request: Request) -> JSONResponse:
+        """Native, as llama.cpp's: code between `input_prefix` and `input_suffix` (a FIM model; 400 otherwise)."""
+        from chatsmith.serve.infill import infill_ids, llama_cpp_answer
+
+        body = await read_body(request, InfillRequest)
+        _require_ready(state)
+        if body.stream:
+            raise APIError(400, "field 'stream': /infill answers whole; stream with /v1/completions and 'suffix'",
+                           param="stream")
+        if body.input_extra:
+            raise APIError(400, "field 'input_extra': other files as context are not supported; send the code "
+                           "around the cursor as input_prefix and input_suffix", param="input_extra")
+        ids = await asyncio.to_thread(infill_ids, state, body.input_prefix, body.input_suffix, body.prompt,
+                                      "input_prefix")
+        if body.n_predict == 0:
+            raise APIError(400, "field 'n_predict': 0 generates nothing; ask for at least 1 token (-1: no limit)",
+                           param="n_predict")
+        max_tokens = body.n_predict if body.n_predict not in (None, -1) else body.max_tokens
+        params = _sampling(state, body, ids, max_tokens, 0, name="input_prefix")
+        job = GenerationJob(state, "text_completion", [ids], [params], 1, _adapter_for(state, body.model),
+                            body.model or state.model_name)
+        answer = await job.run(request)
+        return JSONResponse(llama_cpp_answer(answer, len(ids), job.requests[0].stop_string))
 
     @app.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
     async def embeddings(request: Request) -> JSONResponse:

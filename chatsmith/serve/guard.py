@@ -24,7 +24,7 @@ from chatsmith.serve.schemas import APIError
 
 # Routes that need the API key when one is set (the web page, /health and the schema stay open).
 PROTECTED_PREFIXES = ("/v1/",)
-PROTECTED_PATHS = ("/tokenize", "/detokenize", "/apply-template", "/tokenizer_info", "/metrics")
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/apply-template", "/tokenizer_info", "/metrics", "/infill")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 

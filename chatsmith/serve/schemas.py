@@ -167,6 +167,9 @@ class CompletionRequest(_Sampling):
         "log-probs of the tokens and of the N most likely at each; with echo the prompt's tokens come "
         "first (the first one's null)"))
     echo: bool = Field(default=False, description="return the prompt before the completion")
+    suffix: str | None = Field(default=None, description=(
+        "text after the completion: the model fills in between the prompt and it (fill-in-the-middle; "
+        "only for models whose tokenizer has FIM tokens)"))
     max_tokens: int | None = Field(default=16, ge=0, description=(
         "tokens to generate (null: as many as the context holds); 0 needs echo and scores the prompt only"))
 
@@ -180,6 +183,16 @@ class CompletionRequest(_Sampling):
         except ValidationError:
             raise ValueError("send a string, a list of token ids (integers), or a batch: a list of strings or a "
                              "list of token-id lists") from None
+
+
+class InfillRequest(_Sampling):
+    """The body of POST /infill (llama.cpp's): code between a prefix and a suffix."""
+    input_prefix: str = ""
+    input_suffix: str = ""
+    prompt: str = Field(default="", description="the start of the middle, written after <fim_middle>")
+    input_extra: list[dict[str, Any]] | None = Field(default=None, description="other files (not supported: 400)")
+    n_predict: int | None = Field(default=None, ge=-1, description="tokens to generate (-1 or null: max_tokens, "
+                                  "else as many as the context holds)")
 
 
 class EmbeddingRequest(_Strict):
