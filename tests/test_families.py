@@ -192,7 +192,8 @@ def test_greedy_engine_equals_generate(name, loaded):
 @pytest.mark.parametrize("name", NAMES)
 def test_freeze_and_lora_find_the_family_layers(name, loaded):
     """--method freeze trains the last block (and the final norm) only; LoRA's all-linear adapts every
-    linear layer of the blocks and never the LM head or the embeddings, tied or untied."""
+    linear layer of the blocks and never the LM head or the embeddings, tied or untied; DoRA's
+    magnitude vectors get gradients."""
     import copy
 
     from chatsmith.config import SFTConfig
@@ -217,6 +218,11 @@ def test_freeze_and_lora_find_the_family_layers(name, loaded):
     assert adapted == linear and linear
     assert not hasattr(peft_model.get_base_model().get_output_embeddings(), "lora_A")
     assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    dora = prepare_trainable(copy.deepcopy(loaded[name][0]), SFTConfig(method="dora"))
+    dora.train()   # as the training loop runs it (RWKV in eval mode updates its state in place)
+    dora(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    magnitudes = [p.grad for n, p in dora.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all(g is not None and torch.isfinite(g).all() for g in magnitudes)
 
 
 @pytest.mark.parametrize("name", NAMES)
