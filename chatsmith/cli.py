@@ -383,6 +383,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--cache-ttl", type=float, default=None, metavar="SECONDS", help="entries expire after this long")
     sv.add_argument("--cache-max-entries", type=int, default=10000, help="least recently used entries are evicted "
                     "past this many (default 10000)")
+    sv.add_argument("--moderation", default=None, metavar="SPEC", help="gate requests and answers: a rules file "
+                    "(.yaml/.json: categories of keywords and regexes) or a classifier directory (a `chatsmith rm` "
+                    "model or a sequence classifier), optionally DIR@THRESHOLD; flagged ones end with content_filter")
 
     lb = sub.add_parser("label", help="a local page to rank K sampled answers per prompt (drag or keys 1-K, ties, "
                         "skip, edit the best); saves rankings for `rm`/`dpo --loss rrhf` and pairs for `dpo`",
@@ -746,7 +749,8 @@ def _run(args: argparse.Namespace) -> int:
                           template=args.template, trust_remote_code=args.trust_remote_code,
                           allowed_hosts=args.allowed_host, max_body_mb=args.max_body_mb,
                           header_timeout=args.header_timeout, max_connections=args.max_connections,
-                          cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k)
+                          cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k,
+                          moderation=args.moderation)
     if args.command == "label":
         from chatsmith.datagen.label import LabelSettings, run_label
 

@@ -58,6 +58,7 @@ from chatsmith.serve.schemas import (
     DetokenizeRequest,
     EmbeddingRequest,
     InfillRequest,
+    ModerationRequest,
     TokenizeRequest,
     openapi_body,
     openapi_components,
@@ -95,6 +96,7 @@ class ServerState:
     fingerprint: str = "fp_chatsmith"
     cache: Any = None   # a chatsmith.cache.ResponseCache (serve --cache)
     kb: Any = None      # a chatsmith.kb.prompt.Retriever (serve --kb)
+    moderator: Any = None   # serve --moderation: a chatsmith.serve.moderation rules or classifier gate
 
     @property
     def ready(self) -> bool:
@@ -261,6 +263,18 @@ def create_app(state: ServerState) -> FastAPI:
         adapter = _adapter_for(state, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens
         plan = await asyncio.to_thread(tool_plan, state, body)   # tools, tool_choice, response_format
+        if state.moderator is not None:   # the gate: a flagged request is refused (serve/moderation.py)
+            from chatsmith.serve.moderation import moderate, refusal
+
+            asked = "\n".join(_text(m.content) for m in body.messages if ROLES.get(m.role) == "user")
+            if asked.strip() and (await moderate(state, [asked], "request"))[0].flagged:
+                import uuid
+
+                answer = refusal("chatcmpl-" + uuid.uuid4().hex[:24], body.model or state.model_name, state.fingerprint,
+                                 body.stream, bool(body.stream_options and body.stream_options.include_usage))
+                if body.stream:
+                    return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return JSONResponse(answer)
         sources, kb_extra = [], None
         top_k = _kb_top_k(state, body)
         if top_k:
@@ -355,6 +369,24 @@ def create_app(state: ServerState) -> FastAPI:
                             body.model or state.model_name)
         answer = await job.run(request)
         return JSONResponse(llama_cpp_answer(answer, len(ids), job.requests[0].stop_string))
+
+    @app.post("/v1/moderations", openapi_extra=openapi_body(ModerationRequest))
+    async def moderations(request: Request) -> JSONResponse:
+        """OpenAI: the moderation gate's verdicts on texts (serve --moderation)."""
+        from chatsmith.serve.moderation import moderate
+
+        body = await read_body(request, ModerationRequest)
+        if state.moderator is None:
+            raise APIError(404, "this server has no moderation gate; start it with `chatsmith serve MODEL --moderation "
+                           "SPEC` (a rules file or a classifier)", code="not_found")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > 256:
+            raise APIError(400, "field 'input': send a string or a list of 1 to 256 strings", param="input")
+        verdicts = await moderate(state, texts, "api")
+        import uuid
+
+        return JSONResponse({"id": "modr-" + uuid.uuid4().hex[:24], "model": state.moderator.name,
+                             "results": [v.to_openai() for v in verdicts]})
 
     @app.post("/v1/embeddings", openapi_extra=openapi_body(EmbeddingRequest))
     async def embeddings(request: Request) -> JSONResponse:
@@ -663,7 +695,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                template: str | None = None, trust_remote_code: bool = False, allowed_hosts: list[str] | None = None,
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
                max_connections: int = 256, cache: dict[str, Any] | None = None, kb: str | None = None,
-               kb_top_k: int = 5) -> int:
+               kb_top_k: int = 5, moderation: str | None = None) -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
     `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None."""
     import uvicorn
@@ -678,6 +710,11 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
 
         state.kb = Retriever(kb, top_k=kb_top_k)
         print(f"knowledge base: {kb} ({state.kb.kb.stats()['chunks']} chunks)", flush=True)
+    if moderation is not None:   # a bad rules file or classifier fails now, with what is wrong
+        from chatsmith.serve.moderation import load_moderator
+
+        state.moderator = load_moderator(moderation)
+        print(f"moderation: {state.moderator.kind} {state.moderator.name}", flush=True)
     if cache is not None:
         from chatsmith.cache import ResponseCache
 

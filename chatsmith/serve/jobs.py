@@ -38,6 +38,9 @@ class GenerationJob:
             constraint = lambda: JsonObjectConstraint(state.tokenizer)   # noqa: E731
         self.make_constraint = constraint   # a factory: each choice is generated under its own constraint
         self.tools = tools                  # serve/tools.py ToolParsing: answers are read for tool calls
+        # serve/moderation.py: a chat answer the gate flags ends with finish_reason "content_filter"
+        self.moderator = state.moderator if kind == "chat.completion" else None
+        self.filtered: set[int] = set()
         self.prompt_logprobs = prompt_logprobs   # echo the prompt tokens' log-probs before the generated ones
         self.choices = len(prompts) * n
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -153,7 +156,9 @@ class GenerationJob:
             echo = self.echo[i // self.n] if self.echo is not None else None
             if self.kind == "chat.completion":
                 message: dict[str, Any] = {"role": "assistant", "content": text}
-                if self.tools is not None:
+                if i in self.filtered:   # the moderation gate flagged this answer: none of it is given
+                    message, finish = {"role": "assistant", "content": None}, "content_filter"
+                elif self.tools is not None:
                     from chatsmith.data.tools import openai_call, parse_tool_calls
 
                     parsed = parse_tool_calls(text, self.tools.names, self.tools.parallel)
@@ -193,6 +198,16 @@ class GenerationJob:
         data = {"id": self.id, "object": obj, "created": self.created, "model": self.model_name,
                 "system_fingerprint": self.state.fingerprint, "choices": [choice]}
         return f"data: {json.dumps(data)}\n\n"
+
+    async def _flagged(self, i: int, text: str) -> bool:
+        """Whether the gate flags choice i's answer so far; a flagged choice's generation is cancelled."""
+        from chatsmith.serve.moderation import moderate
+
+        if not (await moderate(self.state, [text], "answer"))[0].flagged:
+            return False
+        self.filtered.add(i)
+        self.requests[i].cancel()
+        return True
 
     def _tool_chunks(self, i: int, events: list[tuple[str, Any]], called: list[int], req: Any,
                      lp_range: tuple[int, int]) -> list[str]:
@@ -237,6 +252,11 @@ class GenerationJob:
         errors = [r.error for r in self.requests if r.finish_reason == "error"]
         if errors:
             raise APIError(500, f"generation failed: {errors[0]}", type="server_error")
+        if self.moderator is not None:
+            from chatsmith.serve.moderation import moderate
+
+            verdicts = await moderate(self.state, [r.detok.text for r in self.requests], "answer")
+            self.filtered = {i for i, v in enumerate(verdicts) if v.flagged}
         if self.want_logprobs:   # up to 2**19 log-prob entries (echoed batches): built off the event loop
             return await asyncio.to_thread(self._response)
         return self._response()
@@ -248,6 +268,7 @@ class GenerationJob:
         logged = [0] * self.choices      # log-prob entries already sent per choice
         remaining = self.choices
         parsers, called = None, [0] * self.choices   # tool calls: one parser per choice, calls sent per choice
+        said, held = [""] * self.choices, [""] * self.choices   # moderation: text sent, text held for the next check
         if self.tools is not None and self.kind == "chat.completion":
             from chatsmith.data.tools import ToolCallStream
 
@@ -261,6 +282,19 @@ class GenerationJob:
                     yield self._chunk(i, self.echo[i // self.n], None)
             while remaining:
                 kind, i, count, text, req = await queue.get()
+                if i in self.filtered:   # cut by the moderation gate: its slot is freed, its events ignored
+                    remaining -= kind == "done"
+                    continue
+                if kind == "token" and text and self.moderator is not None:
+                    # Text is held until the gate has seen it (every piece for rules, every
+                    # check_every characters for a classifier); a flagged piece is never sent.
+                    held[i] += text
+                    if len(held[i]) < self.moderator.check_every:
+                        continue
+                    if await self._flagged(i, said[i] + held[i]):
+                        yield self._chunk(i, None, "content_filter", req, (logged[i], logged[i]))
+                        continue
+                    text, said[i], held[i] = held[i], said[i] + held[i], ""
                 if kind == "token":
                     if text and parsers is not None:
                         for chunk in self._tool_chunks(i, parsers[i].push(text), called, req, (logged[i], count)):
@@ -277,15 +311,21 @@ class GenerationJob:
                     continue
                 end = len(req.output)
                 finish = FINISH_REASONS[req.finish_reason]
+                tail = req.tail
+                if self.moderator is not None:
+                    tail = held[i] + (tail or "")
+                    if tail and await self._flagged(i, said[i] + tail):
+                        yield self._chunk(i, None, "content_filter", req, (logged[i], logged[i]))
+                        continue
                 if parsers is not None:
-                    events = parsers[i].push(req.tail) + parsers[i].finish() if req.tail else parsers[i].finish()
+                    events = parsers[i].push(tail) + parsers[i].finish() if tail else parsers[i].finish()
                     for chunk in self._tool_chunks(i, events, called, req, (logged[i], end)):
                         yield chunk
                     logged[i] = end
                     yield self._chunk(i, None, "tool_calls" if called[i] and finish == "stop" else finish, req,
                                       (end, end))
                 else:
-                    yield self._chunk(i, req.tail, finish, req, (logged[i], end))
+                    yield self._chunk(i, tail, finish, req, (logged[i], end))
                 logged[i] = end
             self._record()
             if include_usage:

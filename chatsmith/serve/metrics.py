@@ -50,6 +50,10 @@ class Metrics:
         self.cache_stores = Counter("chatsmith_cache_stores", "responses stored in the cache", registry=r)
         self.cache_evictions = Counter("chatsmith_cache_evictions", "cache entries evicted (LRU or expired)",
                                        registry=r)
+        self.moderation_checks = Counter("chatsmith_moderation_checks", "texts checked by the moderation gate, by "
+                                         "where (request, answer, api)", ["where"], registry=r)
+        self.moderation_flagged = Counter("chatsmith_moderation_flagged", "texts the moderation gate flagged, by where",
+                                          ["where"], registry=r)
 
     def route(self, path: str) -> str:
         """The label of a request path: the route it belongs to, or "other"."""
@@ -88,6 +92,12 @@ class Metrics:
         self.cache_stores.inc()
         if evicted:
             self.cache_evictions.inc(evicted)
+
+    def moderated(self, where: str, checked: int, flagged: int) -> None:
+        """Texts checked by the moderation gate at `where` and how many it flagged."""
+        self.moderation_checks.labels(where=where).inc(checked)
+        if flagged:
+            self.moderation_flagged.labels(where=where).inc(flagged)
 
     def render(self, running: int, waiting: int) -> bytes:
         """The Prometheus text exposition of every metric, with the engine's current occupancy."""

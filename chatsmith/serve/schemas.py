@@ -195,6 +195,12 @@ class InfillRequest(_Sampling):
                                   "else as many as the context holds)")
 
 
+class ModerationRequest(_Strict):
+    """The body of POST /v1/moderations."""
+    model: str | None = None
+    input: str | list[str]
+
+
 class EmbeddingRequest(_Strict):
     """The body of POST /v1/embeddings."""
     model: str | None = None
