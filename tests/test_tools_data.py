@@ -135,6 +135,9 @@ PIECES = ("Let me check.\n" + CALL + "\n" + '<tool_call>\n{"name": "now", "argum
 @pytest.mark.parametrize("text, content, calls", [
     (CALL, None, [("get_weather", {"city": "Paris"})]),
     (PIECES, "Let me check.", [("get_weather", {"city": "Paris"}), ("now", {})]),   # an empty-argument call is kept
+    # and a call after an empty-argument one keeps its arguments (vllm #47901)
+    ('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n' + CALL, None,
+     [("now", {}), ("get_weather", {"city": "Paris"})]),
     # braces and tags inside argument strings (vllm #9693): the arguments stay whole
     ('<tool_call>\n{"name": "now", "arguments": {"q": "} </tool_call"}}\n</tool_call>', None, [("now", {"q": "} </tool_call"})]),
     ('<tool_call>{"name": "now", "arguments": "{\\"a\\": [1, {}]}"}</tool_call>', None, [("now", {"a": [1, {}]})]),
