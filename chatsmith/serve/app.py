@@ -5,7 +5,9 @@ conversation with the one template function, submits token ids to `chatsmith.inf
 (which runs in its own thread), and turns the ids it gets back into text and JSON.
 
 Routes (llama.cpp's server is the model for the native ones):
-- OpenAI: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /v1/embeddings
+- OpenAI: POST /v1/chat/completions (tools, tool_choice and json_schema: serve/tools.py),
+  POST /v1/completions (suffix: serve/infill.py), GET /v1/models, POST /v1/embeddings,
+  POST /v1/moderations (serve --moderation: serve/moderation.py)
 - native: GET /health (503 while loading), GET /metrics (Prometheus), POST /infill (llama.cpp's code
   infill, FIM models; serve/infill.py), POST /tokenize,
   POST /detokenize, POST /apply-template, GET /tokenizer_info (vLLM's; lm-evaluation-harness's
