@@ -10,7 +10,8 @@ query latency as the knowledge base grows.
    write rate, the one-time load of the vector matrix, and query latency p50/p95 for BM25, vector
    and hybrid search (the query's embedding, measured once on its own, comes on top).
 
-    python benchmarks/kb_retrieval.py [--sizes 10000,100000,1000000] [--queries 100] [--out bench-out/kb_retrieval.json]
+    python benchmarks/kb_retrieval.py [--sizes 10000,100000,1000000] [--queries 100] [--kb-dir DIR]
+                                      [--skip-recall] [--out bench-out/kb_retrieval.json]
 """
 
 from __future__ import annotations
@@ -79,40 +80,56 @@ def recall(kb, questions: list[dict], embedder) -> dict:
     return out
 
 
-def synthetic(n: int, queries: int, dim: int = 384, seed: int = 0) -> dict:
-    """Write n synthetic chunks, then time queries."""
-    from chatsmith.kb.search import bm25_search, search, vector_search
+def write_synthetic(path: Path, n: int, dim: int = 384, seed: int = 0) -> float:
+    """Write n synthetic chunks (100 documents of 100 chunks per transaction) to a new KB at
+    `path`; returns the seconds it took."""
     from chatsmith.kb.store import KnowledgeBase, NewChunk
 
     rng = np.random.default_rng(seed)
-    # Words of letters only: a word with a digit would count as an exact term (kb/search.py).
-    vocab = np.array(["".join("abcdefghijklmnopqrstuvwxyz"[(i // 26**j) % 26] for j in range(4)) + "x"
-                      for i in range(50_000)])
-    p = 1.0 / np.arange(1, len(vocab) + 1) ** 1.1
-    p /= p.sum()
-    folder = Path(tempfile.mkdtemp(prefix="kb-bench-"))
+    kb = KnowledgeBase(path, create=True)
+    start = time.perf_counter()
+    per_doc, written = 100, 0
+    while written < n:
+        with kb.write():
+            for _ in range(100):
+                if written >= n:
+                    break
+                m = min(per_doc, n - written)
+                words = rng.choice(VOCAB, size=(m, 120), p=ZIPF)
+                vecs = rng.standard_normal((m, dim)).astype(np.float32)
+                vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+                chunks = [NewChunk(i, f"section {i % 7}", f"line {i}", " ".join(words[i]), f"{written + i:032x}",
+                                   120, vecs[i].tobytes()) for i in range(m)]
+                kb.replace_document(f"/syn/doc{written // per_doc}.txt", "text", "", f"{written}", 0, 0.0, chunks)
+                written += m
+    kb.close()
+    return time.perf_counter() - start
+
+
+# Words of letters only: a word with a digit would count as an exact term (kb/search.py).
+VOCAB = np.array(["".join("abcdefghijklmnopqrstuvwxyz"[(i // 26**j) % 26] for j in range(4)) + "x"
+                  for i in range(50_000)])
+ZIPF = 1.0 / np.arange(1, len(VOCAB) + 1) ** 1.1
+ZIPF /= ZIPF.sum()
+
+
+def synthetic(n: int, queries: int, kb_dir: Path | None, dim: int = 384) -> dict:
+    """Query latency on a synthetic KB of n chunks (written first, or reused from `kb_dir`)."""
+    from chatsmith.kb.search import bm25_search, search, vector_search
+    from chatsmith.kb.store import KnowledgeBase
+
+    folder = kb_dir or Path(tempfile.mkdtemp(prefix="kb-bench-"))
+    path = folder / f"syn{n}.kb"
     try:
-        kb = KnowledgeBase(folder / "syn.kb", create=True)
-        start = time.perf_counter()
-        per_doc, written = 100, 0
-        while written < n:
-            with kb.write():
-                for _ in range(100):   # 100 documents of 100 chunks per transaction
-                    if written >= n:
-                        break
-                    m = min(per_doc, n - written)
-                    words = rng.choice(vocab, size=(m, 120), p=p)
-                    vecs = rng.standard_normal((m, dim)).astype(np.float32)
-                    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-                    chunks = [NewChunk(i, f"section {i % 7}", f"line {i}", " ".join(words[i]), f"{written + i:032x}",
-                                       120, vecs[i].tobytes()) for i in range(m)]
-                    kb.replace_document(f"/syn/doc{written // per_doc}.txt", "text", "", f"{written}", 0, 0.0, chunks)
-                    written += m
-        write_s = time.perf_counter() - start
+        write_s = None
+        if not path.exists():
+            write_s = write_synthetic(path, n, dim)
+        kb = KnowledgeBase(path)
         t = time.perf_counter()
         kb.matrix()
         load_s = time.perf_counter() - t
-        qwords = [" ".join(rng.choice(vocab[:5000], size=6)) for _ in range(queries)]
+        rng = np.random.default_rng(1)
+        qwords = [" ".join(rng.choice(VOCAB[:5000], size=6)) for _ in range(queries)]
         qvecs = rng.standard_normal((queries, dim)).astype(np.float32)
         qvecs /= np.linalg.norm(qvecs, axis=1, keepdims=True)
 
@@ -137,13 +154,15 @@ def synthetic(n: int, queries: int, dim: int = 384, seed: int = 0) -> dict:
             t = time.perf_counter()
             search(kb, qwords[i], k=5, embedder=emb)
             times["hybrid"].append(time.perf_counter() - t)
-        size = sum(f.stat().st_size for f in folder.iterdir())
+        size = sum(p.stat().st_size for p in folder.glob(path.name + "*"))
         kb.close()
-        return {"chunks": n, "write_chunks_per_s": n / write_s, "matrix_load_s": load_s, "file_mb": size / 2**20,
+        return {"chunks": n, "write_chunks_per_s": n / write_s if write_s else None, "matrix_load_s": load_s,
+                "file_mb": size / 2**20,
                 **{f"{m}_p50_ms": 1000 * statistics.median(v) for m, v in times.items()},
                 **{f"{m}_p95_ms": 1000 * float(np.percentile(v, 95)) for m, v in times.items()}}
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if kb_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def scan_only(n: int, queries: int, dim: int = 384) -> dict:
@@ -172,9 +191,11 @@ def scan_only(n: int, queries: int, dim: int = 384) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000", help="synthetic KB sizes, comma-separated")
+    ap.add_argument("--sizes", default="10000,100000,1000000", help="synthetic KB sizes, comma-separated")
     ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--scan-sizes", default="1000000", help="sizes for the vector scan alone (no database)")
+    ap.add_argument("--scan-sizes", default="", help="sizes for the vector scan alone (no database)")
+    ap.add_argument("--kb-dir", type=Path, help="keep the synthetic KBs here (synN.kb) and reuse them on the next "
+                                                "run (1M chunks take minutes to write and 4.5 GB)")
     ap.add_argument("--skip-recall", action="store_true", help="only the synthetic measurements")
     ap.add_argument("--out", default="bench-out/kb_retrieval.json")
     args = ap.parse_args()
@@ -226,10 +247,10 @@ def recall_part(result: dict, embedder) -> None:
 def synthetic_part(result: dict, args) -> None:
     result["synthetic"] = []
     for n in [int(x) for x in args.sizes.split(",") if x]:
-        r = synthetic(n, args.queries)
+        r = synthetic(n, args.queries, args.kb_dir)
         result["synthetic"].append(r)
-        print(f"\n{n:>9,} chunks: written at {r['write_chunks_per_s']:,.0f} chunks/s, {r['file_mb']:.0f} MB, "
-              f"vectors loaded in {r['matrix_load_s']:.2f} s")
+        rate = f"written at {r['write_chunks_per_s']:,.0f} chunks/s" if r["write_chunks_per_s"] else "reused"
+        print(f"\n{n:>9,} chunks: {rate}, {r['file_mb']:.0f} MB, vectors loaded in {r['matrix_load_s']:.2f} s")
         for m in ("bm25", "vector", "hybrid"):
             print(f"    {m:7s} p50 {r[m + '_p50_ms']:7.1f} ms   p95 {r[m + '_p95_ms']:7.1f} ms")
     result["scan_only"] = []

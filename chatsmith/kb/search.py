@@ -66,13 +66,19 @@ class Hit:
         return asdict(self)
 
 
-def fts_query(text: str) -> str | None:
-    """An FTS5 query for free text: its words, minus stopwords, each quoted, joined by OR (None
-    when nothing is left). Quoting makes FTS5's syntax characters plain text."""
+def query_words(text: str) -> list[str]:
+    """The words of a question that search uses: lower-cased, stopwords left out (all of them
+    when nothing else is left), each once, at most 64."""
     words = [w for w in re.findall(r"[^\W_]+", text.lower()) if w not in STOPWORDS]
     if not words:
         words = re.findall(r"[^\W_]+", text.lower())
-    seen = list(dict.fromkeys(words))[:64]
+    return list(dict.fromkeys(words))[:64]
+
+
+def fts_query(text: str, *, without: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """An FTS5 query for free text: its words (`query_words`) except those in `without`, each
+    quoted, joined by OR (None when nothing is left). Quoting makes FTS5's syntax characters plain text."""
+    seen = [w for w in query_words(text) if w not in without]
     return " OR ".join(f'"{w}"' for w in seen) if seen else None
 
 
@@ -110,8 +116,12 @@ def exact_search(kb: KnowledgeBase, query: str, limit: int) -> list[tuple[int, f
 
 
 def bm25_search(kb: KnowledgeBase, query: str, limit: int) -> list[tuple[int, float]]:
-    """(chunk id, BM25 score, higher better) of the best `limit` chunks for `query`."""
-    q = fts_query(query)
+    """(chunk id, BM25 score, higher better) of the best `limit` chunks for `query`. Words that
+    more than half of the chunks hold are left out of the query (`KnowledgeBase.common_words`:
+    BM25 weighs them at ~0, and their posting lists are the slowest to read), unless every word is one."""
+    words = query_words(query)
+    common = kb.common_words(words)
+    q = fts_query(query, without=common if len(common) < len(words) else frozenset())
     if q is None:
         return []
     # bm25() weights: the text 1, the heading path 0.5 (a heading repeats across its chunks).
@@ -122,9 +132,7 @@ def bm25_search(kb: KnowledgeBase, query: str, limit: int) -> list[tuple[int, fl
 
 def coverage(kb: KnowledgeBase, query: str, ids: list[int]) -> dict[int, float]:
     """The share of the query's words (stopwords left out) that each chunk contains, 0..1."""
-    words = [w for w in re.findall(r"[^\W_]+", query.lower()) if w not in STOPWORDS] or re.findall(r"[^\W_]+",
-                                                                                                   query.lower())
-    words = list(dict.fromkeys(words))[:32]
+    words = query_words(query)[:32]
     counts = dict.fromkeys(ids, 0)
     if not words or not ids:
         return {i: 0.0 for i in ids}
