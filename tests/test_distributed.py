@@ -271,3 +271,20 @@ def test_fsdp_offload_dpo_lora_equals_one_process(tmp_path):
         torch.testing.assert_close(a2[k], a1[k], atol=1e-5, rtol=0, msg=k)
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
     assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(one), rel=1e-4)
+
+
+def test_deepspeed_recipe_without_deepspeed_says_what_to_install(tmp_path, monkeypatch):
+    """A zero*.yaml launch sets ACCELERATE_USE_DEEPSPEED; without the package (an optional extra) the
+    run stops before training with the command that installs it."""
+    import sys
+
+    from chatsmith.data import Conversation, Message
+    from chatsmith.errors import ChatsmithError
+    from chatsmith.train.sft import run_sft
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)   # `import deepspeed` raises ImportError
+    cfg = SFTConfig(model="tiny-random-llama", output=str(tmp_path / "run"), max_steps=1, method="full")
+    with pytest.raises(ChatsmithError, match=r"pip install 'chatsmith\[deepspeed\]'.*fsdp.yaml"):
+        run_sft(cfg, conversations=[Conversation([Message("user", "hi"), Message("assistant", "hello")])] * 4)
+    assert not (tmp_path / "run" / "final").exists()

@@ -137,6 +137,7 @@ class Trainer:
         # Without a GPU, processes launched by `accelerate launch`/torchrun train together over gloo
         # (accelerate only does so when told the run is a CPU one); FSDP runs there too (sharding.py).
         self.accelerator = sharding.accelerator(
+            max_grad_norm=cfg.max_grad_norm, batch_size=cfg.batch_size,
             mixed_precision=precision_mode(cfg.precision),
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tb")),
@@ -147,6 +148,12 @@ class Trainer:
         if self.sharded and batch_source is not None:
             raise ChatsmithError("PPO and GRPO do not run sharded yet (each process generates its own rollouts, and a "
                                  "sharded model needs every process in every forward): use recipes/accelerate/ddp.yaml")
+        if self.sharded and self.accelerator.distributed_type.value == "DEEPSPEED" and self.has_evaluation:
+            # A ZeRO-3 layer gathers its weights from every process in each forward, and gathering them
+            # all up front (GatheredParameters) still hung here when one process evaluated alone.
+            raise ChatsmithError("evaluation does not run under DeepSpeed ZeRO-3 yet: train with --eval-split 0 and no "
+                                 "--eval-data/--eval-suite, then evaluate final/ with chatsmith eval; or use "
+                                 "recipes/accelerate/fsdp.yaml (evaluates while sharded) or zero2.yaml")
         if batch_source is None and any(len(step) % world for step in plan):
             raise ChatsmithError(f"the plan's steps must hold a multiple of {world} micro-batches (one share per "
                                  "process); build it with plan_steps(..., processes=world_size())")
@@ -214,7 +221,9 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return 0
-        self.accelerator.load_state(str(ckpt), strict=False)
+        # (a LoRA checkpoint holds only the adapter: the frozen base comes from the model as loaded)
+        strict = "load_module_strict" if self.accelerator.distributed_type.value == "DEEPSPEED" else "strict"
+        self.accelerator.load_state(str(ckpt), **{strict: False})
         step = json.loads((ckpt / STATE_FILE).read_text())["step"]
         # Drop metrics a crashed run logged after this checkpoint: they will be logged again.
         if self.metrics_path.is_file() and self.accelerator.is_main_process:
@@ -350,6 +359,8 @@ class Trainer:
                     batch = _to_device(batch, acc.device)
                     sync = j == len(mine) - 1
                     ctx = acc.no_sync(self.model) if (world > 1 and not sync) else _nullcontext()
+                    # DeepSpeed's engine steps inside backward at an accumulation boundary: the last micro-batch.
+                    acc.gradient_state._set_sync_gradients(sync)
                     with ctx:
                         loss_sum, extra = self.objective.loss(self.model, batch)
                         # DDP averages gradients over processes; scale so the result is sum/denom.
@@ -357,6 +368,7 @@ class Trainer:
                     loss_total += float(loss_sum.detach())
                     for k, v in extra.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
+                acc.gradient_state._set_sync_gradients(True)   # (the optimizer wrapper steps only when set)
                 if world > 1:
                     loss_total, n_tokens, sums = _sum_over_processes(loss_total, n_tokens, sums)
                     n_tokens = int(n_tokens)

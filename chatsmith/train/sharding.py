@@ -2,16 +2,21 @@
 
 The strategy comes from `accelerate launch` (a config under recipes/accelerate/ sets
 ACCELERATE_USE_FSDP or ACCELERATE_USE_DEEPSPEED for the launched processes); the loop asks this
-module for its Accelerator and for the three things sharding changes:
+module for its Accelerator and for what sharding changes:
 
 - FSDP on a machine without a GPU: accelerate only turns FSDP on for GPU-like devices and otherwise
   runs plain gloo data parallel with the FSDP settings ignored. torch's FSDP2 (`fully_shard`)
   runs on CPU tensors over gloo, so `accelerator()` switches the state to FSDP there (the settings
   come from the same environment variables accelerate's own FSDP plugin reads).
+- DeepSpeed on a machine without a GPU: accelerate starts DeepSpeed only when not told the run is a
+  CPU one, so `accelerator()` says so and names gloo; DeepSpeed picks its CPU accelerator itself.
+  The engine steps inside backward at an accumulation boundary (the loop marks the last micro-batch)
+  and clips at --max-grad-norm (the recipe's gradient_clipping is replaced).
 - Evaluation and generation on one process: a sharded layer gathers its weights from every process
   in each forward, so a forward that only the main process runs would wait forever.
-  `full_weights(model)` gathers every layer once on every process (as FSDP1's
-  `summon_full_params` does) and keeps them gathered until the block ends.
+  `full_weights(model)` gathers every FSDP layer once on every process (as FSDP1's
+  `summon_full_params` does) and keeps them gathered until the block ends. Under ZeRO-3 the loop
+  refuses to evaluate (deepspeed's GatheredParameters still hung here).
 - Saving: a sharded model's weights exist whole on no process. `skeleton(model)` keeps a weightless
   copy of the model taken before sharding; `consolidated(...)` gathers the full state dict onto the
   main process and loads it into that copy, so final/ is written by the same code as a
@@ -38,18 +43,35 @@ def strategy() -> str:
     return "ddp"
 
 
-def accelerator(**kwargs: Any) -> Any:
-    """An Accelerator for this process: gloo on a machine without a GPU, with FSDP switched on there
-    when the launch asked for it (see the module docstring)."""
+def accelerator(max_grad_norm: float = 0.0, batch_size: int = 1, **kwargs: Any) -> Any:
+    """An Accelerator for this process: gloo on a machine without a GPU, with FSDP or DeepSpeed
+    switched on there when the launch asked for it (see the module docstring). Under DeepSpeed the
+    engine clips gradients, at `max_grad_norm` (0: no clipping); `batch_size` is only its bookkeeping
+    (the loop feeds the micro-batches)."""
     import torch
     from accelerate import Accelerator
 
     cpu = not torch.cuda.is_available()
-    if strategy() == "deepspeed" and cpu:
-        # accelerate keeps DeepSpeed off whenever it is told the run is a CPU one.
-        raise ChatsmithError("the DeepSpeed recipes (zero2.yaml, zero3.yaml) need GPUs here: accelerate does not start "
-                             "DeepSpeed on a CPU-only machine; use recipes/accelerate/fsdp.yaml (ZeRO-3-like "
-                             "sharding that runs on CPUs) or ddp.yaml")
+    if strategy() == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ChatsmithError("the DeepSpeed recipes (zero2.yaml, zero3.yaml) need the deepspeed package: "
+                                 "pip install 'chatsmith[deepspeed]'; or use recipes/accelerate/fsdp.yaml (the same "
+                                 "sharding with torch alone)") from None
+        # The engine steps and clips; its clipping is chatsmith's --max-grad-norm, not the config's.
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(float(max_grad_norm or 0.0))
+        if cpu:
+            # accelerate starts DeepSpeed only when not told the run is a CPU one; DeepSpeed's own CPU
+            # accelerator then talks over gloo.
+            from accelerate.utils import InitProcessGroupKwargs
+
+            os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+            acc = Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+        else:
+            acc = Accelerator(cpu=cpu, **kwargs)
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        return acc
     acc = Accelerator(cpu=cpu, **kwargs)
     if strategy() == "fsdp" and cpu and acc.num_processes > 1:
         from accelerate import FullyShardedDataParallelPlugin
