@@ -434,21 +434,18 @@ def test_api_answers_with_sources_per_request(kb_server):
     assert info["available"] and info["documents"] == 5 and info["top_k"] == 3
 
 
-def test_kb_request_to_a_server_without_one_is_a_400():
+def test_kb_request_to_a_server_without_one_is_a_400(kb_server):
     import httpx
 
-    from chatsmith.serve.app import ServerState, ServerThread, load_state
-
-    state = ServerState(TINY)
-    with ServerThread(state) as url:
-        load_state(state, TINY, max_concurrency=1, kv_cache_mb=2)
-        try:
-            r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                               "kb": True, "max_tokens": 2})
-            assert r.status_code == 400 and "no knowledge base" in r.json()["error"]["message"]
-            assert httpx.get(f"{url}/v1/kb").json() == {"object": "knowledge_base", "available": False}
-        finally:
-            state.engine.stop()
+    url, state = kb_server
+    retriever, state.kb = state.kb, None   # the same server without a knowledge base (serve without --kb)
+    try:
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "kb": True, "max_tokens": 2})
+        assert r.status_code == 400 and "no knowledge base" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/v1/kb").json() == {"object": "knowledge_base", "available": False}
+    finally:
+        state.kb = retriever
 
 
 def test_web_page_shows_sources_as_links(kb_server):
