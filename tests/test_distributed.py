@@ -6,7 +6,9 @@ Tolerance: 1e-5 absolute on every weight after 3 steps. The two runs see the sam
 the same loss denominators; only the order of the gradient sums differs (DDP adds the processes'
 gradients, FSDP reduce-scatters them, one process accumulates them), which moves float32 weights by
 ~1e-7 (FSDP sft: 3.6e-7 measured). Adam's first steps hardly depend on the gradient's scale, so the
-FSDP tests also compare the gradient norm before clipping (1e-4 relative).
+FSDP tests also compare the gradient norm before clipping, at 1e-3 relative: every parameter's
+gradient was found equal within 1e-6, but a float32 norm over the 3M-element embedding gradient
+summed in another order (per shard) moves by up to 1e-4 (benchmarks/sharded_cpu.py: 9.7e-5).
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def test_fsdp_sft_equals_one_process_and_resumes_from_sharded_checkpoint(tmp_pat
     assert "sharded over 2 processes (FSDP)" in r.stderr
     assert_same_weights(one, two, tiny_dir())
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)
-    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-4)
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-3)
     ev1, ev2 = ([r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
                 for run in (one, two))
     assert [r["step"] for r in ev2] == [r["step"] for r in ev1] == [0, 2, 3]
@@ -270,7 +272,7 @@ def test_fsdp_offload_dpo_lora_equals_one_process(tmp_path):
     for k in a1:
         torch.testing.assert_close(a2[k], a1[k], atol=1e-5, rtol=0, msg=k)
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
-    assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(one), rel=1e-4)
+    assert grad_norms(tmp_path / "two") == pytest.approx(grad_norms(one), rel=1e-3)
 
 
 def test_deepspeed_recipe_without_deepspeed_says_what_to_install(tmp_path, monkeypatch):
