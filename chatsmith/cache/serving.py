@@ -89,14 +89,22 @@ async def replay_stream(hit: CacheHit, prompt_tokens: int, model: str, include_u
 async def stream_and_store(events: AsyncIterator[str], job: Any, cache: ResponseCache, key: CacheKey,
                            on_store: Any = None, extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
     """Pass a live stream through; once it has ended normally (every choice finished, no error),
-    store the whole response under `key`. `on_store(evicted)` is told about each store."""
+    store the whole response under `key`, before the closing `data: [DONE]`: a client that asks
+    again as soon as its stream has ended must find the entry. `on_store(evicted)` is told about
+    each store."""
     failed = False
+    held: list[str] = []
     async for ev in events:
         if ev.startswith('data: {"error"'):
             failed = True
+        if ev.startswith("data: [DONE]"):
+            held.append(ev)
+            continue
         yield ev
     if not failed and all(r.finished and r.finish_reason in ("stop", "length") for r in job.requests):
         response = {**job._response(), **(extra or {})}
         evicted = await asyncio.to_thread(cache.store, key, response)
         if on_store is not None:
             on_store(evicted)
+    for ev in held:
+        yield ev
