@@ -148,12 +148,13 @@ class Trainer:
         if self.sharded and batch_source is not None:
             raise ChatsmithError("PPO and GRPO do not run sharded yet (each process generates its own rollouts, and a "
                                  "sharded model needs every process in every forward): use recipes/accelerate/ddp.yaml")
-        if self.sharded and self.accelerator.distributed_type.value == "DEEPSPEED" and self.has_evaluation:
+        self._zero3 = self.sharded and self.accelerator.distributed_type.value == "DEEPSPEED"
+        if self._zero3 and self.evaluators:
             # A ZeRO-3 layer gathers its weights from every process in each forward, and gathering them
-            # all up front (GatheredParameters) still hung here when one process evaluated alone.
-            raise ChatsmithError("evaluation does not run under DeepSpeed ZeRO-3 yet: train with --eval-split 0 and no "
-                                 "--eval-data/--eval-suite, then evaluate final/ with chatsmith eval; or use "
-                                 "recipes/accelerate/fsdp.yaml (evaluates while sharded) or zero2.yaml")
+            # all up front (GatheredParameters) still hung here when the main process generated alone.
+            raise ChatsmithError("task suites (--eval-suite) do not run under DeepSpeed ZeRO-3 yet: evaluate final/ "
+                                 "with chatsmith eval afterwards, or use recipes/accelerate/fsdp.yaml (evaluates "
+                                 "while sharded) or zero2.yaml; the held-out loss (--eval-split) does run")
         if batch_source is None and any(len(step) % world for step in plan):
             raise ChatsmithError(f"the plan's steps must hold a multiple of {world} micro-batches (one share per "
                                  "process); build it with plan_steps(..., processes=world_size())")
@@ -246,18 +247,27 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The objective's mean loss (and per-unit metrics) on the held-out examples: each process
         takes every P-th batch with the unwrapped model (no collective in a forward), then the sums
-        are added up over processes."""
+        are added up over processes. Under ZeRO-3 a forward gathers each layer from every process,
+        so every process runs as many forwards: one short of batches repeats one and drops it."""
         if not self.eval_examples:
             return {}
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         model.eval()
         total, units, sums = 0.0, 0, {}
-        starts = range(0, len(self.eval_examples), self.eval_batch_size)
-        for n, i in enumerate(starts):
-            if n % acc.num_processes != acc.process_index:
+        batches = [self.objective.collate(list(self.eval_examples[i:i + self.eval_batch_size]))
+                   for n, i in enumerate(range(0, len(self.eval_examples), self.eval_batch_size))
+                   if n % acc.num_processes == acc.process_index or self._zero3]
+        if self._zero3:   # the same forwards everywhere: this process's share, the rest as fillers
+            useful = [b for b in batches if b["n_targets"] > 0]
+            mine = useful[acc.process_index::acc.num_processes]
+            rounds = -(-len(useful) // acc.num_processes)
+            batches = mine + [None] * (rounds - len(mine))
+            filler = useful[0] if useful else None
+        for batch in batches:
+            if batch is None:   # ZeRO-3 filler: keeps the gathers in step, counts nothing
+                self.objective.loss(model, _to_device(filler, acc.device))
                 continue
-            batch = self.objective.collate(list(self.eval_examples[i:i + self.eval_batch_size]))
             if batch["n_targets"] == 0:
                 continue
             loss_sum, extra = self.objective.loss(model, _to_device(batch, acc.device))

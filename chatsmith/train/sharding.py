@@ -16,7 +16,8 @@ module for its Accelerator and for what sharding changes:
   in each forward, so a forward that only the main process runs would wait forever.
   `full_weights(model)` gathers every FSDP layer once on every process (as FSDP1's
   `summon_full_params` does) and keeps them gathered until the block ends. Under ZeRO-3 the loop
-  refuses to evaluate (deepspeed's GatheredParameters still hung here).
+  runs the held-out loss with as many forwards on every process, and refuses task suites
+  (deepspeed's GatheredParameters still hung here when the main process generated alone).
 - Saving: a sharded model's weights exist whole on no process. `skeleton(model)` keeps a weightless
   copy of the model taken before sharding; `consolidated(...)` gathers the full state dict onto the
   main process and loads it into that copy, so final/ is written by the same code as a
