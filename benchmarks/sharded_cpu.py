@@ -31,7 +31,7 @@ RECIPES = ["ddp", "fsdp", "fsdp_offload", "zero2", "zero3"]
 
 
 def sft_args(out: Path) -> list[str]:
-    """The job: evaluation off so that ZeRO-3 (which does not evaluate while sharded) runs it too."""
+    """The job (evaluation off: the table in docs/scaling.md compares training alone)."""
     return ["sft", "--model", "tiny-random-llama", "--data", str(SHARED / "alpaca_50.json"), "--method", "full",
             "--max-steps", "3", "--batch-size", "2", "--lr", "1e-3", "--max-length", "96", "--max-grad-norm", "1.0",
             "--warmup-ratio", "0", "--scheduler", "constant", "--seed", "3", "--eval-split", "0", "--packing",
