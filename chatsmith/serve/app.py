@@ -264,7 +264,9 @@ def create_app(state: ServerState) -> FastAPI:
         _require_ready(state)
         adapter = _adapter_for(state, body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        plan = await asyncio.to_thread(tool_plan, state, body)   # tools, tool_choice, response_format
+        # tools, tool_choice, response_format: grammars compile in a worker thread; a plain request needs none
+        compiles = bool(body.tools) or (body.response_format is not None and body.response_format.type == "json_schema")
+        plan = await asyncio.to_thread(tool_plan, state, body) if compiles else tool_plan(state, body)
         if state.moderator is not None:   # the gate: a flagged request is refused (serve/moderation.py)
             from chatsmith.serve.moderation import moderate, refusal
 

@@ -39,7 +39,7 @@ class GenerationJob:
         self.make_constraint = constraint   # a factory: each choice is generated under its own constraint
         self.tools = tools                  # serve/tools.py ToolParsing: answers are read for tool calls
         # serve/moderation.py: a chat answer the gate flags ends with finish_reason "content_filter"
-        self.moderator = state.moderator if kind == "chat.completion" else None
+        self.moderator = getattr(state, "moderator", None) if kind == "chat.completion" else None
         self.filtered: set[int] = set()
         self.prompt_logprobs = prompt_logprobs   # echo the prompt tokens' log-probs before the generated ones
         self.choices = len(prompts) * n
