@@ -80,18 +80,36 @@ def tiny_dir() -> str:
     return str(tiny_random_dir())
 
 
-def test_sft_two_processes_equal_one(tmp_path, shared_data):
-    """Also evaluation: the held-out loss is split over the processes, the task suite runs on the
-    main process while the other waits; both from step 0, with the same numbers as one process."""
+@pytest.fixture(scope="module")
+def sft_one(tmp_path_factory, shared_data) -> tuple[Path, dict]:
+    """The 1-process sft run (accumulation 2) that the DDP and FSDP sft runs must equal, and its settings."""
     from chatsmith.train.sft import run_sft
 
-    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": "Paris"}) + "\n"
-                                                  for q in ("Where is the Louvre?", "Capital of France?")))
+    d = tmp_path_factory.mktemp("sft_one")
+    (d / "tasks.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": "Paris"}) + "\n"
+                                           for q in ("Where is the Louvre?", "Capital of France?")))
     common = dict(model="tiny-random-llama", data=[str(shared_data / "alpaca_50.json")], method="full", max_steps=3,
                   batch_size=2, lr=1e-3, max_length=96, max_grad_norm=1.0, warmup_ratio=0.0, scheduler="constant",
-                  seed=3, eval_split=6, packing=True, eval_every=2, eval_suite=str(tmp_path / "tasks.jsonl"),
+                  seed=3, eval_split=6, packing=True, eval_every=2, eval_suite=str(d / "tasks.jsonl"),
                   eval_suite_max_new_tokens=4)
-    one = run_sft(SFTConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    return run_sft(SFTConfig(output=str(d / "one"), grad_accum=2, **common)), common
+
+
+@pytest.fixture(scope="module")
+def dpo_one(tmp_path_factory) -> tuple[Path, dict]:
+    """The 1-process LoRA dpo run (accumulation 2) that the DDP and FSDP dpo runs must equal."""
+    from chatsmith.train.dpo import run_dpo
+
+    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="lora", lora_r=4,
+                  max_steps=3, batch_size=2, lr=3e-2, max_length=96, eval_split=0, warmup_ratio=0.0,
+                  scheduler="constant", seed=5)
+    return run_dpo(DPOConfig(output=str(tmp_path_factory.mktemp("dpo_one") / "one"), grad_accum=2, **common)), common
+
+
+def test_sft_two_processes_equal_one(tmp_path, sft_one):
+    """Also evaluation: the held-out loss is split over the processes, the task suite runs on the
+    main process while the other waits; both from step 0, with the same numbers as one process."""
+    one, common = sft_one
     launch_two(["sft", *flags({**common, "output": str(tmp_path / "two")})], tmp_path)
     assert_same_weights(one, tmp_path / "two", tiny_dir())
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-6)
@@ -118,14 +136,9 @@ def test_rm_two_processes_equal_one(tmp_path):
     assert ev2["eval_accuracy"] == ev1["eval_accuracy"] and ev2["eval_loss"] == pytest.approx(ev1["eval_loss"], rel=1e-5)
 
 
-def test_dpo_lora_two_processes_equal_one(tmp_path):
+def test_dpo_lora_two_processes_equal_one(tmp_path, dpo_one):
     """DPO with LoRA: the reference is the adapter switched off inside each process's model."""
-    from chatsmith.train.dpo import run_dpo
-
-    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="lora", lora_r=4,
-                  max_steps=3, batch_size=2, lr=3e-2, max_length=96, eval_split=0, warmup_ratio=0.0,
-                  scheduler="constant", seed=5)
-    one = run_dpo(DPOConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    one, common = dpo_one
     launch_two(["dpo", *flags({**common, "output": str(tmp_path / "two")})], tmp_path, recipe="ddp.yaml")
     assert_same_weights(one, tmp_path / "two", tiny_dir())
     assert losses(tmp_path / "two") == pytest.approx(losses(one), rel=1e-5)
@@ -208,22 +221,15 @@ def test_every_accelerate_recipe_loads():
             assert offload == (f.name == "fsdp_offload.yaml") and isinstance(plugin.cpu_offload, OffloadPolicy)
 
 
-def test_fsdp_sft_equals_one_process_and_resumes_from_sharded_checkpoint(tmp_path, shared_data):
+def test_fsdp_sft_equals_one_process_and_resumes_from_sharded_checkpoint(tmp_path, sft_one):
     """FSDP2 full shard on 2 processes: the weights, losses and gradient norms of 1 process; the
     held-out loss and the task suite (on the main process alone, the layers gathered whole) as 1
     process; each checkpoint holds one part per process, and final/ is a normal model. With the last
     checkpoint and final/ removed, --resume continues from step 2's sharded checkpoint to the same weights."""
     from transformers import AutoModelForCausalLM
 
-    from chatsmith.train.sft import run_sft
-
-    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"prompt": q, "answer": "Paris"}) + "\n"
-                                                  for q in ("Where is the Louvre?", "Capital of France?")))
-    common = dict(model="tiny-random-llama", data=[str(shared_data / "alpaca_50.json")], method="full", max_steps=3,
-                  batch_size=2, lr=1e-3, max_length=96, max_grad_norm=1.0, warmup_ratio=0.0, scheduler="constant",
-                  seed=3, eval_split=6, packing=True, eval_every=2, eval_suite=str(tmp_path / "tasks.jsonl"),
-                  eval_suite_max_new_tokens=4, save_every=2)
-    one = run_sft(SFTConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    one, common = sft_one
+    common = {**common, "save_every": 2}   # (checkpoints do not change the weights)
     two = tmp_path / "two"
     r = launch_two(["sft", *flags({**common, "output": str(two)})], tmp_path, recipe="fsdp.yaml")
     assert "sharded over 2 processes (FSDP)" in r.stderr
@@ -253,17 +259,12 @@ def test_fsdp_sft_equals_one_process_and_resumes_from_sharded_checkpoint(tmp_pat
     assert losses(two) == pytest.approx(losses(one), rel=1e-6)   # step 3 logged again, once
 
 
-def test_fsdp_offload_dpo_lora_equals_one_process(tmp_path):
+def test_fsdp_offload_dpo_lora_equals_one_process(tmp_path, dpo_one):
     """LoRA under FSDP2 with CPU offload (fsdp_offload.yaml; without a GPU the offload runs unpinned):
     the frozen base and the adapter are sharded alike (FSDP2 keeps each parameter's own
     requires_grad, what FSDP1 needed use_orig_params for); the reference is the adapter switched off;
     adapter/ and the merged final/ equal 1 process's."""
-    from chatsmith.train.dpo import run_dpo
-
-    common = dict(model="tiny-random-llama", data=["builtin:identity-preferences"], method="lora", lora_r=4,
-                  max_steps=3, batch_size=2, lr=3e-2, max_length=96, eval_split=0, warmup_ratio=0.0,
-                  scheduler="constant", seed=5)
-    one = run_dpo(DPOConfig(output=str(tmp_path / "one"), grad_accum=2, **common))
+    one, common = dpo_one
     r = launch_two(["dpo", *flags({**common, "output": str(tmp_path / "two")})], tmp_path, recipe="fsdp_offload.yaml")
     assert "sharded over 2 processes (FSDP)" in r.stderr
     assert_same_weights(one, tmp_path / "two", tiny_dir())
