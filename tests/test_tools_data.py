@@ -13,6 +13,7 @@ from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.formats import read_conversations
 from chatsmith.data.template import render_conversation
 from chatsmith.data.tools import ToolCallStream, normalize_tools, parse_tool_calls, validate_call
+from chatsmith.data.writers import write_conversations
 from chatsmith.errors import DataError
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -169,3 +170,12 @@ def test_parallel_false_keeps_the_first_call_and_validation_names_the_problem():
     assert "missing required 'city'" in validate_call({"name": "get_weather", "arguments": {}}, tools)
     assert "not of type string" in validate_call({"name": "get_weather", "arguments": {"city": 3}}, tools)
     assert "no tool named" in validate_call({"name": "x", "arguments": {}}, tools)
+
+
+@pytest.mark.parametrize("to", ["messages", "sharegpt"])
+def test_tool_conversations_survive_conversion(tmp_path, tokenizer, to):
+    (conv,) = read_conversations(write(tmp_path / "t.jsonl", [OPENAI_RECORD])).conversations
+    write_conversations([conv], str(tmp_path / "out.jsonl"), to)
+    (back,) = read_conversations(str(tmp_path / "out.jsonl")).conversations
+    assert back.tools == conv.tools
+    assert render_conversation(tokenizer, back).text == render_conversation(tokenizer, conv).text

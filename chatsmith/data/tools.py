@@ -448,3 +448,9 @@ def _schema_error(value: Any, schema: dict[str, Any], at: str) -> str | None:
             if err:
                 return err
     return None
+
+
+def sharegpt_calls(calls: list[dict[str, Any]]) -> str:
+    """Calls as a LLaMA-Factory `function_call` turn's value: one {"name", "arguments"} object, or a list."""
+    objs = [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+    return json.dumps(objs[0] if len(objs) == 1 else objs, ensure_ascii=False)

@@ -8,6 +8,7 @@ from typing import Any
 
 from chatsmith.data.conversation import Conversation
 from chatsmith.data.formats import read_conversations
+from chatsmith.data.tools import openai_call, sharegpt_calls
 from chatsmith.errors import ChatsmithError
 
 WRITE_FORMATS = ("messages", "alpaca", "sharegpt")
@@ -47,19 +48,31 @@ def _to_record(conv: Conversation, to: str) -> dict[str, Any]:
         msgs = []
         for m in conv.messages:
             d: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:   # OpenAI's shape: arguments as JSON strings (chatsmith/data/tools.py)
+                d["content"] = m.content or None
+                d["tool_calls"] = [openai_call(c) for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
             if m.train is not None:
                 d["loss_weight"] = 1.0 if m.train else 0.0
             msgs.append(d)
-        return {"messages": msgs, **_extra(conv.meta, {"messages"})}
+        tools = {"tools": conv.tools} if conv.tools else {}
+        return {"messages": msgs, **tools, **_extra(conv.meta, {"messages", "tools"})}
     if to == "sharegpt":
         names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "tool"}
         turns = []
         for m in conv.messages:
-            d = {"from": names.get(m.role, m.role), "value": m.content}
+            if m.tool_calls:   # LLaMA-Factory's function_call turn (its text, if any, as the turn before)
+                if m.content:
+                    turns.append({"from": "gpt", "value": m.content})
+                d = {"from": "function_call", "value": sharegpt_calls(m.tool_calls)}
+            else:
+                d = {"from": names.get(m.role, m.role), "value": m.content}
             if m.train is not None:
                 d["loss_weight"] = 1.0 if m.train else 0.0
             turns.append(d)
-        return {"conversations": turns, **_extra(conv.meta, {"conversations", "system", "chosen"})}
+        tools = {"tools": json.dumps(conv.tools, ensure_ascii=False)} if conv.tools else {}   # a JSON string there
+        return {"conversations": turns, **tools, **_extra(conv.meta, {"conversations", "system", "chosen", "tools"})}
     return _to_alpaca(conv)
 
 
