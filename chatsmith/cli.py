@@ -162,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     sub.add_parser("models", help="list the builtin model aliases", formatter_class=fmt)
+    pl = sub.add_parser("plan", help="memory per device for a training run, whether it fits each GPU, what to change, "
+                        "and a speed estimate", epilog=PLAN_EXAMPLES, formatter_class=fmt)
+    _plan_flags(pl)
 
     d = sub.add_parser("data", help="inspect and convert datasets", epilog=EXAMPLES["data"], formatter_class=fmt)
     dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -615,6 +618,54 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="the first N prompts only")
 
 
+PLAN_EXAMPLES = """examples:
+  chatsmith plan --model smollm2-135m --method full                      this CPU: does full SFT fit in RAM?
+  chatsmith plan --model meta-llama/Llama-3.1-8B --method lora --gpu RTX4090 --seq-len 2048
+  chatsmith plan --model ./my-model --stage dpo --method full --gpus 8 --gpu A100-80GB --strategy zero3
+  chatsmith plan --model model.gguf --stage grpo --group-size 8 --max-new-tokens 512 --memory 24 --json
+"""
+
+
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    from chatsmith.planner import GPU_NAMES, PLAN_METHODS, STAGES, STRATEGIES
+
+    p.add_argument("--model", required=True, help="alias, HF directory, run or adapter directory, .gguf file or hub "
+                   "id (only its config is read; a hub id needs the network)")
+    p.add_argument("--stage", default="sft", choices=STAGES, help="training stage (default sft)")
+    p.add_argument("--method", default="lora", choices=PLAN_METHODS, help="what trains (default lora)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per example; grpo/ppo: prompt tokens (default 1024)")
+    p.add_argument("--batch", type=int, default=4, help="examples (dpo: pairs, grpo: prompts) per micro-batch (default 4)")
+    p.add_argument("--gpu", choices=GPU_NAMES, help="plan for this GPU (default: this machine's CPU and RAM)")
+    p.add_argument("--memory", type=float, help="memory per device in GB instead of the GPU's own")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the run uses (default 1)")
+    p.add_argument("--strategy", default="ddp", choices=STRATEGIES, help="how several GPUs share the model (default ddp)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="plan with activation recomputation")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list such as q_proj,v_proj")
+    p.add_argument("--freeze-trainable-layers", type=int, default=2, help="--method freeze: trained blocks (default 2)")
+    p.add_argument("--group-size", type=int, default=8, help="grpo: completions per prompt (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="grpo/ppo: tokens per completion (default 256)")
+    p.add_argument("--utilisation", type=float, default=0.4, help="share of peak FLOP/s and bandwidth assumed for the "
+                   "speed estimate (default 0.4)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from chatsmith.planner import estimate, fit_table, read_config, render, to_json
+
+    config = read_config(args.model)
+    kw = dict(stage=args.stage, method=args.method, seq_len=args.seq_len, batch=args.batch, gpus=args.gpus,
+              strategy=args.strategy, gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+              lora_targets=args.lora_targets, freeze_layers=args.freeze_trainable_layers,
+              group_size=args.group_size, max_new_tokens=args.max_new_tokens, utilisation=args.utilisation)
+    e = estimate(args.model, gpu=args.gpu, memory_gb=args.memory, config=config, **kw)
+    if args.json:
+        print(to_json(e))
+        return 0
+    render(e, None if args.memory else fit_table(args.model, config=config, **kw))
+    return 0
+
+
 def _mapping(text: str | None) -> dict[str, str] | None:
     if not text:
         return None
@@ -624,6 +675,8 @@ def _mapping(text: str | None) -> dict[str, str] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "plan":
+        return _run_plan(args)
     if args.command == "models":
         from rich.console import Console
         from rich.table import Table
