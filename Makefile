@@ -35,8 +35,12 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium golang-go >/dev/null; } || \
 	  echo "chromium or go not found: install Debian's chromium and golang-go packages for the page and template tests"
 
+# Two pytest-xdist workers (one thread each, tests/conftest.py): much of the suite is single-threaded
+# Python, subprocess start-up and servers waiting on sockets, so two workers on two cores finish the
+# suite in about half the time of one. Whole files go to one worker (their module fixtures stay shared).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_throughput.py

@@ -11,6 +11,11 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs two pytest-xdist workers on this 2-core machine: each worker, and every process it
+# starts, computes on one thread (two workers with two OpenMP threads each would fight over the cores).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 # The repository sits beside shared/ (CI clones it the same way).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -131,7 +131,10 @@ def test_engine_prompt_logprobs_equal_a_transformers_forward(hf, precision, atol
     for x in (b, c):
         assert x.prompt_logprobs == a.prompt_logprobs and x.prompt_top_logprobs == a.prompt_top_logprobs
     # Scoring changes nothing that is generated; a score-only request generates nothing.
-    assert (a.token_ids, a.logprobs) == (plain.token_ids, plain.logprobs)
+    # (Same tokens; their log-probs may differ in the last bits: scoring asks the generic runner for
+    # logits at every prompt position, a matmul of another shape, whose fp32 rounding can differ.)
+    assert a.token_ids == plain.token_ids
+    torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(plain.logprobs), atol=1e-5, rtol=0)
     assert scored.token_ids == [] and scored.finish_reason == "length"
     assert scored.prompt_logprobs == a.prompt_logprobs and scored.prompt_top_logprobs == [[]] * len(ids)
 
