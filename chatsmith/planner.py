@@ -435,7 +435,10 @@ def estimate(spec: str, *, stage: str = "sft", method: str = "lora", seq_len: in
         assumptions.append("full/freeze DPO/GRPO/PPO keep a frozen reference copy (LoRA disables the adapter)")
     components.update({"gradients": grads, "optimizer": optimizer, "activations": kept, "backward transient": transient})
     if stage in ("grpo", "ppo"):
-        seqs = min(generation_batch_size, batch * (group_size if stage == "grpo" else 1))
+        # The engine's slots hold --max-length tokens each; a GPU allocates all of them up front, a CPU
+        # commits only the pages the running sequences touch.
+        seqs = generation_batch_size if on_gpu else min(generation_batch_size,
+                                                         batch * (group_size if stage == "grpo" else 1))
         per_token = shape.kv_bytes_per_token * (1 if half else 2)
         components["rollout KV cache"] = seqs * (seq_len + max_new_tokens) * per_token
     if stage == "ppo":

@@ -331,6 +331,11 @@ def test_kv_budget_rejects_what_cannot_fit(tiny):
     assert c.finish_reason == "length" and len(c.token_ids) == engine.slot_tokens - 20
     with pytest.raises(ChatsmithError, match="holds only"):
         Engine(model, tok, max_batch_size=16, kv_cache_mb=0.01)
+    # A caller that knows its longest sequence (RL rollouts: --max-length) sizes the slots to it.
+    sized = Engine(model, tok, max_batch_size=4, max_sequence_tokens=30)
+    assert sized.slot_tokens == 30 and sized.runner.slot_tokens == 30 and engine.context > 30
+    c = sized.generate([list(range(1, 21))], SamplingParams(temperature=0, max_new_tokens=50), stop_ids=[])[0]
+    assert c.finish_reason == "length" and len(c.token_ids) == 10
 
 
 def test_continuous_batching_streaming_and_cancel(tiny, prompts):

@@ -157,3 +157,15 @@ def test_every_rl_recipe_runs_two_steps(tmp_path, monkeypatch, capsys):
         run_cli([command, "--config", recipe, "--model", "tiny-random-llama", "--max-steps", "2", "--output", out,
                  "--eval-prompts", "2", "--batch-size", "2"], REPO, monkeypatch, capsys)
         assert (out / "final" / "config.json").is_file()
+
+
+def test_rollout_engine_slots_hold_max_length_not_the_whole_context(tmp_path):
+    """The rollout engine's KV slots are sized to --max-length (every prompt + completion fits it), not to
+    the model's context: on a GPU the cache is allocated up front, generation_batch_size x slot tokens."""
+    from chatsmith.train.rl import prepare_rl
+
+    cfg = rl_cfg(tmp_path, model="tiny-random-llama", data=["builtin:arithmetic"], reward=["last_number"],
+                 max_length=96, max_new_tokens=12, generation_batch_size=8, eval_prompts=4)
+    setup = prepare_rl(cfg, need_reference=False)
+    assert setup.engine.context > 96 and setup.engine.slot_tokens == 96 == setup.engine.runner.slot_tokens
+    assert max(len(p.ids) for p in setup.prompts + setup.held) + cfg.max_new_tokens <= 96

@@ -245,7 +245,11 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, precision: str = "module",
                  kv_cache_mb: float | None = None, prefill_chunk: int = 256, max_queue: int = 1024,
-                 adapters: dict[str, str] | None = None, fast_path: bool = True) -> None:
+                 adapters: dict[str, str] | None = None, fast_path: bool = True,
+                 max_sequence_tokens: int | None = None) -> None:
+        """max_sequence_tokens: the longest a sequence (prompt + generated) will get, when the caller knows
+        it (RL rollouts: --max-length); each slot's KV cache is sized to it instead of the model's whole
+        context, which on a GPU is allocated up front."""
         from chatsmith.infer.lora import load_lora_adapter
         from chatsmith.infer.runners import LlamaRunner, ModuleRunner, supports_fast_path
 
@@ -278,6 +282,8 @@ class Engine:
                     f"{max_batch_size} slots ({self.bytes_per_token} bytes per token); raise the budget or lower "
                     "the max batch size (--max-concurrency)")
             self.slot_tokens = min(self.context, per_slot)
+        if max_sequence_tokens is not None:
+            self.slot_tokens = min(self.slot_tokens, max(16, max_sequence_tokens))
         self.kv_cache_mb = kv_cache_mb
         self.precision = precision
         self.stop_default = self._default_stop_ids()

@@ -85,7 +85,9 @@ def prepare_rl(cfg: Any, *, need_reference: bool) -> RLSetup:
     model, tokenizer, ref = load_policy(cfg, need_reference=need_reference)
     stops = stop_token_ids(tokenizer, cfg.template)
     prompts, held, dropped, limit = render_prompt_splits(cfg, tokenizer, train_records, held_records)
-    engine = Engine(model, tokenizer, max_batch_size=cfg.generation_batch_size)
+    # Every rollout fits --max-length (longer prompts were dropped): slots of the model's whole context
+    # would cost generation_batch_size x context of KV cache, allocated up front on a GPU.
+    engine = Engine(model, tokenizer, max_batch_size=cfg.generation_batch_size, max_sequence_tokens=cfg.max_length)
     evaluate = partial(evaluate_rewards, engine, rewards, held, max_new_tokens=cfg.max_new_tokens,
                        stop_ids=stops) if held and is_main() else None
     return RLSetup(cfg, run, rewards, model, tokenizer, ref, engine, stops, prompts, held, dropped, limit,
