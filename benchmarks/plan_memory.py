@@ -60,13 +60,24 @@ def make_data(stage: str, seq_len: int, batch: int, steps: int, folder: Path) ->
     return str(path), overhead
 
 
+def measured_peak(fn) -> dict:
+    """Run `fn()`; RSS before it and the process's peak RSS after it, in bytes (Linux)."""
+    import resource
+
+    import psutil
+
+    before = psutil.Process().memory_info().rss
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"before": float(before), "peak": float(peak), "delta": float(peak - before)}
+
+
 def run_case(name: str, seq_len: int, batch: int, steps: int, group_size: int, max_new: int) -> dict:
     """Run one case in this process and return its measured peak (bytes) and the run's shape."""
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     from chatsmith.config import DPOConfig, GRPOConfig, SFTConfig
-    from chatsmith.planner import measured_peak
 
     stage, method = CASES[name]
     out = Path(tempfile.mkdtemp(prefix="plan-mem-"))

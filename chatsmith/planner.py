@@ -31,10 +31,9 @@ bandwidth / bytes of weights read per token.
 from __future__ import annotations
 
 import json
-import math
 import os
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +81,6 @@ class Shape:
     hidden: int
     vocab: int
     kv_bytes_per_token: int     # K and V of every layer for one token, at 2 bytes per value
-    trainable: dict[str, int] = field(default_factory=dict)   # method -> trainable parameters
-    encoder_decoder: bool = False
 
 
 @dataclass
@@ -124,30 +121,26 @@ def read_config(spec: str, trust_remote_code: bool = False) -> Any:
     """The transformers config of a model argument, without loading weights."""
     from transformers import AutoConfig
 
-    from chatsmith.models.loading import _hub_error
-    from chatsmith.models.registry import cache_dir, embedded_gguf_path, resolve_model
+    from chatsmith.models.loading import _hub_error, embedded_cache_target, tiny_random_dir
+    from chatsmith.models.registry import embedded_gguf_path, resolve_model
 
     resolved = resolve_model(spec)
-    path = resolved.path
-    if resolved.kind == "adapter":
-        path = resolve_model(path).path if not Path(path, "config.json").is_file() else path
-    if resolved.kind == "alias" or str(path) in ("smollm2-135m", "tiny-random-llama"):
-        name = resolved.path if resolved.kind == "alias" else str(path)
-        if name == "tiny-random-llama":
-            from chatsmith.models.loading import tiny_random_dir
+    if resolved.adapter:          # an adapter (or a run that saved one) has its base's shape
+        return read_config(resolved.path, trust_remote_code)
+    if resolved.kind == "alias":
+        if resolved.path == "tiny-random-llama":
             return AutoConfig.from_pretrained(str(tiny_random_dir()))
-        converted = sorted((cache_dir() / "models").glob("smollm2-135m-*/config.json"))
-        if converted:
-            return AutoConfig.from_pretrained(str(converted[-1].parent))
-        path = str(embedded_gguf_path())
-    if str(path).endswith(".gguf"):
-        return _gguf_config(Path(path))
+        gguf = embedded_gguf_path()
+        converted = embedded_cache_target(gguf)   # already converted: its config.json is quicker to read
+        return AutoConfig.from_pretrained(str(converted)) if (converted / "config.json").is_file() else _gguf_config(gguf)
+    if resolved.kind == "gguf":
+        return _gguf_config(Path(resolved.path))
     try:
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         if resolved.kind == "hub":
             raise _hub_error(resolved.spec, e) from None
-        raise ChatsmithError(f"could not read a model config from {path}: {e}") from None
+        raise ChatsmithError(f"could not read a model config from {resolved.path}: {e}") from None
 
 
 def _gguf_config(path: Path) -> Any:
@@ -230,8 +223,7 @@ def model_shape(config: Any, model: Any = None) -> Shape:
     head_dim = int(getattr(text, "head_dim", 0) or hidden // max(1, heads))
     params = sum(p.numel() for p in model.parameters())
     return Shape(model_type=str(getattr(config, "model_type", "?")), params=params, layers=layers, hidden=hidden,
-                 vocab=int(getattr(text, "vocab_size", 0)), kv_bytes_per_token=2 * layers * kv_heads * head_dim * 2,
-                 encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)))
+                 vocab=int(getattr(text, "vocab_size", 0)), kv_bytes_per_token=2 * layers * kv_heads * head_dim * 2)
 
 
 # ---- activations, measured on the meta device ----------------------------------------------------
@@ -548,23 +540,6 @@ def render(e: Estimate, table: list[tuple[str, float, bool]] | None = None) -> N
     console.print("[dim]" + "; ".join(e.assumptions) + "[/dim]")
 
 
-def measured_peak(fn: Any) -> dict[str, float]:
-    """Run `fn()` and return RSS before it and the process's peak RSS after it, in bytes (Linux)."""
-    import resource
-
-    import psutil
-
-    before = psutil.Process().memory_info().rss
-    fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"before": float(before), "peak": float(peak), "delta": float(peak - before)}
-
-
 def to_json(e: Estimate) -> str:
     """The plan as JSON."""
     return json.dumps(e.as_dict(), indent=2)
-
-
-def gib(x: float) -> str:
-    """Bytes as GiB with two decimals."""
-    return f"{x / GiB:.2f}" if not math.isnan(x) else "?"

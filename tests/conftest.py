@@ -94,3 +94,15 @@ def _log(self, record):
 loop.Trainer._log = _log
 sys.exit(main(sys.argv[2:]))
 """
+
+
+def trained_segments(tok, r) -> list[str]:
+    """Decode each maximal run of trained tokens of a Rendered (ids + loss mask)."""
+    segs, cur = [], []
+    for t, m in zip(r.input_ids, r.loss_mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            segs.append(tok.decode(cur))
+            cur = []
+    return segs + ([tok.decode(cur)] if cur else [])

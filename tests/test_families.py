@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, trained_segments
 
 from chatsmith.data import Conversation, Message
 from chatsmith.errors import ChatsmithError
@@ -113,17 +113,6 @@ def data_files(tmp_path_factory):
     return sft, pairs
 
 
-def _trained_segments(tok, r) -> list[str]:
-    segs, cur = [], []
-    for t, m in zip(r.input_ids, r.loss_mask):
-        if m:
-            cur.append(t)
-        elif cur:
-            segs.append(tok.decode(cur))
-            cur = []
-    return segs + ([tok.decode(cur)] if cur else [])
-
-
 def test_the_table_covers_every_family_tested_here():
     from chatsmith.models.families import FAMILIES, family_of
 
@@ -151,7 +140,7 @@ def test_packed_loss_equals_plain_forward(name, loaded):
     assert tok.chat_template == FALLBACK_TEMPLATES[family_of(model).fallback_template][0]
     exs = [render_conversation(tok, c) for c in CONVS]
     lead = " " if family_of(model).fallback_template == "vicuna" else ""   # "ASSISTANT: answer"
-    assert _trained_segments(tok, exs[1]) == [f"{lead}4<|endoftext|>", f"{lead}six<|endoftext|>"]
+    assert trained_segments(tok, exs[1]) == [f"{lead}4<|endoftext|>", f"{lead}six<|endoftext|>"]
     with torch.no_grad():
         total, n = 0.0, 0
         for ex in exs:

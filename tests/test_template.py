@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import trained_segments
 
 from chatsmith.data import Conversation, Message
 from chatsmith.data.template import (
@@ -22,20 +23,6 @@ CONV = Conversation([
     Message("user", "What is 2+2?"),
     Message("assistant", "4"),
 ])
-
-
-def trained_segments(tok, r) -> list[str]:
-    """Decode each maximal run of trained tokens."""
-    segs, cur = [], []
-    for t, m in zip(r.input_ids, r.loss_mask):
-        if m:
-            cur.append(t)
-        elif cur:
-            segs.append(tok.decode(cur))
-            cur = []
-    if cur:
-        segs.append(tok.decode(cur))
-    return segs
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import trained_segments
 
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.formats import read_conversations
@@ -36,17 +37,6 @@ LF_RECORD = {"system": "You are a weather bot.", "tools": json.dumps([WEATHER["f
 def write(path: Path, records: list) -> str:
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     return str(path)
-
-
-def trained_segments(tok, r) -> list[str]:
-    segs, cur = [], []
-    for t, m in zip(r.input_ids + [None], r.loss_mask + [0]):
-        if m:
-            cur.append(t)
-        elif cur:
-            segs.append(tok.decode(cur))
-            cur = []
-    return segs
 
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

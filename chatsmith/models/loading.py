@@ -94,10 +94,15 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def embedded_cache_target(gguf: Path) -> Path:
+    """Where the embedded model's safetensors conversion of `gguf` lives (whether built yet or not)."""
+    return cache_dir() / "models" / f"smollm2-135m-{gguf_cache_key(gguf)}-{CONVERTER_VERSION}"
+
+
 def embedded_dir() -> Path:
     """The embedded model as a safetensors directory (converted from its GGUF once, then cached)."""
     gguf = embedded_gguf_path()
-    target = cache_dir() / "models" / f"smollm2-135m-{gguf_cache_key(gguf)}-{CONVERTER_VERSION}"
+    target = embedded_cache_target(gguf)
     if not (target / "config.json").is_file():
         log.warning("converting the embedded model to safetensors once (cached in %s)", target)
     return _atomic_build(target, lambda tmp: convert_gguf(gguf, tmp))
