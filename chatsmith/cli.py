@@ -370,6 +370,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
                     help="auto: int8 weights for Llama-family models, else the model's own fp32 (module)")
     sv.add_argument("--kv-cache-mb", type=float, default=2048, help="KV cache budget shared by all slots")
+    sv.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
+                    help="builtin: chatsmith's engine (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install "
+                         "'chatsmith[vllm]'; no tools/json_schema constraints; --precision and --kv-cache-mb "
+                         "are then vLLM's own)")
     sv.add_argument("--served-name", default=None, help="model name the API reports (default: MODEL)")
     sv.add_argument("--template", default=None, help="chat template (default: the model's own)")
     sv.add_argument("--trust-remote-code", action="store_true")
@@ -803,7 +807,7 @@ def _run(args: argparse.Namespace) -> int:
                           allowed_hosts=args.allowed_host, max_body_mb=args.max_body_mb,
                           header_timeout=args.header_timeout, max_connections=args.max_connections,
                           cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k,
-                          moderation=args.moderation)
+                          moderation=args.moderation, engine=args.engine)
     if args.command == "label":
         from chatsmith.datagen.label import LabelSettings, run_label
 

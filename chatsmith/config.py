@@ -319,6 +319,7 @@ def _parse_mapping(text: str) -> dict[str, str]:
 RL_METHODS = ("full", "freeze", "lora", "dora")
 RL_ESTIMATORS = ("grpo", "rloo")
 RL_AGGREGATIONS = ("token", "sequence", "dr_grpo")
+ROLLOUT_ENGINES = ("builtin", "vllm")
 
 
 @dataclass
@@ -349,6 +350,10 @@ class RLConfig(TrainConfig):
                            "holds out its own, files are split by --eval-split or given by --eval-data")
     eval_every: int = _f(0, "also evaluate on the held-out prompts every N steps (0: only before and after)")
     generation_batch_size: int = _f(32, "sequences generated together by the rollout engine")
+    rollout_engine: str = _f("builtin", "what generates rollouts and held-out answers: builtin (chatsmith's engine, "
+                             "CPU or GPU, runs the live policy) or vllm (vLLM colocated on the CUDA GPU, the "
+                             "policy's weights pushed to it before every rollout; pip install 'chatsmith[vllm]')",
+                             ROLLOUT_ENGINES)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -108,16 +108,24 @@ class ServerState:
 
 def load_state(state: ServerState, model: str, *, precision: str = "auto", max_concurrency: int = 16,
                kv_cache_mb: float | None = 2048, max_queue: int = 64, loras: dict[str, str] | None = None,
-               template: str | None = None, trust_remote_code: bool = False) -> None:
-    """Load the model and start the engine; sets `state.engine` last, so /health turns 200 only when ready."""
+               template: str | None = None, trust_remote_code: bool = False, engine: str = "builtin") -> None:
+    """Load the model and start the engine; sets `state.engine` last, so /health turns 200 only when ready.
+    engine: "builtin" (chatsmith's) or "vllm" (infer/vllm_engine.py: a CUDA GPU and the vllm extra;
+    precision and kv_cache_mb are then vLLM's own choices)."""
     try:
         from chatsmith.infer.engine import Engine, resolve_precision
         from chatsmith.models import load_model
 
         m, tok = load_model(model, trust_remote_code=trust_remote_code)
-        precision = resolve_precision(m, precision)
-        engine = Engine(m, tok, max_batch_size=max_concurrency, precision=precision, kv_cache_mb=kv_cache_mb,
-                        max_queue=max_queue, adapters=loras or None)
+        if engine == "vllm":
+            from chatsmith.infer.vllm_engine import VllmEngine
+
+            precision = "vllm"
+            engine = VllmEngine(m, tok, max_batch_size=max_concurrency, max_queue=max_queue, adapters=loras or None)
+        else:
+            precision = resolve_precision(m, precision)
+            engine = Engine(m, tok, max_batch_size=max_concurrency, precision=precision, kv_cache_mb=kv_cache_mb,
+                            max_queue=max_queue, adapters=loras or None)
         from chatsmith.infer.sampling import SamplingParams
 
         engine.generate([[tok.eos_token_id or 0]], SamplingParams(temperature=0, max_new_tokens=2))  # warm-up
@@ -699,9 +707,14 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                template: str | None = None, trust_remote_code: bool = False, allowed_hosts: list[str] | None = None,
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
                max_connections: int = 256, cache: dict[str, Any] | None = None, kb: str | None = None,
-               kb_top_k: int = 5, moderation: str | None = None) -> int:
+               kb_top_k: int = 5, moderation: str | None = None, engine: str = "builtin") -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
-    `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None."""
+    `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None.
+    `engine`: "builtin" or "vllm" (a missing vllm or GPU fails now, before anything loads)."""
+    if engine == "vllm":
+        from chatsmith.infer.vllm_engine import import_vllm
+
+        import_vllm()
     import uvicorn
 
     hosts = None
@@ -729,7 +742,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     threading.Thread(target=load_state, args=(state, model), daemon=True, name="chatsmith-load",
                      kwargs={"precision": precision, "max_concurrency": max_concurrency, "kv_cache_mb": kv_cache_mb,
                              "max_queue": max_queue, "loras": loras, "template": template,
-                             "trust_remote_code": trust_remote_code}).start()
+                             "trust_remote_code": trust_remote_code, "engine": engine}).start()
     print(f"chatsmith serve: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1", flush=True)
     uvicorn.Server(http.uvicorn_config(app, host, port, header_timeout=header_timeout,
                                        max_connections=max_connections)).run()

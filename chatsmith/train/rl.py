@@ -28,7 +28,7 @@ class RLSetup:
     model: Any                       # the trainable policy (a PeftModel with LoRA/DoRA)
     tokenizer: Any
     ref: Any                         # a frozen copy for full/freeze fine-tuning, else None
-    engine: Any                      # infer.engine.Engine over `model`
+    engine: Any                      # infer.engine.Engine over `model` (infer.vllm_engine.VllmEngine with vllm)
     stops: set[int]
     prompts: list[Any]               # data.prompts.Prompt, training
     held: list[Any]                  # held out
@@ -76,6 +76,10 @@ def prepare_rl(cfg: Any, *, need_reference: bool) -> RLSetup:
     from chatsmith.train.rollout import load_policy, total_steps
 
     set_seed(cfg.seed)
+    if cfg.rollout_engine == "vllm":   # fail on a missing vllm or GPU before loading anything heavy
+        from chatsmith.infer.vllm_engine import import_vllm
+
+        import_vllm()
     rewards = load_rewards(cfg.reward)   # fail on a bad --reward before loading anything heavy
     train_records, held_records = load_prompt_records(cfg)
     if cfg.eval_data:
@@ -87,7 +91,14 @@ def prepare_rl(cfg: Any, *, need_reference: bool) -> RLSetup:
     prompts, held, dropped, limit = render_prompt_splits(cfg, tokenizer, train_records, held_records)
     # Every rollout fits --max-length (longer prompts were dropped): slots of the model's whole context
     # would cost generation_batch_size x context of KV cache, allocated up front on a GPU.
-    engine = Engine(model, tokenizer, max_batch_size=cfg.generation_batch_size, max_sequence_tokens=cfg.max_length)
+    if cfg.rollout_engine == "vllm":
+        from chatsmith.infer.vllm_engine import VllmEngine
+
+        # Colocated with the trainer on one GPU: vLLM takes 30% of its memory (TRL's colocate default).
+        engine: Any = VllmEngine(model, tokenizer, max_batch_size=cfg.generation_batch_size,
+                                 max_sequence_tokens=cfg.max_length, gpu_memory_utilization=0.3, seed=cfg.seed)
+    else:
+        engine = Engine(model, tokenizer, max_batch_size=cfg.generation_batch_size, max_sequence_tokens=cfg.max_length)
     evaluate = partial(evaluate_rewards, engine, rewards, held, max_new_tokens=cfg.max_new_tokens,
                        stop_ids=stops) if held and is_main() else None
     return RLSetup(cfg, run, rewards, model, tokenizer, ref, engine, stops, prompts, held, dropped, limit,
