@@ -253,17 +253,23 @@ def run_chat(
     precision: str = "auto",
     kb: str | None = None,
     kb_top_k: int = 5,
+    max_memory: str | None = None,
+    quantization: str | None = None,
 ) -> int:
     """Run `chatsmith chat`. With `prompt`, print only its answer and a newline; else chat.
 
     `device` None means CUDA when available, else CPU. `precision` is the engine's: auto (int8 for
     Llama-family models on a CPU), int8 or module (the model's own weights). stdin/stdout None mean
     sys.stdin/sys.stdout at call time (not at import time, so redirection by the caller or pytest is
-    honoured). Returns the exit status.
+    honoured). `max_memory` (a --max-memory budget) offloads what does not fit to disk; `quantization`
+    "8bit"/"4bit" loads with bitsandbytes (CUDA only); both decode in precision "module". Returns the exit status.
     """
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     params.validate()  # before the slow model load, so a bad flag fails at once
+    from chatsmith.models.loading import check_load_options, offload_fast_path, offload_precision
+
+    offload_flag = check_load_options(precision, max_memory, quantization)
     retriever = None
     if kb is not None:   # a missing knowledge base fails now, not after the model load
         from chatsmith.kb.prompt import Retriever
@@ -277,8 +283,13 @@ def run_chat(
         device = "cuda" if torch.cuda.is_available() else None
     from chatsmith.infer.engine import Engine, resolve_precision
 
-    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=device)
-    engine = Engine(model, tokenizer, max_batch_size=1, precision=resolve_precision(model, precision))
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=device,
+                                  max_memory=max_memory, quantization=quantization)
+    if offload_flag:
+        precision, fast_path = offload_precision(precision, offload_flag), offload_fast_path(model)
+    else:
+        precision, fast_path = resolve_precision(model, precision), True
+    engine = Engine(model, tokenizer, max_batch_size=1, precision=precision, fast_path=fast_path)
     session = ChatSession(engine, params, system=system, template=template, kb=retriever)
     if prompt is not None:
         for piece in session.reply(prompt):

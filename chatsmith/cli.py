@@ -344,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
                    help="auto: int8 weights for Llama-family models on a CPU, else the model's own (module)")
     c.add_argument("--trust-remote-code", action="store_true")
+    _add_memory_flags(c)
     c.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
                    "with numbered citations; the sources are listed after each answer")
     c.add_argument("--kb-top-k", type=int, default=5, help="sources retrieved per question (default 5)")
@@ -377,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-name", default=None, help="model name the API reports (default: MODEL)")
     sv.add_argument("--template", default=None, help="chat template (default: the model's own)")
     sv.add_argument("--trust-remote-code", action="store_true")
+    _add_memory_flags(sv)
     sv.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
                     "with numbered citations; a request's \"kb\": false turns it off, {\"top_k\": N} sets the count")
     sv.add_argument("--kb-top-k", type=int, default=5, help="sources retrieved per question (default 5)")
@@ -790,7 +792,7 @@ def _run(args: argparse.Namespace) -> int:
         params.validate()
         return run_chat(args.model, prompt=args.prompt, system=args.system, params=params, template=args.template,
                         trust_remote_code=args.trust_remote_code, precision=args.precision, kb=args.kb,
-                        kb_top_k=args.kb_top_k)
+                        kb_top_k=args.kb_top_k, max_memory=args.max_memory, quantization=_quantization(args))
     if args.command == "serve":
         from chatsmith.serve.app import run_server
 
@@ -807,7 +809,8 @@ def _run(args: argparse.Namespace) -> int:
                           allowed_hosts=args.allowed_host, max_body_mb=args.max_body_mb,
                           header_timeout=args.header_timeout, max_connections=args.max_connections,
                           cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k,
-                          moderation=args.moderation, engine=args.engine)
+                          moderation=args.moderation, engine=args.engine, max_memory=args.max_memory,
+                          quantization=_quantization(args))
     if args.command == "label":
         from chatsmith.datagen.label import LabelSettings, run_label
 
@@ -1036,6 +1039,23 @@ def _cache_options(args: argparse.Namespace) -> dict | None:
         raise ChatsmithError("--cache-max-entries and --cache-ttl must be positive")
     return {"path": os.path.expanduser(args.cache), "semantic": args.cache_semantic, "threshold": threshold,
             "ttl": args.cache_ttl, "max_entries": args.cache_max_entries}
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """chat's and serve's --max-memory (accelerate disk offload) and --load-in-8bit/--load-in-4bit (bitsandbytes)."""
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help="keep at most SIZE of weights in memory "
+                   "(e.g. 2GiB, 500MB; per device 0=20GiB,cpu=30GiB) and offload the rest to disk with accelerate "
+                   "(slower; decodes in precision module). See docs/offload.md")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--load-in-8bit", action="store_true", help="8-bit weights with bitsandbytes (CUDA GPU; "
+                   "pip install 'chatsmith[qlora]')")
+    q.add_argument("--load-in-4bit", action="store_true", help="4-bit NF4 weights with bitsandbytes (CUDA GPU; "
+                   "pip install 'chatsmith[qlora]')")
+
+
+def _quantization(args: argparse.Namespace) -> str | None:
+    """"8bit", "4bit" or None from --load-in-8bit/--load-in-4bit."""
+    return "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

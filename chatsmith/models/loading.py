@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +224,14 @@ def load_model(
     quantization: str | None = None,
     merge_adapter: bool = True,
     allow_pickle: bool = False,
+    max_memory: str | dict[int | str, int] | None = None,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer). Weights come only from safetensors/GGUF unless allow_pickle is set,
     and no remote code runs unless trust_remote_code is set.
 
-    quantization: None or "4bit" (QLoRA; needs bitsandbytes on a supported device).
+    quantization: None, "4bit" (NF4, the QLoRA recipe) or "8bit" (LLM.int8()); both need bitsandbytes
+    and a CUDA GPU. max_memory: a weight budget ("2GiB", "500MB", "0=20GiB,cpu=30GiB" or parsed by
+    `parse_max_memory`); what does not fit is offloaded to disk by accelerate (see `plan_offload`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -242,11 +247,26 @@ def load_model(
         "trust_remote_code": trust_remote_code,
         "use_safetensors": None if allow_pickle else True,
     }
+    if quantization is not None and max_memory is not None:
+        raise ChatsmithError(f"--max-memory and --load-in-{quantization} do not combine: bitsandbytes-quantized "
+                             "layers cannot be offloaded to disk. Choose one")
     if quantization == "4bit":
         kwargs["quantization_config"] = qlora_config(kwargs["dtype"])
         kwargs["device_map"] = {"": device or "cuda:0"}
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = bitsandbytes_config("8bit", kwargs["dtype"])
+        kwargs["device_map"] = {"": device or "cuda:0"}
     elif quantization is not None:
-        raise ChatsmithError(f"unknown quantization '{quantization}'; use 4bit")
+        raise ChatsmithError(f"unknown quantization '{quantization}'; use 4bit or 8bit")
+    plan = None
+    if max_memory is not None:
+        plan = plan_offload(resolved, max_memory, dtype=kwargs["dtype"], device=device,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        kwargs["device_map"] = plan.device_map
+        kwargs["offload_folder"] = plan.offload_folder = tempfile.mkdtemp(prefix="offload-", dir=offload_root())
+        # The folder holds only re-saved weights (none from safetensors, read in place). It lives as long as the
+        # plan, which the model keeps: removed with the model, or at once when loading fails.
+        weakref.finalize(plan, shutil.rmtree, plan.offload_folder, True)
     try:
         model = auto.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -280,7 +300,10 @@ def load_model(
         import json
 
         model.chatsmith_new_token_ids = json.loads(new_rows.read_text()).get("new_token_ids") or None
-    if device and quantization is None:
+    if plan is not None:
+        model.chatsmith_offload = plan
+        log.warning("%s", plan.summary())
+    elif device and quantization is None:
         model.to(device)
     model.eval()
     torch.set_grad_enabled(True)
@@ -303,3 +326,249 @@ def qlora_config(compute_dtype: Any) -> Any:
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype)
+
+
+def bitsandbytes_config(bits: str, compute_dtype: Any) -> Any:
+    """`--load-in-8bit` (LLM.int8()) or `--load-in-4bit` (NF4 with double quantisation) for chat and serve."""
+    import torch
+
+    flag = f"--load-in-{bits}"
+    if not torch.cuda.is_available():
+        raise ChatsmithError(
+            f"{flag} needs a CUDA GPU: bitsandbytes' {bits[0]}-bit kernels do not run on this machine's CPU. Here, "
+            "--max-memory SIZE offloads what does not fit to disk, and --precision int8 (the default for "
+            "Llama-family models on a CPU) already quantizes the weights")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ChatsmithError(f"{flag} needs bitsandbytes: pip install 'chatsmith[qlora]'") from None
+    if bits == "4bit":
+        return qlora_config(compute_dtype)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+# ---- --max-memory: accelerate's device map with disk offload ------------------------------------------------
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_EXAMPLE = "e.g. 2GiB, 500MB, or per device 0=20GiB,cpu=30GiB"
+
+
+def parse_size(text: str, flag: str = "--max-memory") -> int:
+    """Bytes of a size such as "2GiB", "500MB" or "1.5GB" (KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)\s*", text, re.IGNORECASE)
+    if not m:
+        raise ChatsmithError(f"{flag}: '{text}' is not a size with a unit ({_EXAMPLE})")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ChatsmithError(f"{flag}: '{text}' must be more than 0 bytes ({_EXAMPLE})")
+    return size
+
+
+def parse_max_memory(text: str, flag: str = "--max-memory") -> dict[int | str, int]:
+    """'2GiB' -> {"": 2147483648} ("": the device the model runs on); '0=20GiB,cpu=30GiB' ->
+    {0: 21474836480, "cpu": 32212254720} (GPU indices as ints, "cpu" for RAM), as accelerate's max_memory."""
+    if "=" not in text:
+        return {"": parse_size(text, flag)}
+    budget: dict[int | str, int] = {}
+    for item in text.split(","):
+        name, sep, size = (p.strip() for p in item.partition("="))
+        if not sep or not name:
+            raise ChatsmithError(f"{flag}: '{item}' is not DEVICE=SIZE ({_EXAMPLE})")
+        if name.isdigit():
+            key: int | str = int(name)
+        elif name.lower() == "cpu":
+            key = "cpu"
+        else:
+            raise ChatsmithError(f"{flag}: unknown device '{name}' in '{text}'; use GPU indices (0, 1, ...) and cpu")
+        if key in budget:
+            raise ChatsmithError(f"{flag}: device '{name}' is given twice in '{text}'")
+        budget[key] = parse_size(size, flag)
+    return budget
+
+
+def format_size(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _device_budgets(budget: dict[int | str, int], device: str | None) -> dict[int | str, int]:
+    """accelerate's max_memory: a bare size ("") is each GPU's budget when the model runs on CUDA, else
+    the CPU's; devices not named keep what accelerate finds free (RAM for the CPU)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for key in budget:
+        if isinstance(key, int) and key >= gpus:
+            raise ChatsmithError(f"--max-memory names GPU {key}, but this machine has {gpus} CUDA GPU(s)")
+    memory = dict(budget)
+    if "" in memory:
+        size = memory.pop("")
+        if device and device.startswith("cuda") and gpus:
+            memory.update(dict.fromkeys(range(gpus), size))
+        else:
+            return {"cpu": size}
+    if "cpu" not in memory:
+        from accelerate.utils import get_max_memory
+
+        memory["cpu"] = get_max_memory()["cpu"]
+    return memory
+
+
+def _placement(device_map: dict[str, int | str], name: str) -> int | str:
+    """Where `name` (a module or parameter) goes under a device map keyed by module prefixes."""
+    best = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+    return device_map[best]
+
+
+@dataclass
+class OffloadPlan:
+    """Where each part of a model goes under a --max-memory budget (accelerate's infer_auto_device_map)."""
+
+    budget_text: str                         # the --max-memory value, as given
+    max_memory: dict[int | str, int]         # bytes per device, as accelerate takes it
+    device_map: dict[str, int | str]         # module prefix -> GPU index, "cpu" or "disk"
+    model_bytes: int                         # all weights, in the loading dtype
+    resident_bytes: int                      # the least that must stay in memory: input embeddings + one layer
+    bytes_on: dict[str, int] = field(default_factory=dict)   # "cpu"/"disk"/"cuda:N" -> bytes placed there
+    offload_folder: str = ""
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether any part runs from another place than the main device (accelerate hooks move it in)."""
+        return len(set(self.device_map.values())) > 1 or "disk" in self.device_map.values()
+
+    def summary(self) -> str:
+        """One line: the budget and where the weights went."""
+        where = ", ".join(f"{format_size(b)} on {d}" for d, b in self.bytes_on.items())
+        return (f"--max-memory {self.budget_text}: the model's {format_size(self.model_bytes)} of weights go "
+                f"{where}" + (" (disk parts are read back at each forward)" if "disk" in self.bytes_on else ""))
+
+
+def plan_offload(spec: str | ResolvedModel, max_memory: str | dict[int | str, int], *, dtype: Any = None,
+                 device: str | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> OffloadPlan:
+    """The device map for loading `spec` within `max_memory`, computed on the meta device (no weights read).
+
+    accelerate's infer_auto_device_map fills GPUs, then the CPU, then disk; chatsmith's engine feeds the
+    input embeddings directly, so they must stay in memory, with room for one layer brought back from disk.
+    Raises ChatsmithError when the budget is below that, or when the disk cannot hold the weights that
+    must be re-saved there (non-safetensors checkpoints; safetensors are read in place).
+    """
+    import torch
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    _quiet_transformers()
+    resolved = spec if isinstance(spec, ResolvedModel) else resolve_model(spec)
+    if resolved.adapter:
+        raise ChatsmithError(f"--max-memory loads full models; {resolved.spec} is an adapter. Merge it first "
+                             "(chatsmith export ... --to hf) and pass the merged directory")
+    budget_text = max_memory if isinstance(max_memory, str) else ",".join(f"{k}={v}B" for k, v in max_memory.items())
+    budget = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
+    memory = _device_budgets(budget, device)
+    dtype = dtype or default_dtype(device)
+    path = local_path(resolved)
+    auto = AutoModelForSeq2SeqLM if _is_encoder_decoder(path) else AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        if resolved.kind == "hub":
+            raise _hub_error(resolved.spec, e) from None
+        raise ModelNotFoundError(f"could not read a model config from {path}: {e}") from None
+    with torch.device("meta"):
+        meta = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    no_split = list(getattr(meta, "_no_split_modules", None) or [])
+    device_map = dict(infer_auto_device_map(meta, max_memory=memory, no_split_module_classes=no_split))
+    sizes = compute_module_sizes(meta)
+    modules = dict(meta.named_modules())
+    embed = next(n for n, m in modules.items() if m is meta.get_input_embeddings())
+    layers = [sizes[n] for n, m in modules.items() if type(m).__name__ in no_split] or [0]
+    resident = sizes[embed] + max(layers)
+    if _placement(device_map, embed) == "disk":
+        main = next(iter(memory))
+        raise ChatsmithError(
+            f"--max-memory {budget_text} is too small even with disk offload: {resolved.spec} has "
+            f"{format_size(sizes[''])} of weights ({str(dtype).removeprefix('torch.')}), and what must stay in "
+            f"memory is its input embeddings ({format_size(sizes[embed])}) plus room to bring back its largest "
+            f"layer from disk ({format_size(max(layers))}). The smallest budget that works is "
+            f"{format_size(resident)}: --max-memory {-(-resident // 2**20)}MiB"
+            + ("" if main == "cpu" else f" (for GPU {main}, or give the CPU that much: cpu=SIZE)"))
+    bytes_on: dict[str, int] = {}
+    for name, where in device_map.items():
+        key = f"cuda:{where}" if isinstance(where, int) else str(where)
+        bytes_on[key] = bytes_on.get(key, 0) + sizes[name]
+    root = offload_root()
+    local = Path(path)
+    in_place = (not local.exists() and not allow_pickle) or any(local.glob("*.safetensors"))
+    check_offload_room(0 if in_place else bytes_on.get("disk", 0), root, shutil.disk_usage(root).free)
+    return OffloadPlan(budget_text=budget_text, max_memory=memory, device_map=device_map, model_bytes=sizes[""],
+                       resident_bytes=resident, bytes_on=bytes_on)
+
+
+def offload_root() -> Path:
+    """Where disk offload folders are made (one per loaded model, removed with it): the cache's offload/."""
+    root = cache_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def check_offload_room(needed: int, folder: Path, free: int) -> None:
+    """Raise ChatsmithError when `needed` bytes of re-saved weights will not fit in `free` bytes at `folder`."""
+    if needed > free:
+        raise ChatsmithError(
+            f"--max-memory: {format_size(needed)} of weights must be written to {folder} for disk offload, but its "
+            f"disk has {format_size(free)} free. Free some space, point CHATSMITH_CACHE at a larger disk, or "
+            "convert the model to safetensors (read in place, nothing written)")
+
+
+def check_load_options(precision: str, max_memory: str | None, quantization: str | None) -> str:
+    """Fail at once (before a slow load) on a bad --max-memory, a --load-in-Nbit this machine cannot run, or
+    --precision int8 with either; returns the flag in use ("" for none)."""
+    if max_memory is not None and quantization is not None:
+        raise ChatsmithError(f"--max-memory and --load-in-{quantization} do not combine: bitsandbytes-quantized "
+                             "layers cannot be offloaded to disk. Choose one")
+    if max_memory is not None:
+        parse_max_memory(max_memory)
+    if quantization is not None:
+        if quantization not in ("8bit", "4bit"):
+            raise ChatsmithError(f"unknown quantization '{quantization}'; use 4bit or 8bit")
+        bitsandbytes_config(quantization, None)
+    flag = "--max-memory" if max_memory is not None else f"--load-in-{quantization}" if quantization else ""
+    if flag:
+        offload_precision(precision, flag)
+    return flag
+
+
+def offload_precision(precision: str, flag: str) -> str:
+    """The engine precision for a model loaded with `flag` (--max-memory or --load-in-Nbit): "module".
+
+    "int8" copies every weight into int8 matrices held in memory, which would undo the offload (and
+    quantize bitsandbytes weights twice), so it is refused; "auto" resolves to "module" with a log line.
+    """
+    if precision == "int8":
+        raise ChatsmithError(f"--precision int8 does not combine with {flag}: it copies every weight into int8 "
+                             "matrices held in memory. Use --precision module (or auto)")
+    if precision not in ("auto", "module"):
+        raise ChatsmithError(f"precision must be auto, int8 or module, got '{precision}'")
+    if precision == "auto":
+        log.info("%s: precision 'module' (the engine decodes with the loaded weights; int8 would copy them all "
+                 "into memory)", flag)
+    return "module"
+
+
+def offload_fast_path(model: Any) -> bool:
+    """Whether the engine's Llama fast path may run a model loaded with --max-memory or --load-in-Nbit: it
+    calls the attention and MLP projections directly, past the accelerate hooks that bring offloaded
+    layers back (and past bitsandbytes' own modules' tested path), so only when all sits on one device."""
+    plan = getattr(model, "chatsmith_offload", None)
+    return plan is not None and not plan.offloaded

@@ -108,24 +108,30 @@ class ServerState:
 
 def load_state(state: ServerState, model: str, *, precision: str = "auto", max_concurrency: int = 16,
                kv_cache_mb: float | None = 2048, max_queue: int = 64, loras: dict[str, str] | None = None,
-               template: str | None = None, trust_remote_code: bool = False, engine: str = "builtin") -> None:
+               template: str | None = None, trust_remote_code: bool = False, engine: str = "builtin",
+               max_memory: str | None = None, quantization: str | None = None) -> None:
     """Load the model and start the engine; sets `state.engine` last, so /health turns 200 only when ready.
     engine: "builtin" (chatsmith's) or "vllm" (infer/vllm_engine.py: a CUDA GPU and the vllm extra;
-    precision and kv_cache_mb are then vLLM's own choices)."""
+    precision and kv_cache_mb are then vLLM's own choices). max_memory (--max-memory: disk offload) and
+    quantization ("8bit"/"4bit": bitsandbytes) are the builtin engine's, which then decodes in "module"."""
     try:
         from chatsmith.infer.engine import Engine, resolve_precision
         from chatsmith.models import load_model
+        from chatsmith.models.loading import check_load_options, offload_fast_path
 
-        m, tok = load_model(model, trust_remote_code=trust_remote_code)
+        offload_flag = check_load_options(precision, max_memory, quantization)
+        m, tok = load_model(model, trust_remote_code=trust_remote_code, max_memory=max_memory,
+                            quantization=quantization)
         if engine == "vllm":
             from chatsmith.infer.vllm_engine import VllmEngine
 
             precision = "vllm"
             engine = VllmEngine(m, tok, max_batch_size=max_concurrency, max_queue=max_queue, adapters=loras or None)
         else:
-            precision = resolve_precision(m, precision)
+            precision = "module" if offload_flag else resolve_precision(m, precision)
             engine = Engine(m, tok, max_batch_size=max_concurrency, precision=precision, kv_cache_mb=kv_cache_mb,
-                            max_queue=max_queue, adapters=loras or None)
+                            max_queue=max_queue, adapters=loras or None,
+                            fast_path=offload_fast_path(m) if offload_flag else True)
         from chatsmith.infer.sampling import SamplingParams
 
         engine.generate([[tok.eos_token_id or 0]], SamplingParams(temperature=0, max_new_tokens=2))  # warm-up
@@ -707,14 +713,25 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                template: str | None = None, trust_remote_code: bool = False, allowed_hosts: list[str] | None = None,
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
                max_connections: int = 256, cache: dict[str, Any] | None = None, kb: str | None = None,
-               kb_top_k: int = 5, moderation: str | None = None, engine: str = "builtin") -> int:
+               kb_top_k: int = 5, moderation: str | None = None, engine: str = "builtin",
+               max_memory: str | None = None, quantization: str | None = None) -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
     `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None.
-    `engine`: "builtin" or "vllm" (a missing vllm or GPU fails now, before anything loads)."""
+    `engine`: "builtin" or "vllm" (a missing vllm or GPU fails now, before anything loads).
+    `max_memory`/`quantization`: see load_state; a budget too small even with disk offload fails now."""
     if engine == "vllm":
         from chatsmith.infer.vllm_engine import import_vllm
 
+        if max_memory is not None or quantization is not None:
+            raise ChatsmithError("--max-memory and --load-in-8bit/--load-in-4bit are the builtin engine's; "
+                                 "with --engine vllm use vLLM's own options")
         import_vllm()
+    if max_memory is not None or quantization is not None:
+        from chatsmith.models.loading import check_load_options, plan_offload
+
+        check_load_options(precision, max_memory, quantization)
+        if max_memory is not None:
+            print(plan_offload(model, max_memory, trust_remote_code=trust_remote_code).summary(), flush=True)
     import uvicorn
 
     hosts = None
@@ -742,7 +759,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     threading.Thread(target=load_state, args=(state, model), daemon=True, name="chatsmith-load",
                      kwargs={"precision": precision, "max_concurrency": max_concurrency, "kv_cache_mb": kv_cache_mb,
                              "max_queue": max_queue, "loras": loras, "template": template,
-                             "trust_remote_code": trust_remote_code, "engine": engine}).start()
+                             "trust_remote_code": trust_remote_code, "engine": engine, "max_memory": max_memory,
+                             "quantization": quantization}).start()
     print(f"chatsmith serve: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1", flush=True)
     uvicorn.Server(http.uvicorn_config(app, host, port, header_timeout=header_timeout,
                                        max_connections=max_connections)).run()
