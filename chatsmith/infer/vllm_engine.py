@@ -384,6 +384,8 @@ class VllmEngine:
             if req.prompt_logprobs is not None and len(req.prompt_logprobs) == 1 and out.prompt_logprobs:
                 _read_prompt_logprobs(req, out.prompt_logprobs)
             o = out.outputs[0]
+            if o.finish_reason is not None:   # vLLM is done with it: nothing to abort when chatsmith finishes it
+                self._live.pop(f"cs{req.id}", None)
             if req.params.max_new_tokens == 0:   # only the prompt was scored; drop vLLM's one token
                 self._finish(req, "length")
                 return
@@ -395,7 +397,7 @@ class VllmEngine:
                 if isinstance(o.stop_reason, str):
                     req.stop_string = o.stop_reason
                 self._finish(req, {"stop": "stop", "length": "length", "abort": "cancelled"}.get(
-                    o.finish_reason, "stop"), by_vllm=True)
+                    o.finish_reason, "stop"))
         except Exception as e:
             log.exception("reading vLLM's output for request %s failed", req.id)
             self._finish(req, "error", error=f"{type(e).__name__}: {e}")
@@ -445,12 +447,12 @@ class VllmEngine:
         except Exception:
             log.exception("vLLM could not abort request %s", rid)
 
-    def _finish(self, req: Request, reason: str, error: str | None = None, *, by_vllm: bool = False) -> None:
-        """Finish `req` (and abort it in vLLM unless vLLM finished it itself)."""
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Finish `req`, aborting it in vLLM if vLLM is still generating it."""
         if req.finished and req.done.is_set():
             return
         rid = f"cs{req.id}"
-        if self._live.pop(rid, None) is not None and not by_vllm:
+        if self._live.pop(rid, None) is not None:
             self._abort(rid)
         req.finish_reason, req.error = reason, error
         if req.detok is not None:
