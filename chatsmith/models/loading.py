@@ -552,14 +552,13 @@ def check_load_options(precision: str, max_memory: str | None, quantization: str
 def offload_precision(precision: str, flag: str) -> str:
     """The engine precision for a model loaded with `flag` (--max-memory or --load-in-Nbit): "module".
 
-    "int8" copies every weight into int8 matrices held in memory, which would undo the offload (and
-    quantize bitsandbytes weights twice), so it is refused; "auto" resolves to "module" with a log line.
+    "int8" (or any quantized engine precision) copies every weight into matrices held in memory, which
+    would undo the offload (and quantize bitsandbytes weights twice), so it is refused; "auto" resolves
+    to "module" with a log line.
     """
-    if precision == "int8":
-        raise ChatsmithError(f"--precision int8 does not combine with {flag}: it copies every weight into int8 "
-                             "matrices held in memory. Use --precision module (or auto)")
-    if precision not in ("auto", "module"):
-        raise ChatsmithError(f"precision must be auto, int8 or module, got '{precision}'")
+    if precision not in ("auto", "module"):   # int8 and any other quantized engine precision
+        raise ChatsmithError(f"--precision {precision} does not combine with {flag}: it copies every weight into "
+                             "quantized matrices held in memory. Use --precision module (or auto)")
     if precision == "auto":
         log.info("%s: precision 'module' (the engine decodes with the loaded weights; int8 would copy them all "
                  "into memory)", flag)
