@@ -9,6 +9,8 @@ from typing import Any
 
 from chatsmith import __version__
 from chatsmith.errors import ChatsmithError
+from chatsmith.infer.precision import CHOICES as PRECISION_CHOICES
+from chatsmith.infer.precision import HELP as PRECISION_HELP
 
 EXAMPLES = {
     "main": """examples:
@@ -246,8 +248,8 @@ def _parser() -> argparse.ArgumentParser:
     et.add_argument("--max-new-tokens", type=int, default=64)
     et.add_argument("--columns", default=None, help="column mapping, e.g. prompt=q,answer=a")
     et.add_argument("--template", default=None, help="chat template (default: the model's own)")
-    et.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
-                    help="auto: int8 weights for Llama-family models on a CPU, else the model's own (module)")
+    et.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                    help=PRECISION_HELP)
     et.add_argument("--limit", type=int, default=None, help="the first N items of each set")
     out_flag(et)
 
@@ -290,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     ej.add_argument("--seed", type=int, default=0)
     ej.add_argument("--system", default=None, help="system prompt for the answers")
     ej.add_argument("--template", default=None, help="chat template (default: the model's own)")
-    ej.add_argument("--precision", default="auto", choices=["auto", "int8", "module"])
+    ej.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     ej.add_argument("--limit", type=int, default=None, help="the first N questions only")
     out_flag(ej, required=True)
 
@@ -341,8 +343,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--template", default=None, help="chat template (default: the model's own)")
-    c.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
-                   help="auto: int8 weights for Llama-family models on a CPU, else the model's own (module)")
+    c.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                    help=PRECISION_HELP)
     c.add_argument("--trust-remote-code", action="store_true")
     _add_memory_flags(c)
     c.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
@@ -368,8 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
     sv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                     help="serve a LoRA adapter under the model name NAME (repeatable)")
-    sv.add_argument("--precision", default="auto", choices=["auto", "int8", "module"],
-                    help="auto: int8 weights for Llama-family models, else the model's own fp32 (module)")
+    sv.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                    help=PRECISION_HELP)
     sv.add_argument("--kv-cache-mb", type=float, default=2048, help="KV cache budget shared by all slots")
     sv.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
                     help="builtin: chatsmith's engine (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install "
@@ -408,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--max-new-tokens", type=int, default=256)
     lb.add_argument("--seed", type=int, default=0)
     lb.add_argument("--template", default=None, help="chat template (default: the model's own)")
-    lb.add_argument("--precision", default="auto", choices=["auto", "int8", "module"])
+    lb.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     lb.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     lb.add_argument("--host", default="127.0.0.1")
     lb.add_argument("--port", type=int, default=8010)

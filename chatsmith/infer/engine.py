@@ -33,8 +33,9 @@ the request right after its prompt: it is scored, not continued.
 
 Precision: "module" runs the model's own modules in their dtype (exact; a PEFT model's active
 adapters apply; the weights are read live, so training updates show up without `sync_weights`).
-"int8" runs int8 copies of the weights (the serving default, several times faster on a CPU);
-call `sync_weights()` after the weights change. Greedy output in "module" precision equals
+"int8" runs int8 copies of the weights (the serving default, several times faster on a CPU), "int4"
+(and its group-size variants, infer/precision.py) 4-bit ones; call `sync_weights()` after the
+weights change. Greedy output in "module" precision equals
 `transformers` `generate`, tested in tests/test_engine.py.
 
 Seeds: with `params.seed` set, the r-th sequence of a `generate` call (after expanding `n`) draws
@@ -117,12 +118,14 @@ def context_length(model: Any) -> int | None:
 
 def resolve_precision(model: Any, precision: str = "auto") -> str:
     """The engine precision for `precision`: "auto" is int8 for a Llama-family model on a CPU (several
-    times faster there), else "module" (the model's own weights and dtype)."""
+    times faster there), else "module" (the model's own weights and dtype). int8 and int4 fall back
+    to "module" (with a log line) for a model the fast path does not cover."""
+    from chatsmith.infer.precision import PRECISIONS
     from chatsmith.infer.runners import supports_fast_path
 
-    if precision not in ("auto", "int8", "module"):
-        raise ChatsmithError(f"precision must be auto, int8 or module, got '{precision}'")
-    if precision == "int8" and not supports_fast_path(model):
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ChatsmithError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision != "module" and precision != "auto" and not supports_fast_path(model):
         return _int8_fallback(model)
     if precision != "auto":
         return precision
@@ -131,8 +134,8 @@ def resolve_precision(model: Any, precision: str = "auto") -> str:
 
 
 def _int8_fallback(model: Any) -> str:
-    """'module', with a log line saying why: the int8 decode step is the Llama-family runner's."""
-    log.warning("precision 'int8': the native int8 decode step covers Llama-family models (llama, mistral "
+    """'module', with a log line saying why: the int8/int4 decode step is the Llama-family runner's."""
+    log.warning("precision int8/int4: the native quantized decode step covers Llama-family models (llama, mistral "
                 "without a sliding window, qwen2); this '%s' model decodes through its own modules "
                 "(precision 'module') instead", getattr(getattr(model, "config", None), "model_type", "?"))
     return "module"
@@ -255,16 +258,19 @@ class Engine:
 
         if max_batch_size < 1:
             raise ChatsmithError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if precision not in ("module", "int8"):
-            raise ChatsmithError(f"precision must be 'module' (the model's own weights, exact) or 'int8', got '{precision}'")
+        from chatsmith.infer.precision import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise ChatsmithError(f"precision must be 'module' (the model's own weights, exact) or one of "
+                                 f"{', '.join(PRECISIONS[1:])}, got '{precision}'")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, max(1, prefill_chunk), max_queue
         self.context = context_length(model) or 2048
         fast = fast_path and supports_fast_path(model)
-        if not fast and precision == "int8" and not adapters:
+        if not fast and precision != "module" and not adapters:
             precision = _int8_fallback(model)
-        if not fast and (precision == "int8" or adapters):
-            raise ChatsmithError(f"precision 'int8' and named LoRA adapters need a Llama-family model "
+        if not fast and (precision != "module" or adapters):
+            raise ChatsmithError(f"precision '{precision}' and named LoRA adapters need a Llama-family model "
                                  f"(llama, mistral, qwen2); this one is "
                                  f"'{getattr(getattr(model, 'config', None), 'model_type', '?')}'. Use precision 'module'")
         seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
@@ -527,16 +533,29 @@ class Engine:
     def _prefill(self) -> None:
         # Up to `prefill_chunk` prompt tokens per step. A prompt is always cut at multiples of
         # `prefill_chunk` from its own start, so its numbers never depend on the other requests.
+        # Chunks of several requests go through the model in one pass when the runner can batch them
+        # (the native int8/int4 step, whose rows do not depend on each other); a request that scores
+        # its prompt or uses an adapter runs on its own.
         budget = self.prefill_chunk
+        batch: list[tuple[Request, list[int]]] = []
+        deferred: list[Request] = []
         for req in list(self._running):
             if req.cached >= len(req.prompt) or req.finished:
                 continue
             if req.cached == 0 and self._share_prefix(req):
                 continue
+            if req.cached == 0 and any(o.prompt == req.prompt and o.adapter == req.adapter and o.cached == 0
+                                       and len(c) == len(o.prompt) for o, c in batch):
+                deferred.append(req)   # its twin is prefilled in this pass: share its cache after it
+                continue
             if budget <= 0:
                 break
             n = min(self.prefill_chunk, len(req.prompt) - req.cached)
             chunk = req.prompt[req.cached: req.cached + n]
+            budget -= n
+            if req.prompt_logprobs is None and req.adapter is None:
+                batch.append((req, chunk))
+                continue
             # Positions of this chunk whose next token is still in the prompt (the last one's is generated).
             rows = min(n, len(req.prompt) - 1 - req.cached)
             if req.prompt_logprobs is not None and rows > 0:
@@ -544,11 +563,23 @@ class Engine:
                 self._score_prompt(req, scored, req.prompt[req.cached + 1: req.cached + 1 + rows])
             else:
                 logits = self.runner.prefill(req.slot, chunk, req.cached, req.adapter)
-            req.cached += n
-            budget -= n
-            if req.cached == len(req.prompt) and not req.finished:
-                req.prompt_logits = logits
-                self._prompt_done(req, logits)
+            self._prefilled(req, len(chunk), logits)
+        if batch:
+            together = None
+            if len(batch) > 1 and hasattr(self.runner, "prefill_batch"):
+                together = self.runner.prefill_batch([(r.slot, c, r.cached) for r, c in batch])
+            for i, (req, chunk) in enumerate(batch):
+                logits = together[i] if together is not None else self.runner.prefill(req.slot, chunk, req.cached, None)
+                self._prefilled(req, len(chunk), logits)
+        for req in deferred:
+            self._share_prefix(req)
+
+    def _prefilled(self, req: Request, n: int, logits: Any) -> None:
+        """`n` more prompt tokens of `req` are cached; `logits` are its last position's."""
+        req.cached += n
+        if req.cached == len(req.prompt) and not req.finished:
+            req.prompt_logits = logits
+            self._prompt_done(req, logits)
 
     def _score_prompt(self, req: Request, logits: Any, targets: list[int]) -> None:
         """Append the log-probs of `targets` under `logits` [T, V] (row i predicts targets[i]) to the

@@ -7,21 +7,25 @@ Two kinds:
   window, qwen2) that calls the model's own norms, rotary embedding and projections, with a
   pre-allocated per-slot KV cache and per-row positions, so sequences of different lengths decode
   in one batch. `precision="module"` calls the module's linear layers themselves (fp32, exact, and
-  a PEFT LoRA wrapper applies itself), `precision="int8"` uses int8 copies of the weights. In int8
-  the decode step runs in C++ (chatsmith/infer/native) when it can be built: the same ATen calls
-  as `_layers_int8`, so the same logits bit for bit, without the interpreter's cost per operation.
+  a PEFT LoRA wrapper applies itself), `precision="int8"` uses int8 copies of the weights (infer/
+  int8.py) and `"int4"` group-wise 4-bit ones (infer/int4.py; `int4-g64`, `int4-sym-g128`, ...
+  choose the group size and the symmetric grid). In int8 and int4 the decode step and the prefill
+  run in C++ (chatsmith/infer/native) when it can be built: the same ATen calls as
+  `_layers_quantized`, so the same logits bit for bit, without the interpreter's cost per
+  operation; prefill there takes chunks of several sequences in one pass.
 - `ModuleRunner`: any Hugging Face causal LM, one `DynamicCache` per sequence and one forward per
   sequence per step. Slow, but it works for every architecture.
 
 Batch invariance: a row's output never depends on the other rows in the batch. Attention runs per
 row over that row's own length, and the int8 matmul quantizes each row on its own (see
-`Int8Linear`), so integer accumulation makes it exact. In `module` precision the fp32 matmul of a
+`Int8Linear`), so integer accumulation makes it exact; the int4 kernel sums each row on its own. In `module` precision the fp32 matmul of a
 batch may differ from one row alone in the last bits (BLAS picks other kernels), which can flip a
 greedy choice between two near-equal tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -29,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith.errors import ChatsmithError
+from chatsmith.infer.int4 import Int4Linear, int4_available
 from chatsmith.infer.int8 import REDUCE_RANGE, SMOOTH_ALPHA, Int8Linear, effective_linear
 from chatsmith.infer.lora import LoraAdapter, add_lora_deltas
+from chatsmith.infer.precision import PRECISIONS, QUANTIZED, int4_spec
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
@@ -83,14 +89,15 @@ class LlamaRunner:
         self.calibration_ids = calibration_ids[: min(len(calibration_ids), slot_tokens, 512)]
         weight = self.inner.embed_tokens.weight
         self.device = weight.device
-        if precision == "int8" and self.device.type != "cpu":
-            raise ChatsmithError("precision 'int8' uses CPU int8 kernels (fbgemm); on a GPU use precision 'module'")
-        # The KV cache holds what the layers produce: the model's dtype, or fp32 around the int8 matmuls.
+        if precision != "module" and self.device.type != "cpu":
+            raise ChatsmithError(f"precision '{precision}' uses CPU kernels (fbgemm int8, PyTorch's int4 CPU kernel); "
+                                 "on a GPU use precision 'module'")
+        # The KV cache holds what the layers produce: the model's dtype, or fp32 around the quantized matmuls.
         self.dtype = weight.dtype if precision == "module" else torch.float32
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.allocated = 0
-        self.use_native = native and precision == "int8"
+        self.use_native = native and precision != "module"
         self.sync_weights()
 
     @staticmethod
@@ -103,7 +110,7 @@ class LlamaRunner:
         return 2 * cfg.num_hidden_layers * n_kv * head_dim * 4
 
     def sync_weights(self) -> None:
-        """(Re)build the int8 copies from the module's current weights; a no-op in module precision."""
+        """(Re)build the int8/int4 copies from the module's current weights; a no-op in module precision."""
         self.layers: list[dict[str, Any]] = []
         if self.precision == "module":
             for layer in self.inner.layers:
@@ -117,26 +124,37 @@ class LlamaRunner:
             self.lm_head = self.base.lm_head
             self.native = None
             return
-        if self.precision != "int8":
-            raise ChatsmithError(f"unknown precision '{self.precision}'; use 'module' (fp32, exact) or 'int8'")
+        if self.precision not in QUANTIZED:
+            raise ChatsmithError(f"unknown precision '{self.precision}'; use one of {', '.join(PRECISIONS)}")
+        int4 = int4_spec(self.precision)
+        if int4 and not int4_available():
+            raise ChatsmithError(f"precision '{self.precision}' needs PyTorch's int4 CPU kernel (torch 2.6 or later); "
+                                 "use precision 'int8'")
         act = getattr(self.cfg, "hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise ChatsmithError(f"precision 'int8' supports SiLU MLPs; this model uses '{act}'. Use precision 'module'")
+            raise ChatsmithError(f"precision '{self.precision}' supports SiLU MLPs; this model uses '{act}'. "
+                                 "Use precision 'module'")
         norm = self.inner.layers[0].input_layernorm
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         hidden = self.cfg.hidden_size
         q_scale = self.head_dim ** -0.5
         self.q_scale = q_scale
 
-        act_max = self._activation_maxima()
+        act_max = {} if int4 else self._activation_maxima()
 
-        def fused(modules: list[Any], norm_weight: torch.Tensor | None = None, first_scale: float = 1.0) -> Int8Linear:
+        def fused(modules: list[Any], norm_weight: torch.Tensor | None = None,
+                  first_scale: float = 1.0) -> Int8Linear | Int4Linear:
             ws, bs = zip(*(effective_linear(m) for m in modules))
             ws, bs = list(ws), list(bs)
             ws[0] = ws[0] * first_scale  # the attention's 1/sqrt(head_dim), folded into the q rows
             if bs[0] is not None:
                 bs[0] = bs[0] * first_scale
             w = torch.cat(ws)
+            bias = None
+            if any(b is not None for b in bs):
+                bias = torch.cat([b if b is not None else torch.zeros(x.shape[0]) for x, b in zip(ws, bs)])
+            if int4:
+                return Int4Linear(w, bias, norm_weight, group_size=int4[0], symmetric=int4[1])
             in_scale = torch.ones(w.shape[1])
             if norm_weight is not None:
                 w = w * math.sqrt(hidden)  # the RMSNorm's sqrt(hidden); its weight goes to in_scale
@@ -150,9 +168,6 @@ class LlamaRunner:
                           w.abs().amax(0).clamp_min(1e-5) ** (1 - SMOOTH_ALPHA)).clamp(1e-2, 1e2)
                 w = w * smooth[None, :]
                 in_scale = in_scale / smooth
-            bias = None
-            if any(b is not None for b in bs):
-                bias = torch.cat([b if b is not None else torch.zeros(x.shape[0]) for x, b in zip(ws, bs)])
             return Int8Linear(w, bias, in_scale)
 
         with torch.no_grad():
@@ -177,7 +192,8 @@ class LlamaRunner:
         self.native = self._build_native() if self.use_native else None
 
     def _build_native(self) -> Any:
-        """The C++ decode step (chatsmith/infer/native) holding these int8 layers, or None if it cannot be built."""
+        """The C++ decode and prefill steps (chatsmith/infer/native) holding these int8/int4 layers, or
+        None if they cannot be built."""
         from chatsmith.infer import native
 
         module = native.load()
@@ -187,7 +203,14 @@ class LlamaRunner:
         entries = [(i, kind, L[name]) for i, L in enumerate(self.layers)
                    for kind, name in enumerate(("qkv", "o", "gate_up", "down"))] + [(-1, 0, self.lm_head)]
         for i, kind, lin in entries:
-            dec.add_linear(i, kind, lin.packed, lin.in_scale, lin.bias, lin.in_features, lin.out_features)
+            if isinstance(lin, Int4Linear) and lin.own is not None:
+                dec.add_linear_q4(i, kind, lin.packed, lin.scales_and_zeros, lin.offsets, lin.in_scale, lin.bias,
+                                  lin.in_features, lin.out_features)
+            elif isinstance(lin, Int4Linear):
+                dec.add_linear4(i, kind, lin.packed, lin.scales_and_zeros, lin.group_size, lin.in_scale, lin.bias,
+                                lin.in_features, lin.out_features)
+            else:
+                dec.add_linear(i, kind, lin.packed, lin.in_scale, lin.bias, lin.in_features, lin.out_features)
         dec.set_gate_up_sizes(self.sizes["gate_up"])
         return dec
 
@@ -248,8 +271,8 @@ class LlamaRunner:
 
     def _run_layers(self, h: torch.Tensor, positions: torch.Tensor, attend: Any,
                     adapters: list[str | None]) -> torch.Tensor:
-        if self.precision == "int8":
-            return self._layers_int8(h, positions, attend, adapters)
+        if self.precision != "module":
+            return self._layers_quantized(h, positions, attend, adapters)
         return self._layers(h, positions, attend, adapters)
 
     def _layers(self, h: torch.Tensor, positions: torch.Tensor, attend: Any, adapters: list[str | None]) -> torch.Tensor:
@@ -285,9 +308,10 @@ class LlamaRunner:
         half = self.head_dim // 2
         return cos.unsqueeze(2), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
 
-    def _layers_int8(self, h: torch.Tensor, positions: torch.Tensor, attend: Any,
+    def _layers_quantized(self, h: torch.Tensor, positions: torch.Tensor, attend: Any,
                      adapters: list[str | None]) -> torch.Tensor:
-        """`_layers` with fused int8 projections, the RMSNorms folded into them and RoPE on q and k together.
+        """`_layers` with fused int8/int4 projections, the RMSNorms applied by them (`after_rms_norm`) and
+        RoPE on q and k together.
 
         Returns the last hidden state un-normalised: the final norm is folded into the LM head.
         """
@@ -318,7 +342,7 @@ class LlamaRunner:
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.precision == "int8":
+        if self.precision != "module":
             return self.lm_head.after_rms_norm(h, self.eps)  # the final norm is folded into the head
         return self.lm_head(h).float().cpu()  # sampling runs on the CPU
 
@@ -335,8 +359,31 @@ class LlamaRunner:
         # round differently), so scoring a prompt never changes what is generated after it.
         return self._logits(h[:, -1])[0], self._logits(h[0, :rows])
 
+    def prefill_batch(self, chunks: list[tuple[int, list[int], int]]) -> list[torch.Tensor] | None:
+        """Chunks (slot, ids, start) of several sequences in one pass through the native step (no
+        adapters): the logits [V] of each chunk's last position, bit for bit what `prefill` gives each
+        chunk alone. None when there is no native step (then call `prefill` per chunk)."""
+        if self.native is None:
+            return None
+        h = self._native_prefill(chunks)
+        last = torch.tensor(list(itertools.accumulate(len(ids) for _, ids, _ in chunks))) - 1
+        return list(self._logits(h[0, last]))
+
+    def _native_prefill(self, chunks: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """The native prefill of `prefill_batch`: final hidden states [1, sum of chunk lengths, hidden]."""
+        self._ensure_capacity(max(start + len(ids) for _, ids, start in chunks))
+        dev = self.device
+        tokens = torch.tensor([[t for _, ids, _ in chunks for t in ids]], dtype=torch.long, device=dev)
+        h = self.inner.embed_tokens(tokens).to(self.dtype)
+        positions = torch.cat([torch.arange(start, start + len(ids), device=dev) for _, ids, start in chunks])
+        cos, sin = self._rope_int8(h, positions.unsqueeze(0))
+        return self.native.prefill(h, cos, sin, [c[0] for c in chunks], [c[2] for c in chunks],
+                                   [len(c[1]) for c in chunks], self.k, self.v)
+
     def _prefill_hidden(self, slot: int, ids: list[int], start: int, adapter: str | None) -> torch.Tensor:
         """Run a chunk of one sequence into the slot's cache; the final hidden states [1, T, hidden]."""
+        if self.native is not None and not (self.adapters and adapter):
+            return self._native_prefill([(slot, ids, start)])
         T = len(ids)
         self._ensure_capacity(start + T)
         dev = self.device
@@ -344,7 +391,7 @@ class LlamaRunner:
         h = self.inner.embed_tokens(tokens).to(self.dtype)
         positions = torch.arange(start, start + T, device=dev).unsqueeze(0)
         end = start + T
-        scale = 1.0 if self.precision == "int8" else None  # int8: 1/sqrt(head_dim) is folded into q
+        scale = 1.0 if self.precision != "module" else None  # int8/int4: 1/sqrt(head_dim) is folded into q
         # Query i (at position start+i) sees keys 0..start+i.
         mask = torch.arange(end, device=dev).unsqueeze(0) <= (torch.arange(T, device=dev) + start).unsqueeze(1)
 
@@ -370,7 +417,7 @@ class LlamaRunner:
             return self.native.decode(h, cos, sin, list(slots), list(positions), self.k, self.v)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         groups = self.n_heads // self.n_kv
-        scaled = self.precision != "int8"  # int8: 1/sqrt(head_dim) is folded into q
+        scaled = self.precision == "module"  # int8/int4: 1/sqrt(head_dim) is folded into q
         scale = self.head_dim ** -0.5
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""chatsmith's native (C++) decode step, compiled on first use with torch's extension builder.
+"""chatsmith's native (C++) decode and prefill steps and int4 kernel, compiled on first use with torch's extension builder.
 
 `load()` returns the compiled module, or None when it cannot be built here (no C++ compiler, no
 Python headers, `CHATSMITH_NATIVE=0`); callers then use the Python path, which computes the same
@@ -20,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
+SOURCES = [SOURCE, Path(__file__).with_name("q4.cpp")]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -36,6 +37,13 @@ def enabled() -> bool:
     return os.environ.get("CHATSMITH_NATIVE", "1").lower() not in ("0", "false", "no", "off")
 
 
+def source_key() -> str:
+    """The build's cache key: the sources and the torch version."""
+    import torch
+
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()[:12]
+
+
 def load() -> Any | None:
     """The compiled extension, or None (with the reason logged once) when it cannot be built."""
     if not enabled():
@@ -45,14 +53,13 @@ def load() -> Any | None:
             return _state["module"]
         module = None
         try:
-            import torch
             from torch.utils import cpp_extension
 
-            key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            key = source_key()
             out = build_dir() / key
             out.mkdir(parents=True, exist_ok=True)
             with _build_lock(out):
-                module = cpp_extension.load(name=f"chatsmith_decode_{key}", sources=[str(SOURCE)],
+                module = cpp_extension.load(name=f"chatsmith_decode_{key}", sources=[str(p) for p in SOURCES],
                                             build_directory=str(out), extra_cflags=["-O3"], verbose=False)
         except Exception as e:  # a missing compiler or header: the Python path still works
             log.warning("chatsmith's native decode step could not be built (%s: %s); using the Python path, "

@@ -1,0 +1,150 @@
+// chatsmith's int4 matmul for the decode step: 4-bit weights in blocks of 32 with an fp16 scale and
+// offset each (w = q * d + m, q in 0..15: llama.cpp Q4_1's grid and bytes), activations quantized to int8
+// per block of 32 on the fly, products summed in int32 with AVX512-VNNI (vpdpbusd: 64 u8 x s8
+// products per instruction), then scaled in fp32. The weight-times-offset term uses the exact fp32
+// sum of each activation block.
+//
+// Layout, chosen so that one 32-byte load holds two blocks and one broadcast gives their scales:
+// for each pair of blocks (2p, 2p+1), 32 bytes whose low nibbles are zmm bytes 0..31 and high
+// nibbles zmm bytes 32..63 once unpacked; zmm byte b belongs to block 2p + (b / 4) % 2, element
+// (b / 8) * 4 + b % 4. A vpdpbusd lane (4 bytes) then sums 4 products of one block, even lanes
+// block 2p, odd lanes block 2p + 1, and [d0, d1] broadcast to every lane pair scales them.
+// The activations are written in the same order when they are quantized (q4_order in int4.py
+// builds the same permutation for the weights).
+//
+// Each row of x is computed on its own, always in the same order, so a batched result equals each
+// row alone bit for bit.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace chatsmith_q4 {
+
+bool supported() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// The element of its pair of blocks that zmm byte b holds (0..63, block-major: 32 * block + element).
+inline int64_t source_index(int64_t b) {
+  const int64_t block = (b / 4) % 2, element = (b / 8) * 4 + b % 4;
+  return block * 32 + element;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// One weight row against R activation rows (xq, sx, xsum advance by K, K/32, K/32 per row): each
+// pair of blocks is unpacked once and used R times. Row r's sums run in the same order whatever R.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c")))
+void row_dots(const uint8_t* w, const uint16_t* d, const uint16_t* m, int64_t K, const int8_t* xq, const float* sx,
+              const float* xsum, float* out, int64_t out_stride) {
+  const int64_t pairs = K / 64, blocks = K / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
+    const __m256i lo = _mm256_and_si256(v, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    uint32_t d2;
+    std::memcpy(&d2, d + 2 * p, 4);
+    const __m512 dv = _mm512_broadcast_f32x2(_mm_cvtph_ps(_mm_cvtsi32_si128((int)d2)));
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_loadu_si512(xq + r * K + 64 * p);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
+      const __m512 ds = _mm512_mul_ps(dv, _mm512_broadcast_f32x2(_mm_castsi128_ps(
+                                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sx + r * blocks + 2 * p)))));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, acc[r]);
+    }
+  }
+  // The offsets: sum over blocks of m * (exact sum of the block's activations).
+  for (int r = 0; r < R; ++r) {
+    __m512 off = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b += 16) {
+      const __mmask16 k = blocks - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + b));
+      off = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + r * blocks + b), off);
+    }
+    out[r * out_stride] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(off);
+  }
+}
+#else
+template <int R>
+void row_dots(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const int8_t*, const float*, const float*,
+              float*, int64_t) {}
+#endif
+
+// x [M, K] fp32 -> int8 codes in the kernel's order, a scale per block of 32 and the exact sums.
+void quantize_rows(const at::Tensor& x, std::vector<int8_t>& xq, std::vector<float>& sx, std::vector<float>& xsum) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / 32;
+  xq.assign(M * K, 0);
+  sx.assign(M * blocks, 0.f);
+  xsum.assign(M * blocks, 0.f);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    const float* row = xp + r * K;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      float amax = 0.f, sum = 0.f;
+      for (int64_t j = 0; j < 32; ++j) {
+        amax = std::max(amax, std::fabs(row[blk * 32 + j]));
+        sum += row[blk * 32 + j];
+      }
+      const float scale = amax / 127.f;
+      sx[r * blocks + blk] = scale;
+      xsum[r * blocks + blk] = sum;
+    }
+    for (int64_t p = 0; p < K / 64; ++p) {
+      for (int64_t b = 0; b < 64; ++b) {
+        const int64_t src = p * 64 + source_index(b);
+        const float scale = sx[r * blocks + src / 32];
+        xq[r * K + p * 64 + b] = scale > 0.f ? (int8_t)std::nearbyint(row[src] / scale) : (int8_t)0;
+      }
+    }
+  }
+}
+
+// y [M, N] = x [M, K] W^T (+ bias) for W given as packed codes w [N, K/2], fp16 scales d and offsets m [N, K/32].
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
+                  const c10::optional<at::Tensor>& bias) {
+  auto x = x_in.contiguous().to(at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), blocks = K / 32;
+  TORCH_CHECK(K % 64 == 0 && w.size(1) * 2 == K && d.size(1) == blocks, "q4 linear: shapes do not match");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf, "q4 linear: fp16 scales and offsets");
+  std::vector<int8_t> xq;
+  std::vector<float> sx, xsum;
+  quantize_rows(x, xq, sx, xsum);
+  auto y = at::empty({M, N}, at::kFloat);
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wn = wp + n * (K / 2);
+      const uint16_t *dn = dp + n * blocks, *mn = mp + n * blocks;
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4)
+        row_dots<4>(wn, dn, mn, K, xq.data() + r * K, sx.data() + r * blocks, xsum.data() + r * blocks,
+                    yp + r * N + n, N);
+      for (; r < M; ++r)
+        row_dots<1>(wn, dn, mn, K, xq.data() + r * K, sx.data() + r * blocks, xsum.data() + r * blocks,
+                    yp + r * N + n, N);
+    }
+  });
+  if (bias) y.add_(*bias);
+  return y;
+}
+
+}  // namespace chatsmith_q4
