@@ -140,10 +140,12 @@ class LlamaRunner:
         q_scale = self.head_dim ** -0.5
         self.q_scale = q_scale
 
-        act_max = {} if int4 else self._activation_maxima()
+        # int4 keeps the LM head in int8, as llama.cpp's 4-bit files do (the embedded model's GGUF
+        # stores it in Q8_0): one matrix of 49K x 576 that sets every token's probability.
+        act_max = self._activation_maxima(head_only=bool(int4))
 
-        def fused(modules: list[Any], norm_weight: torch.Tensor | None = None,
-                  first_scale: float = 1.0) -> Int8Linear | Int4Linear:
+        def fused(modules: list[Any], norm_weight: torch.Tensor | None = None, first_scale: float = 1.0,
+                  four_bit: bool = bool(int4)) -> Int8Linear | Int4Linear:
             ws, bs = zip(*(effective_linear(m) for m in modules))
             ws, bs = list(ws), list(bs)
             ws[0] = ws[0] * first_scale  # the attention's 1/sqrt(head_dim), folded into the q rows
@@ -153,7 +155,7 @@ class LlamaRunner:
             bias = None
             if any(b is not None for b in bs):
                 bias = torch.cat([b if b is not None else torch.zeros(x.shape[0]) for x, b in zip(ws, bs)])
-            if int4:
+            if four_bit:
                 return Int4Linear(w, bias, norm_weight, group_size=int4[0], symmetric=int4[1])
             in_scale = torch.ones(w.shape[1])
             if norm_weight is not None:
@@ -179,7 +181,7 @@ class LlamaRunner:
                     "gate_up": fused([m.gate_proj, m.up_proj], layer.post_attention_layernorm.weight),
                     "down": fused([m.down_proj]),
                 })
-            self.lm_head = fused([self.base.lm_head], self.inner.norm.weight)
+            self.lm_head = fused([self.base.lm_head], self.inner.norm.weight, four_bit=False)
             # for LoRA deltas, which need the normalised input itself
             self.norm_w = [(layer.input_layernorm.weight.detach().float().clone(),
                             layer.post_attention_layernorm.weight.detach().float().clone())
@@ -214,10 +216,11 @@ class LlamaRunner:
         dec.set_gate_up_sizes(self.sizes["gate_up"])
         return dec
 
-    def _activation_maxima(self) -> dict[int, torch.Tensor]:
-        """max |input| per channel of every linear layer, over a short calibration text (module id -> [in])."""
+    def _activation_maxima(self, head_only: bool = False) -> dict[int, torch.Tensor]:
+        """max |input| per channel of every linear layer (or the LM head only), over a short calibration
+        text (module id -> [in])."""
         targets = [self.base.lm_head]
-        for layer in self.inner.layers:
+        for layer in [] if head_only else self.inner.layers:
             targets += [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj]
         maxima: dict[int, torch.Tensor] = {}
 

@@ -19,7 +19,7 @@
 namespace chatsmith_q4 {  // q4.cpp
 bool supported();
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
-                  const c10::optional<at::Tensor>& bias);
+                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm, double eps);
 }  // namespace chatsmith_q4
 
 namespace {
@@ -199,7 +199,7 @@ class Decoder {
 
   // int4: x [N, in] in bf16 through the group-wise kernel, back to fp32 (Int4Linear._mm).
   at::Tensor mm4(Linear& l, const at::Tensor& x2) {
-    if (l.q4) return chatsmith_q4::linear(x2, l.w4, l.sz, l.m, l.bias);
+    if (l.q4) return chatsmith_q4::linear(x2, l.w4, l.sz, l.m, l.bias, c10::nullopt, 0.0);
     auto y = at::_weight_int4pack_mm_for_cpu(x2.to(at::kBFloat16), l.w4, l.group, l.sz).to(at::kFloat);
     return l.bias ? y + *l.bias : y;
   }
@@ -236,6 +236,10 @@ class Decoder {
     auto shape = x.sizes().vec();
     const int64_t H = shape.back();
     auto x2 = x.reshape({-1, H});
+    if (l.q4) {  // the RMSNorm runs inside the kernel's activation quantization
+      shape.back() = l.out;
+      return chatsmith_q4::linear(x2, l.w4, l.sz, l.m, l.bias, l.in_scale, eps_).reshape(shape);
+    }
     if (l.group) {
       shape.back() = l.out;
       return mm4(l, at::rms_norm(x2, {H}, l.in_scale, eps_)).reshape(shape);
@@ -263,8 +267,9 @@ class Decoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_supported", &chatsmith_q4::supported, "whether this CPU runs chatsmith's int4 kernel (AVX512-VNNI)");
-  m.def("q4_linear", &chatsmith_q4::linear, "x [M, K] W^T (+ bias) for int4 codes, scales and offsets",
-        py::call_guard<py::gil_scoped_release>());
+  m.def("q4_linear", &chatsmith_q4::linear, "rms_norm(x) [M, K] W^T (+ bias) for int4 codes, scales and offsets",
+        py::arg("x"), py::arg("w"), py::arg("d"), py::arg("m"), py::arg("bias"), py::arg("norm") = py::none(),
+        py::arg("eps") = 0.0, py::call_guard<py::gil_scoped_release>());
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<int64_t, int64_t, int64_t, double, bool>())
       .def("add_linear", &Decoder::add_linear)

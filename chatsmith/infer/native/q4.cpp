@@ -87,44 +87,57 @@ void row_dots(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const i
 #endif
 
 // x [M, K] fp32 -> int8 codes in the kernel's order, a scale per block of 32 and the exact sums.
-void quantize_rows(const at::Tensor& x, std::vector<int8_t>& xq, std::vector<float>& sx, std::vector<float>& xsum) {
+// With `norm` (the RMSNorm weight [K]), each row is first normalised: x * w / sqrt(mean(x^2) + eps).
+void quantize_rows(const at::Tensor& x, const float* norm, double eps, std::vector<int8_t>& xq, std::vector<float>& sx,
+                   std::vector<float>& xsum) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / 32;
   xq.assign(M * K, 0);
   sx.assign(M * blocks, 0.f);
   xsum.assign(M * blocks, 0.f);
+  std::vector<float> tmp(K);
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < M; ++r) {
     const float* row = xp + r * K;
+    if (norm != nullptr) {
+      double ss = 0.0;
+      for (int64_t j = 0; j < K; ++j) ss += (double)row[j] * row[j];
+      const float inv = (float)(1.0 / std::sqrt(ss / K + eps));
+      for (int64_t j = 0; j < K; ++j) tmp[j] = row[j] * inv * norm[j];
+      row = tmp.data();
+    }
     for (int64_t blk = 0; blk < blocks; ++blk) {
       float amax = 0.f, sum = 0.f;
       for (int64_t j = 0; j < 32; ++j) {
         amax = std::max(amax, std::fabs(row[blk * 32 + j]));
         sum += row[blk * 32 + j];
       }
-      const float scale = amax / 127.f;
-      sx[r * blocks + blk] = scale;
+      sx[r * blocks + blk] = amax / 127.f;
       xsum[r * blocks + blk] = sum;
     }
+    int8_t* out = xq.data() + r * K;
     for (int64_t p = 0; p < K / 64; ++p) {
       for (int64_t b = 0; b < 64; ++b) {
         const int64_t src = p * 64 + source_index(b);
         const float scale = sx[r * blocks + src / 32];
-        xq[r * K + p * 64 + b] = scale > 0.f ? (int8_t)std::nearbyint(row[src] / scale) : (int8_t)0;
+        out[p * 64 + b] = scale > 0.f ? (int8_t)std::nearbyint(row[src] / scale) : (int8_t)0;
       }
     }
   }
 }
 
-// y [M, N] = x [M, K] W^T (+ bias) for W given as packed codes w [N, K/2], fp16 scales d and offsets m [N, K/32].
+// y [M, N] = x [M, K] W^T (+ bias) for W given as packed codes w [N, K/2], fp16 scales d and offsets m
+// [N, K/32]; with `norm` (RMSNorm weight [K]) and eps, x is RMS-normalised first.
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
-                  const c10::optional<at::Tensor>& bias) {
+                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm, double eps) {
   auto x = x_in.contiguous().to(at::kFloat);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), blocks = K / 32;
   TORCH_CHECK(K % 64 == 0 && w.size(1) * 2 == K && d.size(1) == blocks, "q4 linear: shapes do not match");
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf, "q4 linear: fp16 scales and offsets");
+  at::Tensor nw;
+  if (norm) nw = norm->contiguous().to(at::kFloat);
   std::vector<int8_t> xq;
   std::vector<float> sx, xsum;
-  quantize_rows(x, xq, sx, xsum);
+  quantize_rows(x, norm ? nw.data_ptr<float>() : nullptr, eps, xq, sx, xsum);
   auto y = at::empty({M, N}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
