@@ -54,7 +54,8 @@ def test_kernels_match_the_dequantized_matrix_and_are_batch_invariant(kernel):
     if kernel == "chatsmith":
         assert own_kernel() is not None   # this machine has AVX512-VNNI and the native build
     torch.manual_seed(1)
-    w, b = _q4_1_grid(96, 192, seed=1), torch.randn(96)
+    n = 198 if kernel == "chatsmith" else 192   # 198: chatsmith's 4-row tiles and a tail; PyTorch's needs 16 | n
+    w, b = _q4_1_grid(n, 192, seed=1), torch.randn(n)
     lin = Int4Linear(w, b, kernel=kernel)
     assert (lin.own is not None) == (kernel == "chatsmith")
     x = torch.randn(11, 192)    # 11 rows: the 4-row and the 1-row inner loops of q4.cpp
@@ -63,6 +64,12 @@ def test_kernels_match_the_dequantized_matrix_and_are_batch_invariant(kernel):
     assert ((y - ref).norm() / ref.norm()).item() < 0.02     # activations rounded per block (int8 or bf16)
     for r in range(11):
         assert torch.equal(lin(x[r: r + 1]), y[r: r + 1])      # a row alone gives the same bits
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)                                # rows split between threads: same bits
+        assert torch.equal(lin(x), y) and torch.equal(lin(x[:1]), y[:1])
+    finally:
+        torch.set_num_threads(threads)
     assert lin.nbytes() == w.numel() * 20 // 32                # Q4_1's 20 bytes per 32 weights
 
 

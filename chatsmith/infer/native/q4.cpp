@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace chatsmith_q4 {
@@ -43,47 +44,65 @@ inline int64_t source_index(int64_t b) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// One weight row against R activation rows (xq, sx, xsum advance by K, K/32, K/32 per row): each
-// pair of blocks is unpacked once and used R times. Row r's sums run in the same order whatever R.
-template <int R>
+// A tile of NR weight rows against R activation rows (xq, sx, xsum advance by K, K/32, K/32 per
+// activation row; out by out_stride per activation row and by 1 per weight row). Each pair of
+// blocks of a weight row is unpacked once and used R times; the NR x R sums are independent
+// chains, which hides the latency of the multiply-adds. Every (weight row, activation row) sum runs
+// in the same order whatever NR, R and the batch: pairs in order, then one reduction.
+template <int NR, int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c")))
-void row_dots(const uint8_t* w, const uint16_t* d, const uint16_t* m, int64_t K, const int8_t* xq, const float* sx,
-              const float* xsum, float* out, int64_t out_stride) {
+void tile(const uint8_t* w, int64_t wstride, const uint16_t* d, const uint16_t* m, int64_t K, const int8_t* xq,
+          const float* sx, const float* xsum, float* out, int64_t out_stride, float* dbuf) {
   const int64_t pairs = K / 64, blocks = K / 32;
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // 16-bit lanes 0..15 (the low 32 bytes) shift by 0, lanes 16..31 by 4: low nibbles, then high ones.
+  const __m512i shifts = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
+                                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int i = 0; i < NR; ++i) {   // this tile's scales in fp32 (a cvtph per 16 blocks)
+    for (int64_t b = 0; b < blocks; b += 16) {
+      const __mmask16 k = blocks - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+      _mm512_mask_storeu_ps(dbuf + i * blocks + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, d + i * blocks + b)));
+    }
+  }
+  __m512 acc[NR][R];
+  for (int i = 0; i < NR; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p));
-    const __m256i lo = _mm256_and_si256(v, low);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    uint32_t d2;
-    std::memcpy(&d2, d + 2 * p, 4);
-    const __m512 dv = _mm512_broadcast_f32x2(_mm_cvtph_ps(_mm_cvtsi32_si128((int)d2)));
-    for (int r = 0; r < R; ++r) {
-      const __m512i xv = _mm512_loadu_si512(xq + r * K + 64 * p);
-      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
-      const __m512 ds = _mm512_mul_ps(dv, _mm512_broadcast_f32x2(_mm_castsi128_ps(
-                                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sx + r * blocks + 2 * p)))));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, acc[r]);
+    for (int i = 0; i < NR; ++i) {
+      // The next tiles' bytes, two tiles ahead: decode streams every weight once, from memory.
+      _mm_prefetch(reinterpret_cast<const char*>(w + (2 * NR + i) * wstride + 32 * p), _MM_HINT_T0);
+      const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * wstride + 32 * p)));
+      const __m512i wq = _mm512_and_si512(_mm512_srlv_epi16(v, shifts), low);
+      double dd;
+      std::memcpy(&dd, dbuf + i * blocks + 2 * p, 8);
+      const __m512 dv = _mm512_castpd_ps(_mm512_set1_pd(dd));   // [d0, d1, d0, d1, ...]
+      for (int r = 0; r < R; ++r) {
+        const __m512i xv = _mm512_loadu_si512(xq + r * K + 64 * p);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
+        double ss;
+        std::memcpy(&ss, sx + r * blocks + 2 * p, 8);
+        const __m512 ds = _mm512_mul_ps(dv, _mm512_castpd_ps(_mm512_set1_pd(ss)));
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, acc[i][r]);
+      }
     }
   }
   // The offsets: sum over blocks of m * (exact sum of the block's activations).
-  for (int r = 0; r < R; ++r) {
-    __m512 off = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b += 16) {
-      const __mmask16 k = blocks - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
-      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + b));
-      off = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + r * blocks + b), off);
+  for (int i = 0; i < NR; ++i) {
+    for (int r = 0; r < R; ++r) {
+      __m512 off = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; b += 16) {
+        const __mmask16 k = blocks - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + i * blocks + b));
+        off = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + r * blocks + b), off);
+      }
+      out[r * out_stride + i] = _mm512_reduce_add_ps(acc[i][r]) + _mm512_reduce_add_ps(off);
     }
-    out[r * out_stride] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(off);
   }
 }
 #else
-template <int R>
-void row_dots(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const int8_t*, const float*, const float*,
-              float*, int64_t) {}
+template <int NR, int R>
+void tile(const uint8_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const int8_t*, const float*,
+          const float*, float*, int64_t, float*) {}
 #endif
 
 // x [M, K] fp32 -> int8 codes in the kernel's order, a scale per block of 32 and the exact sums.
@@ -91,10 +110,11 @@ void row_dots(const uint8_t*, const uint16_t*, const uint16_t*, int64_t, const i
 void quantize_rows(const at::Tensor& x, const float* norm, double eps, std::vector<int8_t>& xq, std::vector<float>& sx,
                    std::vector<float>& xsum) {
   const int64_t M = x.size(0), K = x.size(1), blocks = K / 32;
-  xq.assign(M * K, 0);
-  sx.assign(M * blocks, 0.f);
-  xsum.assign(M * blocks, 0.f);
-  std::vector<float> tmp(K);
+  xq.resize(M * K);
+  sx.resize(M * blocks);
+  xsum.resize(M * blocks);
+  static thread_local std::vector<float> tmp;
+  tmp.resize(K);
   const float* xp = x.data_ptr<float>();
   for (int64_t r = 0; r < M; ++r) {
     const float* row = xp + r * K;
@@ -135,26 +155,35 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor&
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf, "q4 linear: fp16 scales and offsets");
   at::Tensor nw;
   if (norm) nw = norm->contiguous().to(at::kFloat);
-  std::vector<int8_t> xq;
-  std::vector<float> sx, xsum;
+  static thread_local std::vector<int8_t> xq;
+  static thread_local std::vector<float> sx, xsum;
   quantize_rows(x, norm ? nw.data_ptr<float>() : nullptr, eps, xq, sx, xsum);
   auto y = at::empty({M, N}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
+  // Plain pointers for the workers: the buffers are this thread's (thread_local), not theirs.
+  const int8_t* xqp = xq.data();
+  const float *sxp = sx.data(), *xsp = xsum.data();
   at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+    static thread_local std::vector<float> dbuf;
+    dbuf.resize(4 * blocks);
+    auto run = [&](auto nr, int64_t n) {
+      constexpr int NR = decltype(nr)::value;
       const uint8_t* wn = wp + n * (K / 2);
       const uint16_t *dn = dp + n * blocks, *mn = mp + n * blocks;
       int64_t r = 0;
       for (; r + 4 <= M; r += 4)
-        row_dots<4>(wn, dn, mn, K, xq.data() + r * K, sx.data() + r * blocks, xsum.data() + r * blocks,
-                    yp + r * N + n, N);
+        tile<NR, 4>(wn, K / 2, dn, mn, K, xqp + r * K, sxp + r * blocks, xsp + r * blocks,
+                    yp + r * N + n, N, dbuf.data());
       for (; r < M; ++r)
-        row_dots<1>(wn, dn, mn, K, xq.data() + r * K, sx.data() + r * blocks, xsum.data() + r * blocks,
-                    yp + r * N + n, N);
-    }
+        tile<NR, 1>(wn, K / 2, dn, mn, K, xqp + r * K, sxp + r * blocks, xsp + r * blocks,
+                    yp + r * N + n, N, dbuf.data());
+    };
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) run(std::integral_constant<int, 4>{}, n);
+    for (; n < n1; ++n) run(std::integral_constant<int, 1>{}, n);
   });
   if (bias) y.add_(*bias);
   return y;
