@@ -132,6 +132,7 @@ def main() -> int:
     print(f"{'contender':<22} {'perplexity':>10} {'vs Q4_1':>8}")
     for r in rows:
         r["perplexity"] = math.exp(r["nll"] / r["tokens"])
+    for r in rows:
         vs = f"{r['perplexity'] / ref['perplexity']:.4f}" if ref else "-"
         print(f"{r['contender']:<22} {r['perplexity']:>10.4f} {vs:>8}")
     (REPO / "bench-out").mkdir(exist_ok=True)

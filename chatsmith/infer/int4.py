@@ -156,3 +156,39 @@ def int4_available() -> bool:
     """Whether this PyTorch has the int4 CPU kernel (2.6 and later)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
+
+
+class BlockInt8Linear:
+    """y = norm(x) W^T + b with W in int8 blocks of 32, an fp16 scale each (llama.cpp's Q8_0), on
+    chatsmith's kernel (native/q4.cpp), activations rounded per block of 32 as for int4. The int4
+    precision's LM head: the embedded GGUF stores its head in Q8_0, and this keeps those very bytes."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                 own: Any) -> None:
+        w = weight.detach().float()
+        n, k = w.shape
+        g = w.reshape(n, k // 32, 32)
+        scale = (g.abs().amax(-1) / 127).to(torch.float16).float()
+        codes = torch.where(scale[..., None] > 0, torch.round(g / scale[..., None].clamp_min(1e-30)), torch.zeros_like(g))
+        codes = codes.clamp_(-127, 127).to(torch.int8).reshape(n, k // 64, 64)[:, :, q4_order()]
+        self.own = own
+        self.packed = codes.reshape(n, k).contiguous()
+        self.scales = scale.half().contiguous()
+        self.out_features, self.in_features = n, k
+        self.bias = bias.float() if bias is not None else None
+        self.in_scale = norm_weight.detach().float().clone() if norm_weight is not None else None
+
+    def nbytes(self) -> int:
+        """Bytes the weight takes (codes and scales)."""
+        return self.packed.numel() + self.scales.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.own.q8_linear(x.reshape(-1, shape[-1]), self.packed, self.scales, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def after_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """linear(rms_norm(x) * norm_weight), the norm applied by the kernel."""
+        shape = x.shape
+        y = self.own.q8_linear(x.reshape(-1, shape[-1]), self.packed, self.scales, self.bias, self.in_scale, eps)
+        return y.reshape(*shape[:-1], self.out_features)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer.int4 import Int4Linear, int4_available
+from chatsmith.infer.int4 import BlockInt8Linear, Int4Linear, int4_available, own_kernel
 from chatsmith.infer.int8 import REDUCE_RANGE, SMOOTH_ALPHA, Int8Linear, effective_linear
 from chatsmith.infer.lora import LoraAdapter, add_lora_deltas
 from chatsmith.infer.precision import PRECISIONS, QUANTIZED, int4_spec
@@ -141,7 +141,8 @@ class LlamaRunner:
         self.q_scale = q_scale
 
         # int4 keeps the LM head in int8, as llama.cpp's 4-bit files do (the embedded model's GGUF
-        # stores it in Q8_0): one matrix of 49K x 576 that sets every token's probability.
+        # stores it in Q8_0): one matrix of 49K x 576 that sets every token's probability. On
+        # chatsmith's kernel it is Q8_0 itself (blocks of 32), else per-row int8 with calibration.
         act_max = self._activation_maxima(head_only=bool(int4))
 
         def fused(modules: list[Any], norm_weight: torch.Tensor | None = None, first_scale: float = 1.0,
@@ -181,7 +182,11 @@ class LlamaRunner:
                     "gate_up": fused([m.gate_proj, m.up_proj], layer.post_attention_layernorm.weight),
                     "down": fused([m.down_proj]),
                 })
-            self.lm_head = fused([self.base.lm_head], self.inner.norm.weight, four_bit=False)
+            own = own_kernel() if int4 else None
+            if own is not None and self.cfg.hidden_size % 64 == 0:
+                self.lm_head = BlockInt8Linear(*effective_linear(self.base.lm_head), self.inner.norm.weight, own)
+            else:
+                self.lm_head = fused([self.base.lm_head], self.inner.norm.weight, four_bit=False)
             # for LoRA deltas, which need the normalised input itself
             self.norm_w = [(layer.input_layernorm.weight.detach().float().clone(),
                             layer.post_attention_layernorm.weight.detach().float().clone())
@@ -205,7 +210,10 @@ class LlamaRunner:
         entries = [(i, kind, L[name]) for i, L in enumerate(self.layers)
                    for kind, name in enumerate(("qkv", "o", "gate_up", "down"))] + [(-1, 0, self.lm_head)]
         for i, kind, lin in entries:
-            if isinstance(lin, Int4Linear) and lin.own is not None:
+            if isinstance(lin, BlockInt8Linear):
+                dec.add_linear_q8(i, kind, lin.packed, lin.scales, lin.in_scale, lin.bias, lin.in_features,
+                                  lin.out_features)
+            elif isinstance(lin, Int4Linear) and lin.own is not None:
                 dec.add_linear_q4(i, kind, lin.packed, lin.scales_and_zeros, lin.offsets, lin.in_scale, lin.bias,
                                   lin.in_features, lin.out_features)
             elif isinstance(lin, Int4Linear):

@@ -20,6 +20,8 @@ namespace chatsmith_q4 {  // q4.cpp
 bool supported();
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm, double eps);
+at::Tensor linear8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
+                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm, double eps);
 }  // namespace chatsmith_q4
 
 namespace {
@@ -29,6 +31,7 @@ struct Linear {
   at::Tensor w4, sz;                 // int4: packed codes and [in/g, out, 2] bf16 scales and zeros
   int64_t group = 0;                 // int4 group size (0: this is an int8 layer)
   bool q4 = false;                   // int4 on chatsmith's own kernel (q4.cpp): w4 codes, sz scales, m offsets
+  bool q8 = false;                   // int8 in blocks of 32 on chatsmith's kernel (q4.cpp): w4 codes, sz scales
   at::Tensor m;
   at::Tensor in_scale;               // [in]: int8: the RMSNorm weight and SmoothQuant factors; int4: the RMSNorm weight
   c10::optional<at::Tensor> bias;    // [out]
@@ -86,6 +89,21 @@ class Decoder {
     l.sz = d;
     l.m = m;
     l.q4 = true;
+    l.group = 32;
+    if (norm_weight) l.in_scale = *norm_weight;
+    l.bias = bias;
+    l.in = in;
+    l.out = out;
+    place(layer, kind, l);
+  }
+
+  // int8 in blocks of 32 (Q8_0) on chatsmith's kernel: codes [out, in], scales [out, in/32].
+  void add_linear_q8(int64_t layer, int64_t kind, at::Tensor w, at::Tensor d, c10::optional<at::Tensor> norm_weight,
+                     c10::optional<at::Tensor> bias, int64_t in, int64_t out) {
+    Linear l;
+    l.w4 = w;
+    l.sz = d;
+    l.q8 = true;
     l.group = 32;
     if (norm_weight) l.in_scale = *norm_weight;
     l.bias = bias;
@@ -200,6 +218,7 @@ class Decoder {
   // int4: x [N, in] in bf16 through the group-wise kernel, back to fp32 (Int4Linear._mm).
   at::Tensor mm4(Linear& l, const at::Tensor& x2) {
     if (l.q4) return chatsmith_q4::linear(x2, l.w4, l.sz, l.m, l.bias, c10::nullopt, 0.0);
+    if (l.q8) return chatsmith_q4::linear8(x2, l.w4, l.sz, l.bias, c10::nullopt, 0.0);
     auto y = at::_weight_int4pack_mm_for_cpu(x2.to(at::kBFloat16), l.w4, l.group, l.sz).to(at::kFloat);
     return l.bias ? y + *l.bias : y;
   }
@@ -240,6 +259,10 @@ class Decoder {
       shape.back() = l.out;
       return chatsmith_q4::linear(x2, l.w4, l.sz, l.m, l.bias, l.in_scale, eps_).reshape(shape);
     }
+    if (l.q8) {
+      shape.back() = l.out;
+      return chatsmith_q4::linear8(x2, l.w4, l.sz, l.bias, l.in_scale, eps_).reshape(shape);
+    }
     if (l.group) {
       shape.back() = l.out;
       return mm4(l, at::rms_norm(x2, {H}, l.in_scale, eps_)).reshape(shape);
@@ -266,6 +289,9 @@ class Decoder {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q8_linear", &chatsmith_q4::linear8, "rms_norm(x) [M, K] W^T (+ bias) for int8 blocks of 32 (Q8_0)",
+        py::arg("x"), py::arg("w"), py::arg("d"), py::arg("bias"), py::arg("norm") = py::none(),
+        py::arg("eps") = 0.0, py::call_guard<py::gil_scoped_release>());
   m.def("q4_supported", &chatsmith_q4::supported, "whether this CPU runs chatsmith's int4 kernel (AVX512-VNNI)");
   m.def("q4_linear", &chatsmith_q4::linear, "rms_norm(x) [M, K] W^T (+ bias) for int4 codes, scales and offsets",
         py::arg("x"), py::arg("w"), py::arg("d"), py::arg("m"), py::arg("bias"), py::arg("norm") = py::none(),
@@ -275,6 +301,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_linear", &Decoder::add_linear)
       .def("add_linear4", &Decoder::add_linear4)
       .def("add_linear_q4", &Decoder::add_linear_q4)
+      .def("add_linear_q8", &Decoder::add_linear_q8)
       .def("set_gate_up_sizes", &Decoder::set_gate_up_sizes)
       .def("prefill", &Decoder::prefill, py::call_guard<py::gil_scoped_release>())
       .def("decode", &Decoder::decode, py::call_guard<py::gil_scoped_release>());
