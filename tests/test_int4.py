@@ -96,12 +96,17 @@ def test_chatsmith_kernels_compute_exactly_the_rounding_they_describe():
     ref = _rounded_per_block(x) @ w.t()
     assert ((lin(x) - ref).norm() / ref.norm()).item() < 1e-5
     norm_w = torch.rand(256) + 0.5
-    normed = torch.nn.functional.rms_norm(x, (256,), norm_w, 1e-5)
+    # the kernel's RMSNorm: the mean square in float64, then x * (1 / rms) * w in fp32 (within an
+    # ulp of F.rms_norm, but an ulp can move a value across a rounding boundary of its int8 code)
+    inv = (1 / torch.sqrt((x.double() ** 2).sum(-1, keepdim=True) / 256 + 1e-5)).float()
+    normed = x * inv * norm_w
+    assert torch.allclose(normed, torch.nn.functional.rms_norm(x, (256,), norm_w, 1e-5), rtol=1e-5, atol=1e-6)
     ref = _rounded_per_block(normed) @ w.t()
     normed_lin = Int4Linear(w, None, norm_w, kernel="chatsmith")
     assert ((normed_lin.after_rms_norm(x, 1e-5) - ref).norm() / ref.norm()).item() < 1e-5
-    q8 = (torch.randint(-127, 128, (64, 256)).float().reshape(64, 8, 32)
-          * (torch.rand(64, 8, 1) * 0.01).half().float()).reshape(64, 256)     # on a Q8_0 grid
+    codes = torch.randint(-127, 128, (64, 8, 32)).float()
+    codes[:, :, 0] = 127                             # Q8_0 maps each block's largest |w| to 127
+    q8 = (codes * (torch.rand(64, 8, 1) * 0.01).half().float()).reshape(64, 256)     # on a Q8_0 grid
     head = BlockInt8Linear(q8, None, norm_w, own)
     ref = _rounded_per_block(normed) @ q8.t()
     assert ((head.after_rms_norm(x, 1e-5) - ref).norm() / ref.norm()).item() < 1e-5
