@@ -2,12 +2,13 @@
 
 (a) Single-stream decode tokens/s, each contender in its own process, greedy, a fixed number of new
     tokens (end-of-sequence ignored), after one warm-up generation:
-    - chatsmith engine, int8 (the default serving precision) and module (fp32, exact)
+    - chatsmith engine, int4, int8 and module (fp32, exact)
     - transformers `generate` (fp32, KV cache, greedy)
     - llama-cpp-python on the shipped Q4_1 GGUF and on a Q8_0 GGUF of the same model (int8-class, like
       chatsmith's default), made from it with llama.cpp's own quantizer in the benchmark's environment
 (b) Servers: aggregate generated tokens/s and p50/p95 time to first token at 1, 4, 8 and 16
-    concurrent streaming clients, `chatsmith serve` against `python -m llama_cpp.server` (Q8_0).
+    concurrent streaming clients, `chatsmith serve --precision int8` against `python -m
+    llama_cpp.server` on Q8_0, and `--precision int4` against it on Q4_1 (`--servers`).
 
 llama-cpp-python is never installed into the project's environment: the script builds its own venv
 (benchmarks/.venv-llamacpp, compiles llama.cpp once, several minutes) unless `--no-llamacpp`.
@@ -150,9 +151,9 @@ def _run_json(cmd: list[str], env: dict | None = None) -> dict:
 def single_stream(n: int, threads: int, llama_py: Path | None, models: dict[str, str]) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     rows = []
-    for precision in ("int8", "module"):
+    for precision in ("int4", "int8", "module"):
         r = _run_json([_python(), "-c", CHATSMITH_SINGLE.format(prompt=PROMPT), precision, str(n)], env)
-        rows.append({"contender": f"chatsmith engine ({'int8, default' if precision == 'int8' else 'fp32 module'})", **r})
+        rows.append({"contender": f"chatsmith engine ({'fp32 module' if precision == 'module' else precision})", **r})
         print(rows[-1], flush=True)
     r = _run_json([_python(), "-c", HF_SINGLE.format(prompt=PROMPT), str(n)], env)
     rows.append({"contender": "transformers generate (fp32)", **r})
@@ -238,18 +239,26 @@ def load_test(url: str, model: str, clients: int, requests_each: int, max_tokens
 
 
 def servers(levels: list[int], requests_each: int, max_tokens: int, threads: int, llama_py: Path | None,
-            gguf: str | None) -> list[dict]:
+            models: dict[str, str], pairs: list[str]) -> list[dict]:
+    """chatsmith serve at each precision in `pairs` beside llama-cpp-python's server on the GGUF of the
+    same class (int8 - Q8_0, int4 - Q4_1)."""
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    contenders = [("chatsmith serve", [_python(), "-m", "chatsmith", "serve", "smollm2-135m",
-                                       "--max-concurrency", str(max(levels)), "--served-name", "m"])]
-    if llama_py is not None and gguf:
-        contenders.append(("llama-cpp-python server", [str(llama_py), "-m", "llama_cpp.server", "--model", gguf,
-                                                       "--model_alias", "m", "--n_ctx", "4096",
-                                                       "--n_threads", str(threads), "--chat_format", "chatml",
-                                                       # its default cuts a running stream off when a new
-                                                       # request arrives; queue them instead
-                                                       "--interrupt_requests", "False"]))
+    contenders = []
+    for precision in pairs:
+        contenders.append((f"chatsmith serve {precision}", [_python(), "-m", "chatsmith", "serve", "smollm2-135m",
+                                                            "--precision", precision, "--max-concurrency",
+                                                            str(max(levels)), "--served-name", "m"]))
+        peer = {"int8": "Q8_0", "int4": "Q4_1"}[precision]
+        gguf = models.get(peer)
+        if llama_py is not None and gguf:
+            contenders.append((f"llama-cpp-python server {peer}",
+                               [str(llama_py), "-m", "llama_cpp.server", "--model", gguf,
+                                "--model_alias", "m", "--n_ctx", "4096",
+                                "--n_threads", str(threads), "--chat_format", "chatml",
+                                # its default cuts a running stream off when a new
+                                # request arrives; queue them instead
+                                "--interrupt_requests", "False"]))
     for name, cmd in contenders:
         port = _free_port()
         proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -277,6 +286,8 @@ def main() -> int:
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama-cpp-python (no venv build)")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per single-stream run")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--servers", default="int8,int4", help="chatsmith precisions to serve, each beside llama.cpp's "
+                    "GGUF of its class (int8: Q8_0, int4: Q4_1); '' for none")
     ap.add_argument("--out", default=str(REPO / "bench-out" / "serve_throughput.json"))
     args = ap.parse_args()
     n = 32 if args.quick else args.tokens
@@ -293,13 +304,18 @@ def main() -> int:
     models = ggufs(llama_py, out_dir) if llama_py else {}
 
     single = single_stream(n, args.threads, llama_py, models)
-    served = servers(levels, requests_each, max_tokens, args.threads, llama_py, models.get("Q8_0"))
+    pairs = [p for p in args.servers.split(",") if p]
+    served = servers(levels, requests_each, max_tokens, args.threads, llama_py, models, pairs)
 
     print(f"\n(a) single-stream decode, {n} new tokens, greedy, {args.threads} threads")
     print(f"| {'contender':42} | decode tokens/s | tokens | seconds |")
     print(f"|{'-' * 44}|----------------:|-------:|--------:|")
     for r in single:
         print(f"| {r['contender']:42} | {r['decode_tps']:15.1f} | {r['tokens']:6d} | {r['seconds']:7.2f} |")
+    by = {r["contender"]: r["decode_tps"] for r in single}
+    for ours, peer in (("chatsmith engine (int4)", "llama-cpp-python (Q4_1)"), ("chatsmith engine (int8)", "llama-cpp-python (Q8_0)")):
+        if ours in by and peer in by:
+            print(f"{ours} / {peer}: {by[ours] / by[peer]:.2f}x")
     print(f"\n(b) servers, {requests_each} streaming request(s) per client, max_tokens {max_tokens}")
     print("| server | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | requests | failed |")
     print("|---|---:|---:|---:|---:|---:|---:|")

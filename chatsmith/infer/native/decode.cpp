@@ -18,6 +18,7 @@
 
 namespace chatsmith_q4 {  // q4.cpp
 bool supported();
+void set_parallel(bool on);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d, const at::Tensor& m,
                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm, double eps);
 at::Tensor linear8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d,
@@ -292,6 +293,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &chatsmith_q4::linear8, "rms_norm(x) [M, K] W^T (+ bias) for int8 blocks of 32 (Q8_0)",
         py::arg("x"), py::arg("w"), py::arg("d"), py::arg("bias"), py::arg("norm") = py::none(),
         py::arg("eps") = 0.0, py::call_guard<py::gil_scoped_release>());
+  m.def("q4_set_parallel", &chatsmith_q4::set_parallel, "whether the int4/int8-block matmuls split rows over threads");
   m.def("q4_supported", &chatsmith_q4::supported, "whether this CPU runs chatsmith's int4 kernel (AVX512-VNNI)");
   m.def("q4_linear", &chatsmith_q4::linear, "rms_norm(x) [M, K] W^T (+ bias) for int4 codes, scales and offsets",
         py::arg("x"), py::arg("w"), py::arg("d"), py::arg("m"), py::arg("bias"), py::arg("norm") = py::none(),

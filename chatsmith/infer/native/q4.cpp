@@ -21,11 +21,28 @@
 
 #include <cmath>
 #include <cstdint>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 namespace chatsmith_q4 {
+
+// Whether the matmuls split their rows over torch's intra-op threads at a few activation rows
+// (q4_set_parallel). Splitting gains nothing where the threads share one core's vector units (some
+// VMs' vCPUs), and then its start-up cost per call shows; int4.py measures both once and chooses.
+static std::atomic<bool> g_parallel{true};
+void set_parallel(bool on) { g_parallel = on; }
+
+// Prefill (many activation rows) is compute-bound and always splits.
+template <typename F>
+void for_rows(int64_t N, int64_t M, const F& body) {
+  if ((g_parallel || M >= 8) && at::get_num_threads() > 1) {
+    at::parallel_for(0, N, 32, body);
+  } else {
+    body(0, N);
+  }
+}
 
 bool supported() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -174,7 +191,8 @@ void quantize_rows(const at::Tensor& x, const float* norm, double eps, std::vect
       sx[r * blocks + blk] = amax / 127.f;
     }
     int8_t* out = xq.data() + r * K;
-    std::vector<int32_t> qsum(blocks, 0);
+    static thread_local std::vector<int32_t> qsum;
+    qsum.assign(blocks, 0);
     for (int64_t p = 0; p < K / 64; ++p) {
       for (int64_t b = 0; b < 64; ++b) {
         const int64_t src = p * 64 + source_index(b);
@@ -212,7 +230,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor&
   // Plain pointers for the workers: the buffers are this thread's (thread_local), not theirs.
   const int8_t* xqp = xq.data();
   const float *sxp = sx.data(), *xsp = xsum.data();
-  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+  for_rows(N, M, [&](int64_t n0, int64_t n1) {
     static thread_local std::vector<float> dbuf;
     dbuf.resize(4 * blocks);
     auto run = [&](auto nr, int64_t n) {
@@ -254,7 +272,7 @@ at::Tensor linear8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const int8_t* xqp = xq.data();
   const float* sxp = sx.data();
-  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+  for_rows(N, M, [&](int64_t n0, int64_t n1) {
     static thread_local std::vector<float> dbuf;
     dbuf.resize(4 * blocks);
     auto run = [&](auto nr, int64_t n) {
