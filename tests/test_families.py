@@ -291,7 +291,7 @@ def test_export_hf_then_serve(name, family_dirs, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load_state(state, str(out), precision="module" if int8 else "int8", max_concurrency=2, kv_cache_mb=None)
     assert state.load_error is None, state.load_error
-    assert ("native int8 decode step covers Llama-family" in caplog.text) != int8
+    assert ("native quantized decode step covers Llama-family" in caplog.text) != int8
     try:
         with TestClient(create_app(state)) as client:
             body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
