@@ -116,6 +116,21 @@ def context_length(model: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
+def default_stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end an answer when a request names none: the template's stop tokens, or
+    the model's end-of-sequence id(s) when there is no tokenizer."""
+    if tokenizer is not None:
+        from chatsmith.data.template import stop_token_ids
+
+        return stop_token_ids(tokenizer)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
 def resolve_precision(model: Any, precision: str = "auto") -> str:
     """The engine precision for `precision`: "auto" is int8 for a Llama-family model on a CPU (several
     times faster there), else "module" (the model's own weights and dtype). int8 and int4 fall back
@@ -475,16 +490,7 @@ class Engine:
     # ---- scheduler ----------------------------------------------------------------------------------
 
     def _default_stop_ids(self) -> set[int]:
-        if self.tokenizer is not None:
-            from chatsmith.data.template import stop_token_ids
-
-            return stop_token_ids(self.tokenizer)
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = getattr(getattr(self.model, "config", None), "eos_token_id", None)
-        if eos is None:
-            return set()
-        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+        return default_stop_ids(self.model, self.tokenizer)
 
     def _loop(self) -> None:
         import torch

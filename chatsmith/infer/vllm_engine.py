@@ -46,7 +46,15 @@ from pathlib import Path
 from typing import Any
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer.engine import Completion, EngineBusy, Request, RequestTooLarge, Stream, context_length
+from chatsmith.infer.engine import (
+    Completion,
+    EngineBusy,
+    Request,
+    RequestTooLarge,
+    Stream,
+    context_length,
+    default_stop_ids,
+)
 from chatsmith.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -304,16 +312,7 @@ class VllmEngine:
     # ---- the step loop --------------------------------------------------------------------------------
 
     def _default_stop_ids(self) -> set[int]:
-        if self.tokenizer is not None:
-            from chatsmith.data.template import stop_token_ids
-
-            return stop_token_ids(self.tokenizer)
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = getattr(getattr(self.model, "config", None), "eos_token_id", None)
-        if eos is None:
-            return set()
-        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+        return default_stop_ids(self.model, self.tokenizer)
 
     def _loop(self) -> None:
         while True:

@@ -61,6 +61,15 @@ inline int64_t source_index(int64_t b) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// n fp16 values to fp32 (a cvtph per 16).
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+inline void widen(const uint16_t* h, int64_t n, float* out) {
+  for (int64_t b = 0; b < n; b += 16) {
+    const __mmask16 k = n - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - b)) - 1);
+    _mm512_mask_storeu_ps(out + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + b)));
+  }
+}
+
 // A tile of NR weight rows against R activation rows (xq, sx, xsum advance by K, K/32, K/32 per
 // activation row; out by out_stride per activation row and by 1 per weight row). Each pair of
 // blocks of a weight row is unpacked once and used R times; the NR x R sums are independent
@@ -75,12 +84,7 @@ void tile(const uint8_t* w, int64_t wstride, const uint16_t* d, const uint16_t* 
   // 16-bit lanes 0..15 (the low 32 bytes) shift by 0, lanes 16..31 by 4: low nibbles, then high ones.
   const __m512i shifts = _mm512_set_epi16(4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4,
                                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  for (int i = 0; i < NR; ++i) {   // this tile's scales in fp32 (a cvtph per 16 blocks)
-    for (int64_t b = 0; b < blocks; b += 16) {
-      const __mmask16 k = blocks - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
-      _mm512_mask_storeu_ps(dbuf + i * blocks + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, d + i * blocks + b)));
-    }
-  }
+  widen(d, NR * blocks, dbuf);   // this tile's scales in fp32
   __m512 acc[NR][R];
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
@@ -125,12 +129,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c")))
 void tile8(const int8_t* w, int64_t wstride, const uint16_t* d, int64_t K, const int8_t* xq, const float* sx,
            float* out, int64_t out_stride, float* dbuf) {
   const int64_t pairs = K / 64, blocks = K / 32;
-  for (int i = 0; i < NR; ++i) {
-    for (int64_t b = 0; b < blocks; b += 16) {
-      const __mmask16 k = blocks - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
-      _mm512_mask_storeu_ps(dbuf + i * blocks + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, d + i * blocks + b)));
-    }
-  }
+  widen(d, NR * blocks, dbuf);
   __m512 acc[NR][R];
   for (int i = 0; i < NR; ++i)
     for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
