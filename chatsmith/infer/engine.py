@@ -131,6 +131,38 @@ def default_stop_ids(model: Any, tokenizer: Any) -> set[int]:
     return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
 
 
+def check_prompt_ids(prompt: list[int], vocab_size: int | None) -> None:
+    """Raise ChatsmithError for an empty prompt or a token id outside the vocabulary."""
+    if not prompt:
+        raise ChatsmithError("the prompt is empty; pass at least one token id")
+    if vocab_size is not None and (min(prompt) < 0 or max(prompt) >= vocab_size):
+        bad = next(t for t in prompt if t < 0 or t >= vocab_size)
+        raise ChatsmithError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def submit_all(engine: Any, prompts: list[list[int]], params: Any, stop_ids: Iterable[int] | None,
+               seed_offset: int) -> list[Request]:
+    """Submit every prompt's n sequences to `engine` (built-in or vLLM), consecutively; with a seed, the
+    r-th sequence samples with seed + seed_offset + r. On an error, the ones already submitted are cancelled."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ChatsmithError(f"got {len(prompts)} prompts but {len(plist)} sampling parameter sets")
+    stops = None if stop_ids is None else list(stop_ids)
+    reqs: list[Request] = []
+    try:
+        r = 0
+        for prompt, p in zip(prompts, plist):
+            for _ in range(p.n):
+                seed = None if p.seed is None else (p.seed + seed_offset + r) % 2**64
+                reqs.append(engine.submit(prompt, p, stops, seed=seed, check_queue=False))
+                r += 1
+    except Exception:
+        for q in reqs:
+            q.cancel()
+        raise
+    return reqs
+
+
 def resolve_precision(model: Any, precision: str = "auto") -> str:
     """The engine precision for `precision`: "auto" is int8 for a Llama-family model on a CPU (several
     times faster there), else "module" (the model's own weights and dtype). int8 and int4 fall back
@@ -385,11 +417,7 @@ class Engine:
 
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise RequestTooLarge/ChatsmithError when a prompt cannot be served."""
-        if not prompt:
-            raise ChatsmithError("the prompt is empty; pass at least one token id")
-        if self.vocab_size is not None and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
-            bad = next(t for t in prompt if t < 0 or t >= self.vocab_size)
-            raise ChatsmithError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        check_prompt_ids(prompt, self.vocab_size)
         if len(prompt) >= self.slot_tokens:
             budget = (f" (KV cache budget {self.kv_cache_mb} MB over {self.max_batch_size} slots)"
                       if self.slot_tokens < self.context else "")
@@ -402,22 +430,7 @@ class Engine:
                  stop_ids: Iterable[int] | None = None, *, seed_offset: int = 0) -> list[Completion]:
         """Generate for every prompt (n completions each, consecutive, when params.n > 1). With a seed,
         the r-th sequence of the call samples with seed + seed_offset + r (see the module docstring)."""
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ChatsmithError(f"got {len(prompts)} prompts but {len(plist)} sampling parameter sets")
-        stops = None if stop_ids is None else list(stop_ids)
-        reqs: list[Request] = []
-        try:
-            r = 0
-            for prompt, p in zip(prompts, plist):
-                for _ in range(p.n):
-                    seed = None if p.seed is None else (p.seed + seed_offset + r) % 2**64
-                    reqs.append(self.submit(prompt, p, stops, seed=seed, check_queue=False))
-                    r += 1
-        except Exception:
-            for q in reqs:
-                q.cancel()
-            raise
+        reqs = submit_all(self, prompts, params, stop_ids, seed_offset)
         if self._thread is not None and self._thread.is_alive():
             return [q.wait() for q in reqs]
         import torch

@@ -52,8 +52,10 @@ from chatsmith.infer.engine import (
     Request,
     RequestTooLarge,
     Stream,
+    check_prompt_ids,
     context_length,
     default_stop_ids,
+    submit_all,
 )
 from chatsmith.infer.sampling import SamplingParams
 
@@ -226,11 +228,7 @@ class VllmEngine:
 
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise RequestTooLarge/ChatsmithError when a prompt cannot be served."""
-        if not prompt:
-            raise ChatsmithError("the prompt is empty; pass at least one token id")
-        if self.vocab_size is not None and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
-            bad = next(t for t in prompt if t < 0 or t >= self.vocab_size)
-            raise ChatsmithError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        check_prompt_ids(prompt, self.vocab_size)
         if len(prompt) >= self.slot_tokens:
             raise RequestTooLarge(f"the prompt has {len(prompt)} tokens but a sequence can hold at most "
                                   f"{self.slot_tokens} tokens (vLLM's max_model_len), with room for at least one "
@@ -239,22 +237,7 @@ class VllmEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  stop_ids: Iterable[int] | None = None, *, seed_offset: int = 0) -> list[Completion]:
         """Generate for every prompt (n completions each, consecutive); seeds as `Engine.generate`."""
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ChatsmithError(f"got {len(prompts)} prompts but {len(plist)} sampling parameter sets")
-        stops = None if stop_ids is None else list(stop_ids)
-        reqs: list[Request] = []
-        try:
-            r = 0
-            for prompt, p in zip(prompts, plist):
-                for _ in range(p.n):
-                    seed = None if p.seed is None else (p.seed + seed_offset + r) % 2**64
-                    reqs.append(self.submit(prompt, p, stops, seed=seed, check_queue=False))
-                    r += 1
-        except Exception:
-            for q in reqs:
-                q.cancel()
-            raise
+        reqs = submit_all(self, prompts, params, stop_ids, seed_offset)
         if self._thread is not None and self._thread.is_alive():
             return [q.wait() for q in reqs]
         with self._step_lock:

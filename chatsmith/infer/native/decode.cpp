@@ -71,45 +71,22 @@ class Decoder {
   // scales and zeros, the RMSNorm weight in front (undefined for o and down).
   void add_linear4(int64_t layer, int64_t kind, at::Tensor w4, at::Tensor sz, int64_t group,
                    c10::optional<at::Tensor> norm_weight, c10::optional<at::Tensor> bias, int64_t in, int64_t out) {
-    Linear l;
-    l.w4 = w4;
-    l.sz = sz;
-    l.group = group;
-    if (norm_weight) l.in_scale = *norm_weight;
-    l.bias = bias;
-    l.in = in;
-    l.out = out;
-    place(layer, kind, l);
+    place(layer, kind, blockwise(w4, sz, at::Tensor(), group, norm_weight, bias, in, out));
   }
 
   // int4 on chatsmith's own kernel (q4.cpp): codes [out, in/2], scales and offsets [out, in/32].
   void add_linear_q4(int64_t layer, int64_t kind, at::Tensor w, at::Tensor d, at::Tensor m,
                      c10::optional<at::Tensor> norm_weight, c10::optional<at::Tensor> bias, int64_t in, int64_t out) {
-    Linear l;
-    l.w4 = w;
-    l.sz = d;
-    l.m = m;
+    Linear l = blockwise(w, d, m, 32, norm_weight, bias, in, out);
     l.q4 = true;
-    l.group = 32;
-    if (norm_weight) l.in_scale = *norm_weight;
-    l.bias = bias;
-    l.in = in;
-    l.out = out;
     place(layer, kind, l);
   }
 
   // int8 in blocks of 32 (Q8_0) on chatsmith's kernel: codes [out, in], scales [out, in/32].
   void add_linear_q8(int64_t layer, int64_t kind, at::Tensor w, at::Tensor d, c10::optional<at::Tensor> norm_weight,
                      c10::optional<at::Tensor> bias, int64_t in, int64_t out) {
-    Linear l;
-    l.w4 = w;
-    l.sz = d;
+    Linear l = blockwise(w, d, at::Tensor(), 32, norm_weight, bias, in, out);
     l.q8 = true;
-    l.group = 32;
-    if (norm_weight) l.in_scale = *norm_weight;
-    l.bias = bias;
-    l.in = in;
-    l.out = out;
     place(layer, kind, l);
   }
 
@@ -205,6 +182,21 @@ class Decoder {
   }
 
  private:
+  // A layer with block-wise weights: codes, scales (and offsets), the RMSNorm weight in front.
+  static Linear blockwise(at::Tensor w, at::Tensor d, at::Tensor m, int64_t group, c10::optional<at::Tensor> norm_weight,
+                          c10::optional<at::Tensor> bias, int64_t in, int64_t out) {
+    Linear l;
+    l.w4 = w;
+    l.sz = d;
+    l.m = m;
+    l.group = group;
+    if (norm_weight) l.in_scale = *norm_weight;
+    l.bias = bias;
+    l.in = in;
+    l.out = out;
+    return l;
+  }
+
   void place(int64_t layer, int64_t kind, const Linear& l) {
     if (layer < 0) {
       head_ = l;
