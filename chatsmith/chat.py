@@ -255,6 +255,7 @@ def run_chat(
     kb_top_k: int = 5,
     max_memory: str | None = None,
     quantization: str | None = None,
+    prefix_cache: bool = True,
 ) -> int:
     """Run `chatsmith chat`. With `prompt`, print only its answer and a newline; else chat.
 
@@ -289,7 +290,9 @@ def run_chat(
         precision, fast_path = offload_precision(precision, offload_flag), offload_fast_path(model)
     else:
         precision, fast_path = resolve_precision(model, precision), True
-    engine = Engine(model, tokenizer, max_batch_size=1, precision=precision, fast_path=fast_path)
+    # The prefix cache: each turn prefills only the new message, the earlier turns' KV cache stays.
+    engine = Engine(model, tokenizer, max_batch_size=1, precision=precision, fast_path=fast_path,
+                    prefix_cache=prefix_cache)
     session = ChatSession(engine, params, system=system, template=template, kb=retriever)
     if prompt is not None:
         for piece in session.reply(prompt):

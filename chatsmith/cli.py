@@ -346,6 +346,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                     help=PRECISION_HELP)
     c.add_argument("--trust-remote-code", action="store_true")
+    c.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill the whole conversation every turn; by default each turn prefills only what is "
+                        "new and reuses the KV cache of the earlier turns")
     _add_memory_flags(c)
     c.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
                    "with numbered citations; the sources are listed after each answer")
@@ -373,6 +376,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                     help=PRECISION_HELP)
     sv.add_argument("--kv-cache-mb", type=float, default=2048, help="KV cache budget shared by all slots")
+    sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                    help="prefill every prompt whole; by default a prompt that starts like an earlier or running "
+                         "one (a system prompt, a chat's earlier turns) reuses its KV cache and prefills only the "
+                         "rest (equal to float rounding, not bit for bit)")
     sv.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
                     help="builtin: chatsmith's engine (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install "
                          "'chatsmith[vllm]'; no tools/json_schema constraints; --precision and --kv-cache-mb "
@@ -794,7 +801,8 @@ def _run(args: argparse.Namespace) -> int:
         params.validate()
         return run_chat(args.model, prompt=args.prompt, system=args.system, params=params, template=args.template,
                         trust_remote_code=args.trust_remote_code, precision=args.precision, kb=args.kb,
-                        kb_top_k=args.kb_top_k, max_memory=args.max_memory, quantization=_quantization(args))
+                        kb_top_k=args.kb_top_k, max_memory=args.max_memory, quantization=_quantization(args),
+                        prefix_cache=args.prefix_cache)
     if args.command == "serve":
         from chatsmith.serve.app import run_server
 
@@ -812,7 +820,7 @@ def _run(args: argparse.Namespace) -> int:
                           header_timeout=args.header_timeout, max_connections=args.max_connections,
                           cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k,
                           moderation=args.moderation, engine=args.engine, max_memory=args.max_memory,
-                          quantization=_quantization(args))
+                          quantization=_quantization(args), prefix_cache=args.prefix_cache)
     if args.command == "label":
         from chatsmith.datagen.label import LabelSettings, run_label
 

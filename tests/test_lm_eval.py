@@ -169,7 +169,9 @@ def test_echo_logprobs_over_http_equal_a_transformers_forward(server, hf):
     assert lp["top_logprobs"][n:] == generated["top_logprobs"]
     assert choice["text"] == tok.decode(ids) + plain["text"]
     assert lp["text_offset"][n] == len(tok.decode(ids)) and lp["text_offset"][:2] == [0, len(lp["tokens"][0])]
-    assert echoed["usage"] == {"prompt_tokens": n, "completion_tokens": 3, "total_tokens": n + 3}
+    # A scored prompt is prefilled whole: nothing comes from the prefix cache.
+    assert echoed["usage"] == {"prompt_tokens": n, "completion_tokens": 3, "total_tokens": n + 3,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
 
     # max_tokens 0: the prompt scored, nothing generated (what lm-eval's loglikelihood needs, minus one token).
     only = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 0, "logprobs": 2, "echo": True},

@@ -38,6 +38,19 @@ adapters apply; the weights are read live, so training updates show up without `
 weights change. Greedy output in "module" precision equals
 `transformers` `generate`, tested in tests/test_engine.py.
 
+Prefix cache (`prefix_cache=True`, what `serve` and `chat` use): a finished sequence's slot keeps its
+KV cache, and the engine remembers which token ids it holds. A new prompt is given the free slot
+whose kept tokens share the longest prefix with it (or has that prefix copied from a running
+sequence when one shares more), and only the rest is prefilled; the prompt's last token always
+runs, as its logits choose the first new token. A chat's next turn then prefills only the new
+message, and requests with one system prompt prefill it once. The kept positions were computed
+with other chunk lengths (or one by one, as generated tokens) than a cold prefill would use, and
+attention rounds differently over other shapes: the numbers equal a cold prefill's to float
+rounding, not bit for bit, so engines that promise batch-invariant, reproducible numbers
+(evaluation, RL rollouts, tests) leave it off, its default. `sync_weights` forgets what is kept;
+named adapters are kept apart; a request that scores its prompt (`prompt_logprobs`) prefills it
+all. `Request.reused` says how many prompt tokens came from the cache (the API's `cached_tokens`).
+
 Seeds: with `params.seed` set, the r-th sequence of a `generate` call (after expanding `n`) draws
 from a generator seeded with `seed + r`, so G copies of one prompt give G different samples and
 the same call gives the same samples again.
@@ -129,6 +142,21 @@ def default_stop_ids(model: Any, tokenizer: Any) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common start of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n   # a[:lo] == b[:lo], a[:hi] != b[:hi]: bisect on slice equality (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def check_prompt_ids(prompt: list[int], vocab_size: int | None) -> None:
@@ -230,6 +258,7 @@ class Request:
         self.error: str | None = None
         self.slot: int | None = None
         self.cached = 0                    # tokens already in the KV cache
+        self.reused = 0                    # prompt tokens taken from the prefix cache, not prefilled
         self.prompt_logits: Any = None     # logits after the whole prompt (prefix sharing), while running
         self.pending: int | None = None    # sampled token not yet fed to the model
         self.counts: dict[int, int] = {}   # generated token -> count (presence/frequency penalties)
@@ -296,10 +325,11 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, precision: str = "module",
                  kv_cache_mb: float | None = None, prefill_chunk: int = 256, max_queue: int = 1024,
                  adapters: dict[str, str] | None = None, fast_path: bool = True,
-                 max_sequence_tokens: int | None = None) -> None:
+                 max_sequence_tokens: int | None = None, prefix_cache: bool = False) -> None:
         """max_sequence_tokens: the longest a sequence (prompt + generated) will get, when the caller knows
         it (RL rollouts: --max-length); each slot's KV cache is sized to it instead of the model's whole
-        context, which on a GPU is allocated up front."""
+        context, which on a GPU is allocated up front. prefix_cache: reuse finished and running
+        sequences' KV caches for the prompts that start like them (see the module docstring)."""
         from chatsmith.infer.lora import load_lora_adapter
         from chatsmith.infer.runners import LlamaRunner, ModuleRunner, supports_fast_path
 
@@ -362,6 +392,9 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._free_slots = list(range(max_batch_size))
+        # Prefix cache: free slot -> (adapter, the token ids whose keys and values it still holds).
+        self.prefix_cache = bool(prefix_cache) and getattr(self.runner, "keeps_released_cache", False)
+        self._kept: dict[int, tuple[str | None, list[int]]] = {}
         self._lock = threading.Lock()          # guards _waiting and counters
         self._step_lock = threading.RLock()    # one step at a time
         self._wake = threading.Condition(self._lock)
@@ -370,7 +403,8 @@ class Engine:
         self._eval: _EvalMode | None = None
         self._next_id = 0
         self.recent: deque[Request] = deque(maxlen=64)  # the last finished requests, newest last
-        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
+                      "cached_prompt_tokens": 0}
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -380,6 +414,7 @@ class Engine:
 
         with self._step_lock, torch.no_grad(), _EvalMode(self.model):
             self.runner.sync_weights()
+            self._kept.clear()   # computed with the old weights
 
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
                adapter: str | None = None, seed: int | None = None,
@@ -541,13 +576,53 @@ class Engine:
             self._finish(r, "cancelled")
 
     def _admit(self) -> None:
+        admitted: list[Request] = []
         with self._lock:
             while self._waiting and self._free_slots:
                 req = self._waiting.popleft()
-                # Lowest free slot first keeps the used slots packed at the front of the cache.
+                # Lowest free slot first keeps the used slots packed at the front of the cache; with
+                # the prefix cache, the free slot that holds the longest start of this prompt.
                 self._free_slots.sort()
-                req.slot = self._free_slots.pop(0)
+                best = max(self._free_slots, key=lambda s: (self._kept_prefix(req, s), -s)) \
+                    if self.prefix_cache and self._kept else self._free_slots[0]
+                self._free_slots.remove(best)
+                req.slot = best
                 self._running.append(req)
+                if self.prefix_cache:
+                    admitted.append(req)
+        for req in admitted:
+            self._reuse_prefix(req)
+
+    def _kept_prefix(self, req: Request, slot: int) -> int:
+        """How many of `req`'s prompt tokens free slot `slot` holds (the prefix cache)."""
+        adapter, ids = self._kept.get(slot, (None, None))
+        if ids is None or adapter != req.adapter or req.params.prompt_logprobs is not None:
+            return 0
+        return common_prefix(ids, req.prompt)
+
+    def _reuse_prefix(self, req: Request) -> None:
+        """Start a newly admitted request past the longest start of its prompt that the cache holds:
+        in its own slot (kept from a finished sequence) or in a running sequence's (copied). Identical
+        prompts of running sequences are left to `_share_prefix`, which also shares the last logits."""
+        own = self._kept_prefix(req, req.slot)
+        self._kept.pop(req.slot, None)   # the slot is this request's now and will be overwritten
+        best, donor = own, None
+        if req.params.prompt_logprobs is None:
+            for other in self._running:
+                if other is req or other.slot is None or other.adapter != req.adapter or other.cached == 0:
+                    continue
+                if other.prompt == req.prompt and other.cached >= len(other.prompt):
+                    return
+                n = common_prefix(other.prompt[:other.cached], req.prompt)
+                if n == min(len(other.prompt), other.cached) and other.cached > len(other.prompt):
+                    n += common_prefix(other.output[:other.cached - len(other.prompt)], req.prompt[n:])
+                if n > best:
+                    best, donor = n, other
+        n = min(best, len(req.prompt) - 1)   # the last prompt token always runs: its logits choose the next
+        if n <= 0 or (donor is not None and not self.runner.copy_prefix(donor.slot, req.slot, n)):
+            return
+        req.cached = req.reused = n
+        self.stats["cached_prompt_tokens"] += n
 
     def _prefill(self) -> None:
         # Up to `prefill_chunk` prompt tokens per step. A prompt is always cut at multiples of
@@ -820,6 +895,8 @@ class Engine:
         if req in self._running:
             self._running.remove(req)
         if req.slot is not None:
+            if self.prefix_cache and reason != "error" and req.cached > 0:
+                self._kept[req.slot] = (req.adapter, (req.prompt + req.output)[:req.cached])
             self.runner.release(req.slot)
             with self._lock:
                 self._free_slots.append(req.slot)

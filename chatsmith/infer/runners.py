@@ -66,6 +66,8 @@ def supports_fast_path(model: Any) -> bool:
 class LlamaRunner:
     """Lean batched decode for Llama-family models; see the module docstring."""
 
+    keeps_released_cache = True   # a released slot's keys and values stay until it is written again (prefix cache)
+
     def __init__(self, model: Any, *, max_batch_size: int, slot_tokens: int, precision: str = "module",
                  adapters: dict[str, LoraAdapter] | None = None, calibration_ids: list[int] | None = None,
                  native: bool = True) -> None:

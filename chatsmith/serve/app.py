@@ -109,8 +109,9 @@ class ServerState:
 def load_state(state: ServerState, model: str, *, precision: str = "auto", max_concurrency: int = 16,
                kv_cache_mb: float | None = 2048, max_queue: int = 64, loras: dict[str, str] | None = None,
                template: str | None = None, trust_remote_code: bool = False, engine: str = "builtin",
-               max_memory: str | None = None, quantization: str | None = None) -> None:
+               max_memory: str | None = None, quantization: str | None = None, prefix_cache: bool = True) -> None:
     """Load the model and start the engine; sets `state.engine` last, so /health turns 200 only when ready.
+    prefix_cache: the builtin engine reuses the KV cache of earlier requests' shared starts (infer/engine.py).
     engine: "builtin" (chatsmith's) or "vllm" (infer/vllm_engine.py: a CUDA GPU and the vllm extra;
     precision and kv_cache_mb are then vLLM's own choices). max_memory (--max-memory: disk offload) and
     quantization ("8bit"/"4bit": bitsandbytes) are the builtin engine's, which then decodes in "module"."""
@@ -130,7 +131,7 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
         else:
             precision = "module" if offload_flag else resolve_precision(m, precision)
             engine = Engine(m, tok, max_batch_size=max_concurrency, precision=precision, kv_cache_mb=kv_cache_mb,
-                            max_queue=max_queue, adapters=loras or None,
+                            max_queue=max_queue, adapters=loras or None, prefix_cache=prefix_cache,
                             fast_path=offload_fast_path(m) if offload_flag else True)
         from chatsmith.infer.sampling import SamplingParams
 
@@ -714,7 +715,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
                max_connections: int = 256, cache: dict[str, Any] | None = None, kb: str | None = None,
                kb_top_k: int = 5, moderation: str | None = None, engine: str = "builtin",
-               max_memory: str | None = None, quantization: str | None = None) -> int:
+               max_memory: str | None = None, quantization: str | None = None, prefix_cache: bool = True) -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
     `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None.
     `engine`: "builtin" or "vllm" (a missing vllm or GPU fails now, before anything loads).
@@ -760,7 +761,7 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                      kwargs={"precision": precision, "max_concurrency": max_concurrency, "kv_cache_mb": kv_cache_mb,
                              "max_queue": max_queue, "loras": loras, "template": template,
                              "trust_remote_code": trust_remote_code, "engine": engine, "max_memory": max_memory,
-                             "quantization": quantization}).start()
+                             "quantization": quantization, "prefix_cache": prefix_cache}).start()
     print(f"chatsmith serve: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1", flush=True)
     uvicorn.Server(http.uvicorn_config(app, host, port, header_timeout=header_timeout,
                                        max_connections=max_connections)).run()

@@ -98,7 +98,10 @@ class GenerationJob:
     def _usage(self) -> dict[str, int]:
         prompt = sum(map(len, self.prompts))   # each prompt once, whatever n (as OpenAI counts)
         completion = sum(len(r.output) for r in self.requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # OpenAI's prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache held.
+        cached = min(prompt, sum(getattr(r, "reused", 0) for r in self.requests))
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _logprob_entries(self, req: Any, start: int, end: int) -> list[dict[str, Any]]:
         tok = self.state.tokenizer
@@ -146,7 +149,7 @@ class GenerationJob:
         m = self.state.metrics
         for r in self.requests:
             ttft = (r.first_token_at - r.arrival) if r.first_token_at else None
-            m.finished(len(r.output), time.monotonic() - self.start, ttft)
+            m.finished(len(r.output), time.monotonic() - self.start, ttft, getattr(r, "reused", 0))
 
     def _response(self) -> dict[str, Any]:
         choices = []

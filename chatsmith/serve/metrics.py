@@ -34,6 +34,8 @@ class Metrics:
                                       "time from receiving a request to the end of its response headers (streams: "
                                       "to the first byte)", ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("chatsmith_prompt_tokens", "prompt tokens submitted to the engine", registry=r)
+        self.prompt_tokens_cached = Counter("chatsmith_prompt_tokens_cached", "prompt tokens the prefix cache held "
+                                            "(not prefilled again)", registry=r)
         self.generated_tokens = Counter("chatsmith_generation_tokens", "tokens generated", registry=r)
         self.generations = Counter("chatsmith_generations", "generation requests finished", registry=r)
         self.running = Gauge("chatsmith_requests_running", "sequences decoding now", registry=r)
@@ -73,9 +75,11 @@ class Metrics:
         """Prompt tokens sent to the engine."""
         self.prompt_tokens.inc(prompt_tokens)
 
-    def finished(self, generated: int, seconds: float, ttft: float | None) -> None:
-        """One generation finished: its tokens, its duration and its time to first token."""
+    def finished(self, generated: int, seconds: float, ttft: float | None, cached: int = 0) -> None:
+        """One generation finished: its tokens, its duration, its time to first token and the prompt
+        tokens it took from the prefix cache."""
         self.generated_tokens.inc(generated)
+        self.prompt_tokens_cached.inc(cached)
         self.generations.inc()
         self.request_seconds.observe(seconds)
         if ttft is not None:
