@@ -82,8 +82,8 @@ def test_a_running_sequence_lends_its_start(tiny):
         twin = warm.submit(a, GREEDY, stop_ids=[])        # identical prompt: shared whole, with its logits
         while not (ra.finished and rb.finished and twin.finished):
             warm._step()
-    assert rb.reused == shared and twin.reused == 0
-    assert warm.stats["shared_prompt_tokens"] == len(a)
+    assert rb.reused == shared and twin.reused == len(a)   # twin: nothing prefilled, the logits shared too
+    assert warm.stats["shared_prompt_tokens"] == len(a) and warm.stats["cached_prompt_tokens"] == shared
     _same(rb.completion(), cold.generate([b], GREEDY, stop_ids=[])[0])
     _same(twin.completion(), cold.generate([a], GREEDY, stop_ids=[])[0])
     # A new prompt goes to the free slot that holds most of it.

@@ -49,7 +49,8 @@ attention rounds differently over other shapes: the numbers equal a cold prefill
 rounding, not bit for bit, so engines that promise batch-invariant, reproducible numbers
 (evaluation, RL rollouts, tests) leave it off, its default. `sync_weights` forgets what is kept;
 named adapters are kept apart; a request that scores its prompt (`prompt_logprobs`) prefills it
-all. `Request.reused` says how many prompt tokens came from the cache (the API's `cached_tokens`).
+all. `Request.reused` says how many prompt tokens were not prefilled, whether from the prefix cache
+or from an identical running prompt (the API's `cached_tokens`).
 
 Seeds: with `params.seed` set, the r-th sequence of a `generate` call (after expanding `n`) draws
 from a generator seeded with `seed + r`, so G copies of one prompt give G different samples and
@@ -58,6 +59,7 @@ the same call gives the same samples again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -258,7 +260,7 @@ class Request:
         self.error: str | None = None
         self.slot: int | None = None
         self.cached = 0                    # tokens already in the KV cache
-        self.reused = 0                    # prompt tokens taken from the prefix cache, not prefilled
+        self.reused = 0                    # prompt tokens not prefilled (prefix cache, or an identical prompt)
         self.prompt_logits: Any = None     # logits after the whole prompt (prefix sharing), while running
         self.pending: int | None = None    # sampled token not yet fed to the model
         self.counts: dict[int, int] = {}   # generated token -> count (presence/frequency penalties)
@@ -319,7 +321,244 @@ class _EvalMode:
             m.training = flag
 
 
-class Engine:
+class EngineFront:
+    """What the built-in engine and the vLLM engine (infer/vllm_engine.py) share: the waiting queue,
+    `submit`, `generate`, `stream`, the background loop with `start`/`stop`, how a generated token is
+    delivered (the callback with its text, then the stop token, stop strings and the length limit)
+    and how a request finishes. A subclass sets model, tokenizer, adapter_names, stop_default and
+    vocab_size, calls `_init_front`, and provides `_step()`, `_active()` (the requests it is
+    generating), `check_prompt` and `_release(req, reason)` (what finishing frees: a KV slot, or
+    vLLM's request); `_inline()` and `_loop_context()` wrap the steps run by a caller and by the
+    background thread."""
+
+    constraint_error: str | None = None   # why token constraints cannot run here, where they cannot
+    thread_name = "chatsmith-engine"
+
+    def _init_front(self, max_batch_size: int, max_queue: int) -> None:
+        if max_batch_size < 1:
+            raise ChatsmithError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self._waiting: deque[Request] = deque()
+        self._lock = threading.Lock()          # guards _waiting and counters
+        self._step_lock = threading.RLock()    # one step at a time
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._next_id = 0
+        self.recent: deque[Request] = deque(maxlen=64)  # the last finished requests, newest last
+        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+
+    # ---- what a subclass provides ---------------------------------------------------------------------
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _active(self) -> list[Request]:
+        raise NotImplementedError
+
+    def _release(self, req: Request, reason: str) -> None:
+        raise NotImplementedError
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        raise NotImplementedError
+
+    def _inline(self) -> Any:
+        """The context of steps run in the caller's thread (`generate`, `step_once`)."""
+        return contextlib.nullcontext()
+
+    def _loop_context(self) -> Any:
+        """The context of each step of the background thread."""
+        return contextlib.nullcontext()
+
+    def _started(self) -> None:
+        """Called by `start` before the thread starts."""
+
+    def _stopped(self) -> None:
+        """Called by `stop` after the thread has ended and the requests are cancelled."""
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
+               adapter: str | None = None, seed: int | None = None,
+               on_token: Callable[..., None] | None = None, on_finish: Callable[[Request], None] | None = None,
+               check_queue: bool = True, constraint: Any = None, group: Any = None) -> Request:
+        """Queue one sequence and return its Request (thread-safe). `seed` overrides `params.seed`.
+
+        `on_token(request, token_id, logprob, text)` and `on_finish(request)` are called from the
+        engine's thread. Requests with the same `group` take turns as one (see the module docstring).
+        Raises RequestTooLarge, EngineBusy, or ChatsmithError for bad parameters.
+        """
+        params.validate()
+        prompt = [int(t) for t in prompt]
+        self.check_prompt(prompt)
+        if constraint is not None and self.constraint_error:
+            raise ChatsmithError(self.constraint_error)
+        if params.stop and self.tokenizer is None:
+            raise ChatsmithError(f"stop strings need the engine to have a tokenizer: {type(self).__name__}(model, "
+                                 "tokenizer)")
+        if adapter is not None and adapter not in self.adapter_names:
+            raise ChatsmithError(f"unknown LoRA adapter '{adapter}'; this engine serves "
+                                 f"{', '.join(self.adapter_names) or 'no adapters'}")
+        stops = frozenset(self.stop_default if stop_ids is None else (int(t) for t in stop_ids)) | frozenset(
+            params.stop_token_ids)
+        with self._lock:
+            if check_queue and self.waiting >= self.max_queue:
+                raise EngineBusy(f"the queue is full ({self.waiting} requests waiting); retry shortly",
+                                 retry_after=max(1, self.waiting // max(self.max_batch_size, 1)))
+            self._next_id += 1
+            req = Request(self._next_id, prompt, params, stops, adapter, params.seed if seed is None else seed,
+                          on_token, on_finish, constraint, self.tokenizer)
+            if group is not None:
+                req.group = group
+            self._waiting.append(req)
+            self.stats["requests"] += 1
+            self._wake.notify()
+        return req
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 stop_ids: Iterable[int] | None = None, *, seed_offset: int = 0) -> list[Completion]:
+        """Generate for every prompt (n completions each, consecutive, when params.n > 1). With a seed,
+        the r-th sequence of the call samples with seed + seed_offset + r (see the module docstring)."""
+        reqs = submit_all(self, prompts, params, stop_ids, seed_offset)
+        if self._thread is not None and self._thread.is_alive():
+            return [q.wait() for q in reqs]
+        with self._step_lock, self._inline():
+            try:
+                while not all(q.finished for q in reqs):
+                    self._step()
+            except BaseException:
+                # Leave the engine clean for the next call: finish this call's requests.
+                for q in reqs:
+                    q.cancel()
+                self._drop_cancelled()
+                raise
+        return [q.completion() for q in reqs]
+
+    def stream(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
+               adapter: str | None = None) -> Stream:
+        """Generate one answer and iterate over its text as it is produced (`for piece in engine.stream(...)`).
+
+        Without the background thread, iterating steps the engine itself, one step per loop, and no
+        grad or inference mode is held across a `yield`. `Stream.cancel()` (e.g. on Ctrl-C) ends
+        the answer after the current step; closing the iterator early cancels it too.
+        """
+        return Stream(self, self.submit(prompt, params, stop_ids, adapter=adapter, check_queue=False))
+
+    def step_once(self) -> None:
+        """Run one scheduler step in the calling thread (when no background thread is running)."""
+        with self._step_lock, self._inline():
+            self._step()
+
+    def start(self) -> None:
+        """Run the scheduler in a background thread (for servers); `submit` then returns at once."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._started()
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread; running requests finish as cancelled."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._step_lock:
+            for req in self._active() + list(self._waiting):
+                req.cancel()
+            self._drop_cancelled()
+        self._stopped()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
+        return len(self._active())
+
+    # ---- the loop and the requests' ends ------------------------------------------------------------
+
+    def _default_stop_ids(self) -> set[int]:
+        return default_stop_ids(self.model, self.tokenizer)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._active():
+                    self._wake.wait(timeout=0.5)
+                if self._stopping:
+                    return
+            try:
+                with self._step_lock, self._loop_context():
+                    self._step()
+            except Exception as e:  # keep serving: fail the running requests, not the process
+                log.exception("engine step failed")
+                with self._step_lock:
+                    for req in self._active():
+                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self._finish(r, "cancelled")
+        for r in [r for r in self._active() if r.cancelled]:
+            self._finish(r, "cancelled")
+
+    def _deliver(self, req: Request, token: int, lp: float, full: bool = False) -> bool:
+        """A generated token, already in `req.output`: its time, its callback with the text it made
+        safe to show, then the stop token, stop strings and the length limit (`full`: no room for
+        another). True when the request finished."""
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        self.stats["generated_tokens"] += 1
+        stop_token = token in req.stop_ids
+        text = req.detok.push(token) if req.detok is not None and not stop_token else ""
+        if req.on_token is not None:
+            try:
+                req.on_token(req, token, lp, text)
+            except Exception:
+                log.exception("on_token callback failed; cancelling request %s", req.id)
+                req.cancel()
+        if stop_token:
+            self._finish(req, "stop")
+        elif req.detok is not None and req.detok.stopped:
+            req.stop_string = req.detok.stop_string
+            self._finish(req, "stop")
+        elif len(req.output) >= req.params.max_new_tokens or full:
+            self._finish(req, "length")
+        else:
+            return False
+        return True
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.finished and req.done.is_set():
+            return
+        req.finish_reason, req.error = reason, error
+        if req.detok is not None:
+            req.tail = req.detok.finish()
+        req.finished_at = time.monotonic()
+        self._release(req, reason)
+        self.stats["finished"] += 1
+        self.stats["prompt_tokens"] += len(req.prompt)
+        self.recent.append(req)
+        if req.on_finish is not None:
+            try:
+                req.on_finish(req)
+            except Exception:
+                log.exception("on_finish callback failed for request %s", req.id)
+        req.done.set()
+
+
+class Engine(EngineFront):
     """Continuous-batching generation over one model; see the module docstring."""
 
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, precision: str = "module",
@@ -333,15 +572,15 @@ class Engine:
         from chatsmith.infer.lora import load_lora_adapter
         from chatsmith.infer.runners import LlamaRunner, ModuleRunner, supports_fast_path
 
-        if max_batch_size < 1:
-            raise ChatsmithError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._init_front(max_batch_size, max_queue)
+        self.stats["cached_prompt_tokens"] = 0
         from chatsmith.infer.precision import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ChatsmithError(f"precision must be 'module' (the model's own weights, exact) or one of "
                                  f"{', '.join(PRECISIONS[1:])}, got '{precision}'")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.prefill_chunk, self.max_queue = max_batch_size, max(1, prefill_chunk), max_queue
+        self.prefill_chunk = max(1, prefill_chunk)
         self.context = context_length(model) or 2048
         fast = fast_path and supports_fast_path(model)
         if not fast and precision != "module" and not adapters:
@@ -389,22 +628,12 @@ class Engine:
             model, "get_output_embeddings") and model.get_output_embeddings() is not None else None
 
         self._served: dict[Any, int] = {}      # group -> the last step one of its costly choices was made
-        self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._free_slots = list(range(max_batch_size))
         # Prefix cache: free slot -> (adapter, the token ids whose keys and values it still holds).
         self.prefix_cache = bool(prefix_cache) and getattr(self.runner, "keeps_released_cache", False)
         self._kept: dict[int, tuple[str | None, list[int]]] = {}
-        self._lock = threading.Lock()          # guards _waiting and counters
-        self._step_lock = threading.RLock()    # one step at a time
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
         self._eval: _EvalMode | None = None
-        self._next_id = 0
-        self.recent: deque[Request] = deque(maxlen=64)  # the last finished requests, newest last
-        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
-                      "cached_prompt_tokens": 0}
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -415,40 +644,6 @@ class Engine:
         with self._step_lock, torch.no_grad(), _EvalMode(self.model):
             self.runner.sync_weights()
             self._kept.clear()   # computed with the old weights
-
-    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
-               adapter: str | None = None, seed: int | None = None,
-               on_token: Callable[..., None] | None = None, on_finish: Callable[[Request], None] | None = None,
-               check_queue: bool = True, constraint: Any = None, group: Any = None) -> Request:
-        """Queue one sequence and return its Request (thread-safe). `seed` overrides `params.seed`.
-
-        `on_token(request, token_id, logprob, text)` and `on_finish(request)` are called from the
-        engine's thread. Requests with the same `group` take turns as one (see the module docstring).
-        Raises RequestTooLarge, EngineBusy, or ChatsmithError for bad parameters.
-        """
-        params.validate()
-        prompt = [int(t) for t in prompt]
-        self.check_prompt(prompt)
-        if params.stop and self.tokenizer is None:
-            raise ChatsmithError("stop strings need the engine to have a tokenizer: Engine(model, tokenizer)")
-        if adapter is not None and adapter not in self.adapter_names:
-            raise ChatsmithError(f"unknown LoRA adapter '{adapter}'; this engine serves "
-                                 f"{', '.join(self.adapter_names) or 'no adapters'}")
-        stops = frozenset(self.stop_default if stop_ids is None else (int(t) for t in stop_ids)) | frozenset(
-            params.stop_token_ids)
-        with self._lock:
-            if check_queue and len(self._waiting) >= self.max_queue:
-                raise EngineBusy(f"the queue is full ({len(self._waiting)} requests waiting); retry shortly",
-                                 retry_after=max(1, len(self._waiting) // max(self.max_batch_size, 1)))
-            self._next_id += 1
-            req = Request(self._next_id, prompt, params, stops, adapter, params.seed if seed is None else seed,
-                          on_token, on_finish, constraint, self.tokenizer)
-            if group is not None:
-                req.group = group
-            self._waiting.append(req)
-            self.stats["requests"] += 1
-            self._wake.notify()
-        return req
 
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise RequestTooLarge/ChatsmithError when a prompt cannot be served."""
@@ -461,102 +656,32 @@ class Engine:
                 f"{budget}, with room for at least one new token; the model's context length is {self.context}. "
                 "Shorten the prompt" + (", raise the KV cache budget or lower the max concurrency" if budget else ""))
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 stop_ids: Iterable[int] | None = None, *, seed_offset: int = 0) -> list[Completion]:
-        """Generate for every prompt (n completions each, consecutive, when params.n > 1). With a seed,
-        the r-th sequence of the call samples with seed + seed_offset + r (see the module docstring)."""
-        reqs = submit_all(self, prompts, params, stop_ids, seed_offset)
-        if self._thread is not None and self._thread.is_alive():
-            return [q.wait() for q in reqs]
+    def _inline(self) -> Any:
         import torch
 
-        with self._step_lock, torch.inference_mode(), _EvalMode(self.model):
-            try:
-                while not all(q.finished for q in reqs):
-                    self._step()
-            except BaseException:
-                # Leave the engine clean for the next call: free the slots of this call's requests.
-                for q in reqs:
-                    q.cancel()
-                self._drop_cancelled()
-                raise
-        return [q.completion() for q in reqs]
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(_EvalMode(self.model))
+        return stack
 
-    def stream(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
-               adapter: str | None = None) -> Stream:
-        """Generate one answer and iterate over its text as it is produced (`for piece in engine.stream(...)`).
-
-        Without the background thread, iterating steps the engine itself, one step per loop, and no
-        grad or inference mode is held across a `yield`. `Stream.cancel()` (e.g. on Ctrl-C) ends
-        the answer after the current step; closing the iterator early cancels it too.
-        """
-        return Stream(self, self.submit(prompt, params, stop_ids, adapter=adapter, check_queue=False))
-
-    def step_once(self) -> None:
-        """Run one scheduler step in the calling thread (when no background thread is running)."""
+    def _loop_context(self) -> Any:
         import torch
 
-        with self._step_lock, torch.inference_mode(), _EvalMode(self.model):
-            self._step()
+        return torch.inference_mode()
 
-    def start(self) -> None:
-        """Run the scheduler in a background thread (for servers); `submit` then returns at once."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping = False
+    def _started(self) -> None:
         self._eval = _EvalMode(self.model)
         self._eval.__enter__()
-        self._thread = threading.Thread(target=self._loop, name="chatsmith-engine", daemon=True)
-        self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the background thread; running requests finish as cancelled."""
-        with self._lock:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        with self._step_lock:
-            for req in list(self._running) + list(self._waiting):
-                req.cancel()
-            self._drop_cancelled()
+    def _stopped(self) -> None:
         if self._eval is not None:
             self._eval.__exit__()
             self._eval = None
 
-    @property
-    def waiting(self) -> int:
-        """Requests queued for a slot."""
-        return len(self._waiting)
-
-    @property
-    def running(self) -> int:
-        """Requests holding a slot (prefilling or decoding)."""
-        return len(self._running)
+    def _active(self) -> list[Request]:
+        return list(self._running)
 
     # ---- scheduler ----------------------------------------------------------------------------------
-
-    def _default_stop_ids(self) -> set[int]:
-        return default_stop_ids(self.model, self.tokenizer)
-
-    def _loop(self) -> None:
-        import torch
-
-        while True:
-            with self._lock:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait(timeout=0.5)
-                if self._stopping:
-                    return
-            try:
-                with self._step_lock, torch.inference_mode():
-                    self._step()
-            except Exception as e:  # keep serving: fail the running requests, not the process
-                log.exception("engine step failed")
-                with self._step_lock:
-                    for req in list(self._running):
-                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
     def _step(self) -> None:
         self.stats["steps"] += 1
@@ -564,16 +689,6 @@ class Engine:
         self._admit()
         self._prefill()
         self._decode()
-
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            gone = [r for r in self._waiting if r.cancelled]
-            for r in gone:
-                self._waiting.remove(r)
-        for r in gone:
-            self._finish(r, "cancelled")
-        for r in [r for r in self._running if r.cancelled]:
-            self._finish(r, "cancelled")
 
     def _admit(self) -> None:
         admitted: list[Request] = []
@@ -715,7 +830,7 @@ class Engine:
                     and donor.adapter == req.adapter and donor.prompt == req.prompt
                     and (wanted is None or (donor.prompt_logprobs is not None and donor.params.prompt_logprobs >= wanted))
                     and self.runner.copy_prefix(donor.slot, req.slot, len(req.prompt))):
-                req.cached = len(req.prompt)
+                req.cached = req.reused = len(req.prompt)
                 req.prompt_logits = donor.prompt_logits
                 if wanted is not None:
                     req.prompt_logprobs = list(donor.prompt_logprobs)
@@ -809,25 +924,7 @@ class Engine:
         if req.params.top_logprobs:
             v, ix = torch.topk(logp, req.params.top_logprobs)
             req.top_logprobs.append(list(zip(ix.tolist(), v.tolist())))
-        if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
-        self.stats["generated_tokens"] += 1
-        stop_token = token in req.stop_ids
-        text = req.detok.push(token) if req.detok is not None and not stop_token else ""
-        if req.on_token is not None:
-            try:
-                req.on_token(req, token, lp, text)
-            except Exception:
-                log.exception("on_token callback failed; cancelling request %s", req.id)
-                req.cancel()
-        if stop_token:
-            self._finish(req, "stop")
-        elif req.detok is not None and req.detok.stopped:
-            req.stop_string = req.detok.stop_string
-            self._finish(req, "stop")
-        elif len(req.output) >= req.params.max_new_tokens or req.cached + 1 >= self.slot_tokens:
-            self._finish(req, "length")
-        else:
+        if not self._deliver(req, token, lp, full=req.cached + 1 >= self.slot_tokens):
             req.pending = token
 
     def _choose(self, req: Request, logits: Any) -> int:
@@ -882,15 +979,9 @@ class Engine:
         p = p / p.sum() if p.sum() > 0 else torch.full_like(p, 1 / len(allowed))
         return allowed[int(torch.multinomial(p, 1, generator=req.generator))]
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        if req.finished and req.done.is_set():
-            return
-        req.finish_reason = reason
-        req.error = error
+    def _release(self, req: Request, reason: str) -> None:
+        """A finishing request leaves the batch and frees its slot (kept for the prefix cache)."""
         req.ready = None
-        if req.detok is not None:
-            req.tail = req.detok.finish()
-        req.finished_at = time.monotonic()
         req.prompt_logits = None
         if req in self._running:
             self._running.remove(req)
@@ -901,15 +992,6 @@ class Engine:
             with self._lock:
                 self._free_slots.append(req.slot)
             req.slot = None
-        self.stats["finished"] += 1
-        self.stats["prompt_tokens"] += len(req.prompt)
-        self.recent.append(req)
-        if req.on_finish is not None:
-            try:
-                req.on_finish(req)
-            except Exception:
-                log.exception("on_finish callback failed for request %s", req.id)
-        req.done.set()
 
 
 class Stream:

@@ -38,26 +38,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer.engine import (
-    Completion,
-    EngineBusy,
-    Request,
-    RequestTooLarge,
-    Stream,
-    check_prompt_ids,
-    context_length,
-    default_stop_ids,
-    submit_all,
-)
-from chatsmith.infer.sampling import SamplingParams
+from chatsmith.infer.engine import EngineFront, Request, RequestTooLarge, check_prompt_ids, context_length
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +77,7 @@ def vllm_weight_name(name: str) -> str | None:
     return name.replace(".modules_to_save.default.", ".")
 
 
-class VllmEngine:
+class VllmEngine(EngineFront):
     """Generation through vLLM with `chatsmith.infer.engine.Engine`'s interface; see the module docstring.
 
     model/tokenizer: the model in memory (HF or PEFT-wrapped) whose weights vLLM serves, and its
@@ -102,12 +87,14 @@ class VllmEngine:
     it when the trainer shares the GPU). **llm_kwargs go to `vllm.LLM` unchanged.
     """
 
+    constraint_error = NO_CONSTRAINTS
+    thread_name = "chatsmith-vllm"
+
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, max_queue: int = 1024,
                  adapters: dict[str, str] | None = None, max_sequence_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, dtype: str = "auto", seed: int = 0,
                  **llm_kwargs: Any) -> None:
-        if max_batch_size < 1:
-            raise ChatsmithError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._init_front(max_batch_size, max_queue)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             raise ChatsmithError("the vLLM engine serves decoder-only models here; this one is encoder-decoder "
                                  "(T5): use --engine builtin")
@@ -117,7 +104,6 @@ class VllmEngine:
 
         self._vllm, self._tokens_prompt = vllm, TokensPrompt
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.context = context_length(model) or 2048
         self.slot_tokens = min(self.context, max(16, max_sequence_tokens)) if max_sequence_tokens else self.context
         self.kv_cache_mb = None
@@ -150,16 +136,7 @@ class VllmEngine:
         self._pushed_version = -1
         self.weight_pushes = 0
 
-        self._waiting: deque[Request] = deque()   # submitted, not yet handed to vLLM
-        self._live: dict[str, Request] = {}       # vLLM request id -> Request
-        self._lock = threading.Lock()
-        self._step_lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._next_id = 0
-        self.recent: deque[Request] = deque(maxlen=64)
-        self.stats = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self._live: dict[str, Request] = {}       # vLLM request id -> Request (_waiting: not yet handed to it)
 
     # ---- public API (as Engine's) -------------------------------------------------------------------
 
@@ -195,37 +172,6 @@ class VllmEngine:
         sees the current weights even before the loop calls sync_weights."""
         return sum(p._version for p in self.model.parameters() if p.requires_grad)
 
-    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
-               adapter: str | None = None, seed: int | None = None,
-               on_token: Callable[..., None] | None = None, on_finish: Callable[[Request], None] | None = None,
-               check_queue: bool = True, constraint: Any = None, group: Any = None) -> Request:
-        """Queue one sequence and return its Request (thread-safe); as `Engine.submit`."""
-        params.validate()
-        prompt = [int(t) for t in prompt]
-        self.check_prompt(prompt)
-        if constraint is not None:
-            raise ChatsmithError(NO_CONSTRAINTS)
-        if params.stop and self.tokenizer is None:
-            raise ChatsmithError("stop strings need the engine to have a tokenizer: VllmEngine(model, tokenizer)")
-        if adapter is not None and adapter not in self._lora:
-            raise ChatsmithError(f"unknown LoRA adapter '{adapter}'; this engine serves "
-                                 f"{', '.join(self.adapter_names) or 'no adapters'}")
-        stops = frozenset(self.stop_default if stop_ids is None else (int(t) for t in stop_ids)) | frozenset(
-            params.stop_token_ids)
-        with self._lock:
-            if check_queue and self.waiting >= self.max_queue:
-                raise EngineBusy(f"the queue is full ({self.waiting} requests waiting); retry shortly",
-                                 retry_after=max(1, self.waiting // self.max_batch_size))
-            self._next_id += 1
-            req = Request(self._next_id, prompt, params, stops, adapter, params.seed if seed is None else seed,
-                          on_token, on_finish, None, self.tokenizer)
-            if group is not None:
-                req.group = group
-            self._waiting.append(req)
-            self.stats["requests"] += 1
-            self._wake.notify()
-        return req
-
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise RequestTooLarge/ChatsmithError when a prompt cannot be served."""
         check_prompt_ids(prompt, self.vocab_size)
@@ -233,54 +179,6 @@ class VllmEngine:
             raise RequestTooLarge(f"the prompt has {len(prompt)} tokens but a sequence can hold at most "
                                   f"{self.slot_tokens} tokens (vLLM's max_model_len), with room for at least one "
                                   f"new token; the model's context length is {self.context}. Shorten the prompt")
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 stop_ids: Iterable[int] | None = None, *, seed_offset: int = 0) -> list[Completion]:
-        """Generate for every prompt (n completions each, consecutive); seeds as `Engine.generate`."""
-        reqs = submit_all(self, prompts, params, stop_ids, seed_offset)
-        if self._thread is not None and self._thread.is_alive():
-            return [q.wait() for q in reqs]
-        with self._step_lock:
-            try:
-                while not all(q.finished for q in reqs):
-                    self._step()
-            except BaseException:
-                for q in reqs:
-                    q.cancel()
-                self._step()
-                raise
-        return [q.completion() for q in reqs]
-
-    def stream(self, prompt: list[int], params: SamplingParams, stop_ids: Iterable[int] | None = None, *,
-               adapter: str | None = None) -> Stream:
-        """One answer's text as it is generated (`for piece in engine.stream(...)`), as `Engine.stream`."""
-        return Stream(self, self.submit(prompt, params, stop_ids, adapter=adapter, check_queue=False))
-
-    def step_once(self) -> None:
-        """Run one step in the calling thread (when no background thread is running)."""
-        with self._step_lock:
-            self._step()
-
-    def start(self) -> None:
-        """Step vLLM in a background thread (for servers); `submit` then returns at once."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="chatsmith-vllm", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the background thread; running requests finish as cancelled."""
-        with self._lock:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        with self._step_lock:
-            for req in list(self._live.values()) + list(self._waiting):
-                req.cancel()
-            self._drop_cancelled()
 
     @property
     def waiting(self) -> int:
@@ -293,26 +191,6 @@ class VllmEngine:
         return min(len(self._live), self.max_batch_size)
 
     # ---- the step loop --------------------------------------------------------------------------------
-
-    def _default_stop_ids(self) -> set[int]:
-        return default_stop_ids(self.model, self.tokenizer)
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self._waiting and not self._live:
-                    self._wake.wait(timeout=0.5)
-                if self._stopping:
-                    return
-            try:
-                with self._step_lock:
-                    self._step()
-            except Exception as e:  # keep serving: fail the running requests, not the process
-                log.exception("vLLM step failed")
-                with self._step_lock:
-                    for rid, req in list(self._live.items()):
-                        self._abort(rid)
-                        self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
     def _step(self) -> None:
         self.stats["steps"] += 1
@@ -394,34 +272,10 @@ class VllmEngine:
             ranked = sorted(((t, x) for t, x in (logprobs or {}).items() if x.rank is not None and x.rank <= k),
                             key=lambda tx: tx[1].rank)
             req.top_logprobs.append([(int(t), float(x.logprob)) for t, x in ranked])
-        if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
-        self.stats["generated_tokens"] += 1
-        stop_token = token in req.stop_ids
-        text = req.detok.push(token) if req.detok is not None and not stop_token else ""
-        if req.on_token is not None:
-            try:
-                req.on_token(req, token, lp, text)
-            except Exception:
-                log.exception("on_token callback failed; cancelling request %s", req.id)
-                req.cancel()
-        if stop_token:
-            self._finish(req, "stop")
-        elif req.detok is not None and req.detok.stopped:
-            req.stop_string = req.detok.stop_string
-            self._finish(req, "stop")
-        elif len(req.output) >= req.params.max_new_tokens:
-            self._finish(req, "length")
+        self._deliver(req, token, lp)
 
-    def _drop_cancelled(self) -> None:
-        with self._lock:
-            gone = [r for r in self._waiting if r.cancelled]
-            for r in gone:
-                self._waiting.remove(r)
-        for r in gone:
-            self._finish(r, "cancelled")
-        for r in [r for r in self._live.values() if r.cancelled]:
-            self._finish(r, "cancelled")
+    def _active(self) -> list[Request]:
+        return list(self._live.values())
 
     def _abort(self, rid: str) -> None:
         try:
@@ -429,26 +283,11 @@ class VllmEngine:
         except Exception:
             log.exception("vLLM could not abort request %s", rid)
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        """Finish `req`, aborting it in vLLM if vLLM is still generating it."""
-        if req.finished and req.done.is_set():
-            return
+    def _release(self, req: Request, reason: str) -> None:
+        """A finishing request is aborted in vLLM if vLLM is still generating it."""
         rid = f"cs{req.id}"
         if self._live.pop(rid, None) is not None:
             self._abort(rid)
-        req.finish_reason, req.error = reason, error
-        if req.detok is not None:
-            req.tail = req.detok.finish()
-        req.finished_at = time.monotonic()
-        self.stats["finished"] += 1
-        self.stats["prompt_tokens"] += len(req.prompt)
-        self.recent.append(req)
-        if req.on_finish is not None:
-            try:
-                req.on_finish(req)
-            except Exception:
-                log.exception("on_finish callback failed for request %s", req.id)
-        req.done.set()
 
 
 def _read_prompt_logprobs(req: Request, scored: list[Any]) -> None:
