@@ -37,6 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / "benchmarks" / ".venv-llamacpp"
 PROMPT = "Write a detailed essay about the history of the printing press and its effect on Europe."
+# Sent explicitly, so chatsmith (whose SmolLM2 template adds this default) and llama.cpp's chatml
+# format render the same 47 prompt tokens.
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def _python() -> str:
@@ -87,7 +90,8 @@ from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.template import render_conversation
 precision, n = sys.argv[1], int(sys.argv[2])
 model, tok = load_model("smollm2-135m")
-ids = render_conversation(tok, Conversation([Message("user", {prompt!r})]), add_generation_prompt=True).input_ids
+ids = render_conversation(tok, Conversation([Message("system", {system!r}), Message("user", {prompt!r})]),
+                          add_generation_prompt=True).input_ids
 engine = Engine(model, tok, precision=precision, max_batch_size=1)
 p = SamplingParams(temperature=0, max_new_tokens=n)
 engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=8), stop_ids=[])
@@ -97,7 +101,8 @@ with torch.inference_mode():
     while not req.finished:
         engine._step()
 t1 = time.perf_counter()
-print(json.dumps({{"tokens": len(req.output), "seconds": t1 - t0, "decode_tps": (len(req.output) - 1) / (t1 - first[0])}}))
+print(json.dumps({{"tokens": len(req.output), "seconds": t1 - t0, "decode_tps": (len(req.output) - 1) / (t1 - first[0]),
+                  "prompt_tokens": len(ids), "ttft_s": first[0] - t0}}))
 """
 
 HF_SINGLE = """
@@ -108,14 +113,16 @@ from chatsmith.data.template import render_conversation
 n = int(sys.argv[1])
 model, tok = load_model("smollm2-135m")
 model.eval()
-ids = render_conversation(tok, Conversation([Message("user", {prompt!r})]), add_generation_prompt=True).input_ids
+ids = render_conversation(tok, Conversation([Message("system", {system!r}), Message("user", {prompt!r})]),
+                          add_generation_prompt=True).input_ids
 x = torch.tensor([ids])
 kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(x))
 model.generate(x, max_new_tokens=8, min_new_tokens=8, **kw)
 t_first = time.perf_counter(); model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw); t_first = time.perf_counter() - t_first
 t0 = time.perf_counter(); out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw); t1 = time.perf_counter()
 k = out.shape[1] - x.shape[1]
-print(json.dumps({{"tokens": k, "seconds": t1 - t0, "decode_tps": (k - 1) / max(t1 - t0 - t_first, 1e-9)}}))
+print(json.dumps({{"tokens": k, "seconds": t1 - t0, "decode_tps": (k - 1) / max(t1 - t0 - t_first, 1e-9),
+                  "prompt_tokens": len(ids), "ttft_s": t_first}}))
 """
 
 LLAMACPP_SINGLE = """
@@ -123,8 +130,8 @@ import json, sys, time
 from llama_cpp import Llama
 path, n = sys.argv[1], int(sys.argv[2])
 llm = Llama(model_path=path, n_ctx=2048, n_threads=int(sys.argv[3]), verbose=False)
-msgs = [{{"role": "user", "content": {prompt!r}}}]
-prompt = llm.tokenize(("<|im_start|>user\\n" + {prompt!r} + "<|im_end|>\\n<|im_start|>assistant\\n").encode(), special=True)
+prompt = llm.tokenize(("<|im_start|>system\\n" + {system!r} + "<|im_end|>\\n<|im_start|>user\\n" + {prompt!r}
+                       + "<|im_end|>\\n<|im_start|>assistant\\n").encode(), special=True)
 def run(k):
     llm.reset()
     t0 = time.perf_counter(); first = None; count = 0
@@ -137,7 +144,8 @@ def run(k):
     return count, t0, first, time.perf_counter()
 run(8)
 count, t0, first, t1 = run(n)
-print(json.dumps({{"tokens": count, "seconds": t1 - t0, "decode_tps": (count - 1) / (t1 - first)}}))
+print(json.dumps({{"tokens": count, "seconds": t1 - t0, "decode_tps": (count - 1) / (t1 - first),
+                  "prompt_tokens": len(prompt), "ttft_s": first - t0}}))
 """
 
 
@@ -152,15 +160,15 @@ def single_stream(n: int, threads: int, llama_py: Path | None, models: dict[str,
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     rows = []
     for precision in ("int4", "int8", "module"):
-        r = _run_json([_python(), "-c", CHATSMITH_SINGLE.format(prompt=PROMPT), precision, str(n)], env)
+        r = _run_json([_python(), "-c", CHATSMITH_SINGLE.format(prompt=PROMPT, system=SYSTEM), precision, str(n)], env)
         rows.append({"contender": f"chatsmith engine ({'fp32 module' if precision == 'module' else precision})", **r})
         print(rows[-1], flush=True)
-    r = _run_json([_python(), "-c", HF_SINGLE.format(prompt=PROMPT), str(n)], env)
+    r = _run_json([_python(), "-c", HF_SINGLE.format(prompt=PROMPT, system=SYSTEM), str(n)], env)
     rows.append({"contender": "transformers generate (fp32)", **r})
     print(rows[-1], flush=True)
     if llama_py is not None:
         for name, path in models.items():
-            r = _run_json([str(llama_py), "-c", LLAMACPP_SINGLE.format(prompt=PROMPT), path, str(n), str(threads)], env)
+            r = _run_json([str(llama_py), "-c", LLAMACPP_SINGLE.format(prompt=PROMPT, system=SYSTEM), path, str(n), str(threads)], env)
             rows.append({"contender": f"llama-cpp-python ({name})", **r})
             print(rows[-1], flush=True)
     return rows
@@ -191,12 +199,19 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
-async def _client(url: str, model: str, requests: int, max_tokens: int, results: list[dict]) -> None:
+_REQUEST_NUMBER = iter(range(10**9))
+
+
+async def _client(url: str, model: str, requests: int, max_tokens: int, results: list[dict], distinct: bool) -> None:
+    """`distinct`: each request's question starts with its own number, so only the system prompt is
+    shared with earlier requests; otherwise every request sends the same messages."""
     import httpx
 
     async with httpx.AsyncClient(timeout=600) as http:
         for _ in range(requests):
-            body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            question = f"Request {next(_REQUEST_NUMBER)}. {PROMPT}" if distinct else PROMPT
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
             first, chunks, usage = None, 0, None
@@ -218,28 +233,35 @@ async def _client(url: str, model: str, requests: int, max_tokens: int, results:
                 continue
             t1 = time.perf_counter()
             tokens = usage["completion_tokens"] if usage else chunks
-            results.append({"ttft": (first or t1) - t0, "tokens": tokens, "start": t0, "end": t1})
+            cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            results.append({"ttft": (first or t1) - t0, "tokens": tokens, "start": t0, "end": t1,
+                            "prompt_tokens": (usage or {}).get("prompt_tokens"), "cached_tokens": cached})
 
 
-def load_test(url: str, model: str, clients: int, requests_each: int, max_tokens: int) -> dict:
+def load_test(url: str, model: str, clients: int, requests_each: int, max_tokens: int, distinct: bool = False) -> dict:
     results: list[dict] = []
 
     async def main() -> None:
-        await asyncio.gather(*[_client(url, model, requests_each, max_tokens, results) for _ in range(clients)])
+        await asyncio.gather(*[_client(url, model, requests_each, max_tokens, results, distinct)
+                               for _ in range(clients)])
 
     t0 = time.perf_counter()
     asyncio.run(main())
     wall = time.perf_counter() - t0
     ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None) or [float("nan")]
     p95 = ttfts[min(len(ttfts) - 1, int(round(0.95 * (len(ttfts) - 1))))]
-    return {"clients": clients, "requests": len(results), "failed": sum(1 for r in results if "error" in r),
+    prompt_tokens = sorted({r["prompt_tokens"] for r in results if r.get("prompt_tokens")})
+    cached = [r["cached_tokens"] for r in results if r.get("cached_tokens") is not None]
+    return {"clients": clients, "prompts": "distinct" if distinct else "same", "prompt_tokens": prompt_tokens,
+            "cached_tokens_mean": statistics.mean(cached) if cached else None,
+            "requests": len(results), "failed": sum(1 for r in results if "error" in r),
             "tokens": sum(r["tokens"] for r in results), "wall_s": wall,
             "aggregate_tps": sum(r["tokens"] for r in results) / wall,
             "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": p95}
 
 
 def servers(levels: list[int], requests_each: int, max_tokens: int, threads: int, llama_py: Path | None,
-            models: dict[str, str], pairs: list[str]) -> list[dict]:
+            models: dict[str, str], pairs: list[str], modes: list[str]) -> list[dict]:
     """chatsmith serve at each precision in `pairs` beside llama-cpp-python's server on the GGUF of the
     same class (int8 - Q8_0, int4 - Q4_1)."""
     rows = []
@@ -267,10 +289,11 @@ def servers(levels: list[int], requests_each: int, max_tokens: int, threads: int
         try:
             _wait_ready(url, proc)
             load_test(url, "m", 1, 1, 8)  # warm-up
-            for c in levels:
-                row = {"server": name, **load_test(url, "m", c, requests_each, max_tokens)}
-                rows.append(row)
-                print(row, flush=True)
+            for mode in modes:
+                for c in levels:
+                    row = {"server": name, **load_test(url, "m", c, requests_each, max_tokens, mode == "distinct")}
+                    rows.append(row)
+                    print(row, flush=True)
         finally:
             proc.terminate()
             try:
@@ -288,6 +311,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--servers", default="int8,int4", help="chatsmith precisions to serve, each beside llama.cpp's "
                     "GGUF of its class (int8: Q8_0, int4: Q4_1); '' for none")
+    ap.add_argument("--prompts", default="same,distinct", help="server load: 'same' (every request sends the same "
+                    "messages: both servers reuse their cached prompt) and/or 'distinct' (each question starts "
+                    "with its own number: only the system prompt can be reused)")
+    ap.add_argument("--no-single", action="store_true", help="skip the single-stream runs")
     ap.add_argument("--out", default=str(REPO / "bench-out" / "serve_throughput.json"))
     args = ap.parse_args()
     n = 32 if args.quick else args.tokens
@@ -303,25 +330,32 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     models = ggufs(llama_py, out_dir) if llama_py else {}
 
-    single = single_stream(n, args.threads, llama_py, models)
+    single = [] if args.no_single else single_stream(n, args.threads, llama_py, models)
     pairs = [p for p in args.servers.split(",") if p]
-    served = servers(levels, requests_each, max_tokens, args.threads, llama_py, models, pairs)
+    modes = [m for m in args.prompts.split(",") if m]
+    if any(m not in ("same", "distinct") for m in modes):
+        ap.error(f"--prompts takes same and/or distinct, got '{args.prompts}'")
+    served = servers(levels, requests_each, max_tokens, args.threads, llama_py, models, pairs, modes)
 
     print(f"\n(a) single-stream decode, {n} new tokens, greedy, {args.threads} threads")
-    print(f"| {'contender':42} | decode tokens/s | tokens | seconds |")
-    print(f"|{'-' * 44}|----------------:|-------:|--------:|")
+    print(f"| {'contender':42} | decode tokens/s | tokens | seconds | prompt tokens | first token s |")
+    print(f"|{'-' * 44}|----------------:|-------:|--------:|--------------:|--------------:|")
     for r in single:
-        print(f"| {r['contender']:42} | {r['decode_tps']:15.1f} | {r['tokens']:6d} | {r['seconds']:7.2f} |")
+        print(f"| {r['contender']:42} | {r['decode_tps']:15.1f} | {r['tokens']:6d} | {r['seconds']:7.2f} | "
+              f"{r.get('prompt_tokens', 0):13d} | {r.get('ttft_s', float('nan')):13.3f} |")
     by = {r["contender"]: r["decode_tps"] for r in single}
     for ours, peer in (("chatsmith engine (int4)", "llama-cpp-python (Q4_1)"), ("chatsmith engine (int8)", "llama-cpp-python (Q8_0)")):
         if ours in by and peer in by:
             print(f"{ours} / {peer}: {by[ours] / by[peer]:.2f}x")
     print(f"\n(b) servers, {requests_each} streaming request(s) per client, max_tokens {max_tokens}")
-    print("| server | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | requests | failed |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| server | prompts | clients | aggregate tokens/s | TTFT p50 s | TTFT p95 s | requests | failed | "
+          "prompt tokens | cached (mean) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in served:
-        print(f"| {r['server']} | {r['clients']} | {r['aggregate_tps']:.1f} | {r['ttft_p50_s']:.3f} | "
-              f"{r['ttft_p95_s']:.3f} | {r['requests']} | {r['failed']} |")
+        cached = "n/a" if r["cached_tokens_mean"] is None else f"{r['cached_tokens_mean']:.1f}"
+        print(f"| {r['server']} | {r['prompts']} | {r['clients']} | {r['aggregate_tps']:.1f} | {r['ttft_p50_s']:.3f} | "
+              f"{r['ttft_p95_s']:.3f} | {r['requests']} | {r['failed']} | "
+              f"{'/'.join(map(str, r['prompt_tokens'])) or '?'} | {cached} |")
     Path(args.out).write_text(json.dumps({"single_stream": single, "servers": served, "quick": args.quick,
                                           "threads": args.threads, "tokens": n, "load_before": load,
                                           "load_after": os.getloadavg()[0]}, indent=2))
