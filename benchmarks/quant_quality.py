@@ -8,7 +8,9 @@ for every contender:
   through the engine's own prefill (the forward pass that fills the KV cache, where prompt
   log-probs come from);
 - llama.cpp (llama-cpp-python, `logits_all`) on the shipped Q4_1 GGUF and on a Q8_0 made from it
-  with llama.cpp's quantizer (serve_throughput.py builds both, and the benchmark's own venv).
+  with llama.cpp's quantizer (serve_throughput.py builds both, and the benchmark's own venv), and on
+  an F32 GGUF that llama.cpp's quantizer de-quantizes from the Q4_1: llama.cpp's own fp32 baseline,
+  so that each engine's quantized perplexity can be read against its own exact computation.
 
 The fp32 model is the Q4_1 GGUF de-quantized, so Q4_1's own weights are the fp32 weights: what
 each contender adds is how it computes (activation rounding), plus its own weight grid.
@@ -87,6 +89,22 @@ LLAMACPP_NLL = textwrap.dedent("""
 """)
 
 
+def f32_gguf(py: Path, q4: str, out_dir: Path) -> str:
+    """The Q4_1 GGUF de-quantized to F32 by llama.cpp's own quantizer (the same weights, exactly)."""
+    out = out_dir / "smollm2-135m-f32.gguf"
+    if not out.exists():
+        code = textwrap.dedent(f"""
+            import llama_cpp
+            p = llama_cpp.llama_model_quantize_default_params()
+            p.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+            p.allow_requantize = True
+            p.nthread = 2
+            raise SystemExit(llama_cpp.llama_model_quantize({q4!r}.encode(), {str(out)!r}.encode(), p))
+        """)
+        subprocess.run([str(py), "-c", code], check=True, capture_output=True)
+    return str(out)
+
+
 def llamacpp_nll(py: Path, path: str, texts, threads: int) -> tuple[float, int, float]:
     r = subprocess.run([str(py), "-c", LLAMACPP_NLL, path, str(threads)], input=json.dumps(texts),
                        capture_output=True, text=True)
@@ -123,7 +141,9 @@ def main() -> int:
         py = ensure_llamacpp_venv()
         out_dir = REPO / "bench-out"
         out_dir.mkdir(exist_ok=True)
-        for name, path in ggufs(py, out_dir).items():
+        files = ggufs(py, out_dir)
+        files["F32"] = f32_gguf(py, files["Q4_1"], out_dir)
+        for name, path in files.items():
             nll, count, secs = llamacpp_nll(py, path, texts, args.threads)
             rows.append({"contender": f"llama.cpp {name}", "nll": nll, "tokens": count, "seconds": secs})
             print(rows[-1], flush=True)
