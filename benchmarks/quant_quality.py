@@ -17,6 +17,12 @@ each contender adds is how it computes (activation rounding), plus its own weigh
 
     python benchmarks/quant_quality.py            # prints a table, writes bench-out/quant_quality.json
     python benchmarks/quant_quality.py --all --limit 20
+    python benchmarks/quant_quality.py --data hh --limit 800   # the last answers of 800 hh-rlhf dialogues
+
+Two engines that round activations in equally good ways still land a little apart on one text: which
+way each value happens to round decides it. So the table also gives each ratio to llama.cpp Q4_1
+with a 95% interval from a paired bootstrap over the texts (2,000 resamples): a ratio whose interval
+holds 1 is a tie on this text. A larger text narrows the interval (`--data hh`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,40 +40,72 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 DATA = REPO.parent / "shared" / "data" / "alpaca_50.json"
+HH = REPO.parent / "shared" / "data" / "hh_rlhf_harmless_train_1600.jsonl"
 
 
-def conversations(tok, limit: int | None) -> list[tuple[list[int], int]]:
-    """(token ids, number of prompt tokens) per Alpaca record: the user turn, then the answer."""
-    rows = json.loads(DATA.read_text())[:limit]
+def _dialogues(name: str, limit: int | None) -> list[list[dict]]:
+    """Chat messages per text, the last one the assistant's answer that is scored."""
+    if name == "alpaca":
+        return [[{"role": "user", "content": (r["instruction"] + "\n" + r.get("input", "")).strip()},
+                 {"role": "assistant", "content": r["output"]}] for r in json.loads(DATA.read_text())[:limit]]
     out = []
-    for r in rows:
-        user = [{"role": "user", "content": (r["instruction"] + "\n" + r.get("input", "")).strip()}]
-        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tok.apply_chat_template(user + [{"role": "assistant", "content": r["output"]}], tokenize=False)
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        ids = tok(full, add_special_tokens=False)["input_ids"]
-        assert ids[: len(p_ids)] == p_ids
-        out.append((ids[:512], len(p_ids)))
+    for line in HH.read_text().splitlines():
+        parts = re.split(r"\n\n(Human|Assistant): ", json.loads(line)["chosen"])[1:]
+        msgs = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[::2], parts[1::2])]
+        if len(msgs) >= 2 and msgs[-1]["role"] == "assistant" and msgs[-1]["content"]:
+            out.append(msgs)
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
-def chatsmith_nll(model, tok, texts, precision: str) -> tuple[float, int, float]:
-    """(summed NLL of the answer tokens, their count, seconds) through the engine's prefill."""
+def conversations(tok, limit: int | None, data: str = "alpaca") -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per text: the conversation before the last answer, then it
+    (at most 512 tokens; texts whose prompt alone fills them are left out)."""
+    out = []
+    for msgs in _dialogues(data, limit):
+        prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs, tokenize=False)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        assert ids[: len(p_ids)] == p_ids
+        if len(p_ids) < 500:
+            out.append((ids[:512], len(p_ids)))
+    return out
+
+
+def paired_interval(a: list[tuple[float, int]], b: list[tuple[float, int]], rounds: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Perplexity ratio a / b over the same texts ((summed NLL, tokens) per text), with a 95% interval
+    from resampling the texts (the same resample for both)."""
+    import numpy as np
+
+    na, nb = np.array([x[0] for x in a]), np.array([x[0] for x in b])
+    n = np.array([x[1] for x in a])
+    ratio = math.exp((na.sum() - nb.sum()) / n.sum())
+    idx = np.random.default_rng(seed).integers(0, len(n), size=(rounds, len(n)))
+    boot = np.exp((na[idx].sum(1) - nb[idx].sum(1)) / n[idx].sum(1))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return ratio, float(lo), float(hi)
+
+
+def chatsmith_nll(model, tok, texts, precision: str) -> tuple[list[tuple[float, int]], float]:
+    """((summed NLL of its answer tokens, their count) per text, seconds) through the engine's prefill."""
     import torch
 
     from chatsmith.infer.engine import Engine
 
     runner = Engine(model, tok, precision=precision, max_batch_size=1, kv_cache_mb=64).runner
-    nll, count, t0 = 0.0, 0, time.perf_counter()
+    per, t0 = [], time.perf_counter()
     with torch.inference_mode():
         for ids, n_prompt in texts:
             _, scored = runner.prefill_scored(0, ids, 0, None, len(ids) - 1)   # row i predicts ids[i + 1]
             logp = torch.log_softmax(scored.float(), -1)
             targets = torch.tensor(ids[1:])
             picked = logp.gather(1, targets[:, None])[:, 0][n_prompt - 1:]      # answer tokens only
-            nll -= picked.sum().item()
-            count += picked.numel()
-    return nll, count, time.perf_counter() - t0
+            per.append((-picked.sum().item(), picked.numel()))
+    return per, time.perf_counter() - t0
 
 
 LLAMACPP_NLL = textwrap.dedent("""
@@ -76,7 +115,7 @@ LLAMACPP_NLL = textwrap.dedent("""
     path, threads = sys.argv[1], int(sys.argv[2])
     texts = json.load(sys.stdin)
     llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads, logits_all=True, verbose=False)
-    nll, count, t0 = 0.0, 0, time.perf_counter()
+    per, t0 = [], time.perf_counter()
     for ids, n_prompt in texts:
         llm.reset()
         llm.eval(ids)
@@ -84,8 +123,8 @@ LLAMACPP_NLL = textwrap.dedent("""
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         picked = logp[np.arange(len(ids) - 1), ids[1:]][n_prompt - 1:]
-        nll -= float(picked.sum()); count += picked.size
-    print(json.dumps({"nll": nll, "count": count, "seconds": time.perf_counter() - t0}))
+        per.append((-float(picked.sum()), int(picked.size)))
+    print(json.dumps({"per": per, "seconds": time.perf_counter() - t0}))
 """)
 
 
@@ -105,18 +144,20 @@ def f32_gguf(py: Path, q4: str, out_dir: Path) -> str:
     return str(out)
 
 
-def llamacpp_nll(py: Path, path: str, texts, threads: int) -> tuple[float, int, float]:
+def llamacpp_nll(py: Path, path: str, texts, threads: int) -> tuple[list[tuple[float, int]], float]:
     r = subprocess.run([str(py), "-c", LLAMACPP_NLL, path, str(threads)], input=json.dumps(texts),
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    return out["nll"], out["count"], out["seconds"]
+    return [tuple(x) for x in out["per"]], out["seconds"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--limit", type=int, default=None, help="the first N Alpaca records (default: all 50)")
+    ap.add_argument("--data", default="alpaca", choices=["alpaca", "hh"], help="alpaca: the 50 Alpaca answers "
+                    "(default); hh: the last answers of hh-rlhf's harmless dialogues (1,600; use --limit)")
+    ap.add_argument("--limit", type=int, default=None, help="the first N texts (default: all)")
     ap.add_argument("--all", action="store_true", help="also int4-sym and int4-g64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
@@ -128,13 +169,12 @@ def main() -> int:
     from chatsmith.models import load_model
 
     model, tok = load_model("smollm2-135m")
-    texts = conversations(tok, args.limit)
+    texts = conversations(tok, args.limit, args.data)
     rows = []
     precisions = ["module", "int8", "int4"] + (["int4-sym", "int4-g64"] if args.all else [])
     for p in precisions:
-        nll, count, secs = chatsmith_nll(model, tok, texts, p)
-        rows.append({"contender": f"chatsmith {'fp32' if p == 'module' else p}", "nll": nll, "tokens": count, "seconds": secs})
-        print(rows[-1], flush=True)
+        per, secs = chatsmith_nll(model, tok, texts, p)
+        rows.append({"contender": f"chatsmith {'fp32' if p == 'module' else p}", "per": per, "seconds": secs})
     if not args.no_llamacpp:
         from serve_throughput import ensure_llamacpp_venv, ggufs
 
@@ -144,19 +184,27 @@ def main() -> int:
         files = ggufs(py, out_dir)
         files["F32"] = f32_gguf(py, files["Q4_1"], out_dir)
         for name, path in files.items():
-            nll, count, secs = llamacpp_nll(py, path, texts, args.threads)
-            rows.append({"contender": f"llama.cpp {name}", "nll": nll, "tokens": count, "seconds": secs})
-            print(rows[-1], flush=True)
-    ref = next((r for r in rows if r["contender"] == "llama.cpp Q4_1"), None)
-    print(f"\nperplexity on {rows[0]['tokens']} answer tokens of {len(texts)} Alpaca records (lower is better)")
-    print(f"{'contender':<22} {'perplexity':>10} {'vs Q4_1':>8}")
+            per, secs = llamacpp_nll(py, path, texts, args.threads)
+            rows.append({"contender": f"llama.cpp {name}", "per": per, "seconds": secs})
     for r in rows:
+        r["nll"], r["tokens"] = sum(x[0] for x in r["per"]), sum(x[1] for x in r["per"])
         r["perplexity"] = math.exp(r["nll"] / r["tokens"])
+        print({k: v for k, v in r.items() if k != "per"}, flush=True)
+    ref = next((r for r in rows if r["contender"] == "llama.cpp Q4_1"), None)
+    what = "Alpaca records" if args.data == "alpaca" else "hh-rlhf dialogues (last answer)"
+    print(f"\nperplexity on {rows[0]['tokens']} answer tokens of {len(texts)} {what} (lower is better)")
+    print(f"{'contender':<22} {'perplexity':>10} {'vs Q4_1':>8}  95% interval of the ratio")
     for r in rows:
-        vs = f"{r['perplexity'] / ref['perplexity']:.4f}" if ref else "-"
-        print(f"{r['contender']:<22} {r['perplexity']:>10.4f} {vs:>8}")
+        if ref is not None and r is not ref:
+            ratio, lo, hi = paired_interval(r["per"], ref["per"])
+            r["vs_q4_1"] = {"ratio": ratio, "low": lo, "high": hi}
+            vs = f"{ratio:8.4f}  [{lo:.4f}, {hi:.4f}]"
+        else:
+            vs = f"{'-':>8}"
+        print(f"{r['contender']:<22} {r['perplexity']:>10.4f} {vs}")
     (REPO / "bench-out").mkdir(exist_ok=True)
-    (REPO / "bench-out" / "quant_quality.json").write_text(json.dumps(rows, indent=1))
+    name = "quant_quality.json" if args.data == "alpaca" else f"quant_quality_{args.data}.json"
+    (REPO / "bench-out" / name).write_text(json.dumps(rows, indent=1))
     return 0
 
 
