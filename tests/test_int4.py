@@ -113,6 +113,33 @@ def test_chatsmith_kernels_compute_exactly_the_rounding_they_describe():
     assert head.nbytes() == 64 * 256 * 34 // 32      # Q8_0's 34 bytes per 32 weights
 
 
+def test_a_weight_row_gives_the_same_bits_in_a_full_group_of_16_and_in_the_short_last_group():
+    """chatsmith's kernels give each weight row a lane of its group of 16 rows (the last group holds
+    out % 16 rows, loaded under a mask). A row's output must not depend on where it sits: rows 0..4
+    of a 37-row matrix (a full group) equal a 5-row matrix of the same rows (only a short group),
+    bit for bit, for int4 and the head's block int8, at every batch size and on two threads."""
+    from chatsmith.infer.int4 import BlockInt8Linear
+
+    own = own_kernel()
+    assert own is not None
+    torch.manual_seed(3)
+    w, norm_w = torch.randn(37, 128) * 0.05, torch.rand(128) + 0.5
+    x = torch.randn(7, 128)
+    threads = torch.get_num_threads()
+    for make in (lambda v: Int4Linear(v, None, norm_w, kernel="chatsmith"), lambda v: BlockInt8Linear(v, None, norm_w, own)):
+        whole, part = make(w), make(w[:5])
+        y = whole.after_rms_norm(x, 1e-5)
+        assert y.shape == (7, 37)
+        assert torch.equal(part.after_rms_norm(x, 1e-5), y[:, :5])
+        assert torch.equal(make(w[32:]).after_rms_norm(x, 1e-5), y[:, 32:])   # the short group alone
+        try:
+            torch.set_num_threads(2)
+            for r in range(7):
+                assert torch.equal(whole.after_rms_norm(x[r: r + 1], 1e-5), y[r: r + 1])
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _held_out(tok, n: int = 6, limit: int = 128) -> list[list[int]]:
     rows = json.loads(shared_file("alpaca_50.json").read_text())[-n:]   # the last answers: held out of demos
     out = []

@@ -67,20 +67,30 @@ def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return g.reshape(n, k)
 
 
-def q4_order() -> torch.Tensor:
-    """The order of 64 weights (a pair of 32-blocks, block-major) in the bytes chatsmith's kernel
-    unpacks (see chatsmith/infer/native/q4.cpp): unpacked byte b holds element (b // 8) * 4 + b % 4
-    of block (b // 4) % 2 of the pair."""
-    b = torch.arange(64)
-    return ((b // 4) % 2) * 32 + (b // 8) * 4 + b % 4
+def row_group_order(t: torch.Tensor) -> torch.Tensor:
+    """t [out, lines, L] in the order of chatsmith's kernel (see chatsmith/infer/native/q4.cpp), as
+    [out, lines * L]: the output rows in groups of 16 (the last holds out % 16, if any), each group
+    line-major, then row, then the L values of that row's line. One zmm lane per row."""
+    n, lines, width = t.shape
+    full = n // 16 * 16
+    parts = [t[:full].reshape(n // 16, 16, lines, width).transpose(1, 2).reshape(-1)]
+    if full < n:
+        parts.append(t[full:].transpose(0, 1).reshape(-1))
+    return torch.cat(parts).reshape(n, lines * width).contiguous()
 
 
 def pack_q4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes [out, in] (0..15) as the kernel's bytes [out, in/2]: per pair of 32-blocks, 32 bytes whose
-    low nibbles are unpacked bytes 0..31 and high nibbles bytes 32..63."""
+    """Codes [out, in] (0..15) as the kernel's bytes [out, in/2]: per block of 32 and quad j = 0..3,
+    one 4-byte line per row whose byte t holds element 8j + t (low nibble) and 8j + 4 + t (high)."""
     n, k = codes.shape
-    pairs = codes.reshape(n, k // 64, 64)[:, :, q4_order()].to(torch.uint8)
-    return (pairs[:, :, :32] | (pairs[:, :, 32:] << 4)).reshape(n, k // 2).contiguous()
+    c = codes.to(torch.uint8).reshape(n, k // 32, 4, 2, 4)     # [row, block, quad, half, t]
+    return row_group_order((c[:, :, :, 0] | (c[:, :, :, 1] << 4)).reshape(n, k // 8, 4))
+
+
+def pack_scales(s: torch.Tensor) -> torch.Tensor:
+    """Per-block scales or offsets [out, in/32] as fp16 in the kernel's order (per group of 16 rows,
+    block-major)."""
+    return row_group_order(s.half()[..., None])
 
 
 def own_kernel() -> Any:
@@ -110,7 +120,7 @@ def _choose_threading(module: Any) -> bool:
         return False
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (4096, 1024), generator=g, dtype=torch.int32)
-    w, d, m = pack_q4(codes), torch.full((4096, 32), 0.01).half(), torch.zeros(4096, 32).half()
+    w, d, m = pack_q4(codes), pack_scales(torch.full((4096, 32), 0.01)), pack_scales(torch.zeros(4096, 32))
     x = torch.randn(1, 1024, generator=g)
     best = {}
     for parallel in (True, False, True, False):
@@ -153,8 +163,8 @@ class Int4Linear:
         self.out_features, self.in_features = codes.shape
         if self.own is not None:   # w = q d + m: Q4_1's form and bytes (16 + 2 + 2 per 32 weights)
             self.packed = pack_q4(codes)
-            self.scales_and_zeros = scale.half().contiguous()
-            self.offsets = offset.half().contiguous()
+            self.scales_and_zeros = pack_scales(scale)
+            self.offsets = pack_scales(offset)
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             # PyTorch's layout [in/g, out, 2] of (scale, zero) with w = (q - 8) scale + zero
@@ -208,10 +218,11 @@ class BlockInt8Linear:
         g = w.reshape(n, k // 32, 32)
         scale = (g.abs().amax(-1) / 127).to(torch.float16).float()
         codes = torch.where(scale[..., None] > 0, torch.round(g / scale[..., None].clamp_min(1e-30)), torch.zeros_like(g))
-        codes = codes.clamp_(-127, 127).to(torch.int8).reshape(n, k // 64, 64)[:, :, q4_order()]
+        # codes + 128 (1..255): the kernel's vpdpbusd multiplies unsigned weight bytes by signed activations
+        codes = (codes.clamp_(-127, 127) + 128).to(torch.uint8)
         self.own = own
-        self.packed = codes.reshape(n, k).contiguous()
-        self.scales = scale.half().contiguous()
+        self.packed = row_group_order(codes.reshape(n, k // 4, 4))
+        self.scales = pack_scales(scale)
         self.out_features, self.in_features = n, k
         self.bias = bias.float() if bias is not None else None
         self.in_scale = norm_weight.detach().float().clone() if norm_weight is not None else None
