@@ -16,8 +16,8 @@ the real run and are corrected:
 - gradient checkpointing keeps only each block's input plus one block's activations while that
   block is recomputed.
 
-Peak memory = weights (+ a frozen reference copy where the stage needs one) + trainable weights'
-gradients + optimizer state + activations + the backward's transient (the gradient of the trained
+Peak memory = weights (+ a frozen reference copy where the stage needs one, + the adapter's own
+matrices for LoRA/DoRA/QLoRA) + trainable weights' gradients + optimizer state + activations + the backward's transient (the gradient of the trained
 logits, one block's activation gradients) + the rollout KV cache for PPO/GRPO. ZeRO/FSDP divide
 what they shard by the GPU count. The estimate is checked against the measured peak of real
 chatsmith runs on this CPU (tests/test_planner.py, benchmarks/plan_memory.py).
@@ -230,13 +230,19 @@ def model_shape(config: Any, model: Any = None) -> Shape:
 
 
 def activation_bytes(model: Any, tokens: int, *, method: str, trained_tokens: int | None = None,
-                     bytes_per_value: int = 4, lora_r: int = 16, lora_targets: str = "all-linear") -> tuple[float, float]:
+                     bytes_per_value: int = 4, lora_r: int = 16, lora_targets: str = "all-linear",
+                     segments: list[tuple[int, ...]] | None = None,
+                     selected_logprobs: bool = False) -> tuple[float, float]:
     """(kept for backward, one block's share) in bytes for one packed row of `tokens` tokens whose
     last `trained_tokens` positions are trained, as autograd keeps them in this model's real code.
 
     Runs one forward on the meta device under saved-tensor hooks, with SDPA's fused kernel standing in
     for the math path the meta device would take (families with eager attention keep theirs).
-    `bytes_per_value` rescales fp32 activations to the training precision (2 for bf16).
+    `segments`: the row's segment bounds as the stage's collator builds them (`micro_batch_segments`;
+    default: one segment), so that answers continuing a shared prompt keep what their masked attention
+    keeps. `selected_logprobs`: the loss reads the targets' log-probs through `token_logprobs` (dpo,
+    grpo), which keeps the logits, not sft's fp32 log-softmax. `bytes_per_value` rescales fp32
+    activations to the training precision (2 for bf16).
     """
     import torch
     import transformers.masking_utils as masking
@@ -244,7 +250,7 @@ def activation_bytes(model: Any, tokens: int, *, method: str, trained_tokens: in
     from chatsmith.models.attention import enable_segment_attention
 
     trained_tokens = tokens if trained_tokens is None else trained_tokens
-    segments = enable_segment_attention(model)
+    segmented = enable_segment_attention(model)
     frozen = method not in ("full", "freeze")
     params = {id(p) for p in model.parameters()}
     for p in model.parameters():
@@ -269,13 +275,15 @@ def activation_bytes(model: Any, tokens: int, *, method: str, trained_tokens: in
     def fused(q: Any, k: Any, v: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: Any = None, enable_gqa: bool = False) -> Any:
         # On the meta device SDPA would take its math path and keep [H, L, L] probabilities; chatsmith
-        # trains with the fused kernel (no mask: causal per segment), which keeps q, k, v, the output and
-        # a log-sum-exp. Its CPU op has a meta kernel, so it stands in for the GPU's flash kernel too.
-        if attn_mask is not None:
-            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        enable_gqa=enable_gqa)
+        # trains with the fused kernel (causal per segment), which keeps q, k, v, the output and a
+        # log-sum-exp. Its CPU op has a meta kernel, so it stands in for the GPU's flash kernel too. A
+        # segment that continues a shared prompt passes a boolean mask: the real CPU SDPA still takes the
+        # fused kernel and keeps the mask converted to a float [n, P + n] tensor, as here.
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attn_mask, float("-inf"))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
-                                                                           scale=scale)[0]
+                                                                           attn_mask=attn_mask, scale=scale)[0]
 
     # transformers inspects position ids to find packed sequences, which needs real values.
     saved_finder = masking.find_packed_sequence_indices
@@ -286,15 +294,20 @@ def activation_bytes(model: Any, tokens: int, *, method: str, trained_tokens: in
         keep = torch.arange(tokens - trained_tokens, tokens, device="meta")
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             kwargs: dict[str, Any] = {"use_cache": False}
-            if segments:
-                kwargs["segment_bounds"] = [(0, tokens)]
+            if segmented:
+                kwargs["segment_bounds"] = segments or [(0, tokens)]
             if getattr(model.config, "is_encoder_decoder", False):
                 out = model(input_ids=ids, decoder_input_ids=ids[:, :trained_tokens], **kwargs)
                 logits = out.logits[0]
             else:
                 out = model(input_ids=ids, logits_to_keep=keep, **kwargs)
                 logits = out.logits[0]
-            torch.log_softmax(logits.float(), dim=-1)
+            if selected_logprobs:
+                from chatsmith.train.losses import token_logprobs
+
+                token_logprobs(logits, torch.zeros(logits.shape[0], dtype=torch.long, device="meta"))
+            else:
+                torch.log_softmax(logits.float(), dim=-1)
     finally:
         masking.find_packed_sequence_indices = saved_finder
         torch.nn.functional.scaled_dot_product_attention = sdpa
@@ -365,6 +378,28 @@ def micro_batch_tokens(stage: str, *, seq_len: int, batch: int, group_size: int 
     return batch * (seq_len + max_new_tokens), batch * max_new_tokens
 
 
+def micro_batch_segments(stage: str, *, seq_len: int, batch: int, group_size: int = 8,
+                         max_new_tokens: int = 256) -> list[tuple[int, ...]]:
+    """The segment bounds of that row (models/attention.py): (start, end) for a sequence on its own,
+    (start, end, prompt_start, prompt_end) for an answer that continues a prompt held once in the row
+    (dpo/rm: both answers of a pair; grpo: the G completions of a prompt)."""
+    prompt, answer = seq_len // 2, seq_len - seq_len // 2
+    bounds: list[tuple[int, ...]] = []
+    at = 0
+    for _ in range(batch):
+        if stage in ("dpo", "rm", "grpo"):
+            n, size = (2, answer) if stage != "grpo" else (group_size, max_new_tokens)
+            p = prompt if stage != "grpo" else seq_len
+            bounds.append((at, at + p))
+            bounds += [(at + p + i * size, at + p + (i + 1) * size, at, at + p) for i in range(n)]
+            at += p + n * size
+        else:
+            size = seq_len if stage == "sft" else seq_len + max_new_tokens
+            bounds.append((at, at + size))
+            at += size
+    return bounds
+
+
 def estimate(spec: str, *, stage: str = "sft", method: str = "lora", seq_len: int = 1024, batch: int = 4,
              gpu: str | None = None, memory_gb: float | None = None, gpus: int = 1, strategy: str = "ddp",
              gradient_checkpointing: bool = False, lora_r: int = 16, lora_targets: str = "all-linear",
@@ -408,20 +443,30 @@ def estimate(spec: str, *, stage: str = "sft", method: str = "lora", seq_len: in
 
     tokens, trained = micro_batch_tokens(stage, seq_len=seq_len, batch=batch, group_size=group_size,
                                          max_new_tokens=max_new_tokens)
+    segments = micro_batch_segments(stage, seq_len=seq_len, batch=batch, group_size=group_size,
+                                    max_new_tokens=max_new_tokens)
     probes = _PROBES.setdefault(model, {})
-    key = (tokens, trained, method in ("full", "freeze"), 2 if half else 4, lora_r, lora_targets)
+    selected = stage in ("dpo", "grpo")   # their losses read log-probs through train/losses.py's token_logprobs
+    key = (tokens, trained, method in ("full", "freeze"), 2 if half else 4, lora_r, lora_targets, tuple(segments),
+           selected)
     if key not in probes:
         probes[key] = activation_bytes(model, tokens, method=method, trained_tokens=trained,
-                                       bytes_per_value=2 if half else 4, lora_r=lora_r, lora_targets=lora_targets)
+                                       bytes_per_value=2 if half else 4, lora_r=lora_r, lora_targets=lora_targets,
+                                       segments=segments, selected_logprobs=selected)
     kept, per_block = probes[key]
     if gradient_checkpointing:
         inputs = shape.layers * tokens * shape.hidden * (2 if half else 4)
         logits_part = kept - per_block * max(1, shape.layers)
         kept = inputs + per_block + max(0.0, logits_part)
-    # The backward's transient: the trained logits' gradient (fp32, twice: softmax and cast) and
-    # one block's activation gradients.
-    transient = trained * shape.vocab * 4 * 2 + per_block
+    # The backward's transient: the trained logits' gradient and one block's activation gradients.
+    # sft's cross-entropy needs two fp32 [N, V] buffers (the log-softmax's gradient and the softmax
+    # backward's); dpo/grpo's token_logprobs writes one, in the logits' dtype. (DPO's online reference
+    # forward, which runs while the policy's activations are kept, needs as much: its [N, V] logits and
+    # one block's no-grad temporaries.)
+    transient = trained * shape.vocab * (wb if selected else 4 * 2) + per_block
     components: dict[str, float] = {"weights": weights}
+    if adapter:   # the adapter's own matrices (fp32, as peft keeps them), beside the base weights
+        components["adapter weights"] = trainable * tb
     if stage in ("dpo", "grpo", "ppo") and not adapter:
         components["reference model"] = shape.params * wb
         assumptions.append("full/freeze DPO/GRPO/PPO keep a frozen reference copy (LoRA disables the adapter)")
@@ -442,7 +487,7 @@ def estimate(spec: str, *, stage: str = "sft", method: str = "lora", seq_len: in
         components["gradients"] /= n
         components["optimizer"] /= n
     elif n > 1 and strategy in ("zero3", "fsdp", "fsdp_offload"):
-        for k in ("weights", "gradients", "optimizer", "reference model"):
+        for k in ("weights", "adapter weights", "gradients", "optimizer", "reference model"):
             if k in components:
                 components[k] /= n
         if strategy == "fsdp_offload":

@@ -15,6 +15,7 @@ from chatsmith.errors import ChatsmithError
 from chatsmith.planner import (
     activation_bytes,
     estimate,
+    micro_batch_segments,
     micro_batch_tokens,
     model_shape,
     read_config,
@@ -60,18 +61,30 @@ def shape_model(config):
     return _meta_model(config)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_meta_probe_equals_a_real_forward(method):
+@pytest.mark.parametrize("method,layout", [("full", "one"), ("lora", "one"), ("lora", "dpo"), ("full", "grpo")])
+def test_meta_probe_equals_a_real_forward(method, layout):
     """The activations the probe counts on the meta device are the bytes autograd keeps in a real
-    forward of the same model on this CPU (saved tensors, parameters excluded), fused attention."""
+    forward of the same model on this CPU (saved tensors, parameters excluded), fused attention; for
+    DPO and GRPO rows the answers continue one shared copy of their prompt (masked attention)."""
     from transformers import AutoModelForCausalLM
 
     from chatsmith.models.adapters import prepare_trainable
     from chatsmith.models.attention import enable_segment_attention
+    from chatsmith.train.losses import token_logprobs
 
     config = _configs()["llama"]
-    tokens, trained = 96, 40
-    probe, per_block = activation_bytes(shape_model(config), tokens, method=method, trained_tokens=trained, lora_r=4)
+    if layout == "one":
+        tokens, trained, bounds = 96, 40, [(0, 96)]
+    else:
+        shape = dict(seq_len=40, batch=2, group_size=3, max_new_tokens=12)
+        tokens, trained = micro_batch_tokens(layout, **shape)
+        bounds = micro_batch_segments(layout, **shape)
+    positions = torch.cat([torch.arange(b[3] - b[2] if len(b) == 4 else 0, b[1] - b[0] + (b[3] - b[2] if len(b) == 4
+                                        else 0)) for b in bounds])
+    assert bounds[-1][1] == tokens == len(positions)
+    selected = layout != "one"   # dpo and grpo read log-probs through token_logprobs
+    probe, per_block = activation_bytes(shape_model(config), tokens, method=method, trained_tokens=trained, lora_r=4,
+                                        segments=bounds, selected_logprobs=selected)
     torch.manual_seed(0)
     real = prepare_trainable(AutoModelForCausalLM.from_config(config),
                              SimpleNamespace(method=method, lora_r=4, lora_alpha=8, lora_dropout=0.0,
@@ -88,9 +101,13 @@ def test_meta_probe_equals_a_real_forward(method):
 
     ids = torch.randint(0, 320, (1, tokens))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = real(input_ids=ids, position_ids=torch.arange(tokens)[None], use_cache=False,
-                   segment_bounds=[(0, tokens)], logits_to_keep=torch.arange(tokens - trained, tokens))
-        torch.log_softmax(out.logits[0].float(), -1)
+        out = real(input_ids=ids, position_ids=positions[None], use_cache=False,
+                   segment_bounds=bounds, logits_to_keep=torch.arange(tokens - trained, tokens))
+        logits = out.logits[0]
+        if selected:
+            token_logprobs(logits, torch.randint(0, 320, (trained,)))
+        else:
+            torch.log_softmax(logits.float(), -1)
     measured = sum(kept.values())
     assert measured > 0 and abs(probe - measured) / measured < 0.02, (probe, measured)
     assert 0 < per_block * config.num_hidden_layers < probe
@@ -100,6 +117,22 @@ def test_micro_batch_tokens_follow_the_collators():
     assert micro_batch_tokens("sft", seq_len=100, batch=3) == (300, 150)
     assert micro_batch_tokens("dpo", seq_len=100, batch=2) == (2 * 150, 2 * 100)     # the prompt is in the row once
     assert micro_batch_tokens("grpo", seq_len=40, batch=2, group_size=4, max_new_tokens=10) == (2 * 80, 80)
+    assert micro_batch_segments("sft", seq_len=100, batch=2) == [(0, 100), (100, 200)]
+    assert micro_batch_segments("dpo", seq_len=100, batch=1) == [(0, 50), (50, 100, 0, 50), (100, 150, 0, 50)]
+    assert micro_batch_segments("grpo", seq_len=40, batch=1, group_size=2, max_new_tokens=10) == [
+        (0, 40), (40, 50, 0, 40), (50, 60, 0, 40)]
+
+
+def test_dpo_collator_builds_the_planned_segments():
+    """collate_preferences with a shared prompt gives the row micro_batch_segments plans."""
+    from chatsmith.data.packing import collate_preferences
+    from chatsmith.data.preference import PreferenceExample
+    from chatsmith.data.template import Rendered
+
+    prompt, answer = [1] * 50, 50
+    answers = [Rendered(prompt + [k] * answer, [0] * 50 + [1] * answer) for k in (2, 3)]
+    batch = collate_preferences([PreferenceExample(answers, [1.0, 0.0])], share_prefix=True)
+    assert batch["segment_bounds"] == micro_batch_segments("dpo", seq_len=100, batch=1)
 
 
 def test_sharding_advice_and_speed():
@@ -158,13 +191,13 @@ def test_cli_plan_json(capsys):
 
 @pytest.mark.slow
 def test_estimate_within_20_percent_of_real_runs():
-    """sft lora, sft full, dpo lora and grpo lora of the embedded model, each a real chatsmith run in its
-    own process: the estimate against the run's peak RSS over its post-import baseline. The target is
-    20%; measured in three runs here: sft lora 0.88-0.99, sft full 0.94, dpo lora 0.81-0.83, grpo lora
-    0.85-0.86. The assertion allows 25%: DPO sits too near 0.8 for a 20% bound not to fail on a bad
-    day of glibc's heap retention, which is bimodal run to run (docs/plan.md). Small shapes keep it
-    inside the test budget; docs/plan.md has seq 128 x batch 2, where DPO's peak is 27-30% above the
-    estimate."""
+    """sft lora, sft full, dpo lora and grpo lora of the embedded model, each a real chatsmith run (one
+    optimizer step, model saved) in its own process forked after the imports: the estimate against the
+    run's peak RSS over its post-import baseline, within the issue's 20%. Measured in three runs here:
+    sft lora 0.91-0.93, sft full 0.94-0.95, dpo lora 0.89-0.90, grpo lora 0.89-0.90 (docs/plan.md).
+    Small shapes keep it inside the test budget; the weights dominate there, so it checks the weights,
+    the adapter, gradients, optimizer state and the activations' order of magnitude. Later steps of a
+    run peak 10-15% higher than the first (glibc keeps freed heap blocks resident; docs/plan.md)."""
     import importlib.util
     from pathlib import Path
 
@@ -176,7 +209,7 @@ def test_estimate_within_20_percent_of_real_runs():
     ratios = {r["case"]: round(r["ratio"], 3) for r in rows}
     print("estimate / measured:", ratios)
     assert set(ratios) == {"sft-lora", "sft-full", "dpo-lora", "grpo-lora"}
-    assert all(0.75 <= r <= 1.25 for r in ratios.values()), ratios
+    assert all(0.8 <= r <= 1.2 for r in ratios.values()), ratios
     full = next(r for r in rows if r["case"] == "sft-full")
     lora = next(r for r in rows if r["case"] == "sft-lora")
     assert full["measured_gib"] > lora["measured_gib"] + 1.0   # AdamW's two fp32 moments and the gradients are real

@@ -15,6 +15,8 @@ from chatsmith.train.losses import (
     group_advantages,
     kl_k3,
     rl_loss_units,
+    token_logprobs,
+    token_logprobs_and_entropy,
     whiten,
 )
 
@@ -106,3 +108,25 @@ def test_aggregation_modes_hand_values():
 def test_whiten():
     w = whiten(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert abs(float(w.mean())) < 1e-6 and abs(float(w.std(unbiased=False)) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selected_logprobs_equal_log_softmax(dtype):
+    """token_logprobs / token_logprobs_and_entropy (logsumexp over row chunks, only the logits kept for the
+    backward) give log_softmax + gather's values, its gradient and -sum p log p, over several chunks."""
+    torch.manual_seed(0)
+    n, v = 50, 50_000                        # 20 rows per 1M-value chunk: three chunks
+    logits = (torch.randn(n, v) * 3).to(dtype)
+    targets = torch.randint(0, v, (n,))
+    weights = torch.randn(n)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    logp_all = torch.log_softmax(a.float(), dim=-1)
+    expected = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    (expected * weights).sum().backward()
+    got, entropy = token_logprobs_and_entropy(b, targets)
+    (got * weights).sum().backward()
+    assert got.dtype == entropy.dtype == torch.float32 and b.grad.dtype == dtype and not entropy.requires_grad
+    close(got, expected, 1e-4)
+    close(entropy, -(logp_all.exp() * logp_all).sum(-1).detach(), 1e-3)
+    close(b.grad.float(), a.grad.float(), 1e-4)
+    assert torch.equal(token_logprobs(logits, targets), got.detach())

@@ -17,16 +17,12 @@ from typing import Any
 import torch
 
 from chatsmith.config import GRPOConfig
-from chatsmith.train.losses import aggregate_token_loss, clipped_policy_loss, kl_k3
-
-
-def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) [N] and the entropy of each position's distribution [N] (fp32)."""
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():   # entropy is only logged here; it costs nothing to keep it out of the graph
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+from chatsmith.train.losses import (
+    aggregate_token_loss,
+    clipped_policy_loss,
+    kl_k3,
+    token_logprobs_and_entropy,
+)
 
 
 def grpo_loss(model: Any, batch: dict[str, Any], *, clip_eps: float, clip_eps_high: float | None,

@@ -20,10 +20,63 @@ def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    """Row slices of at most 1M values (4 MiB in fp32) each: the only [rows, V] temporaries below (larger
+    chunks measured no faster, and glibc kept more of them resident)."""
+    step = max(1, (1 << 20) // max(1, vocab))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+class _SelectedLogprobs(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits) per row, with each row's entropy (not
+    differentiated) on request. Only the logits are kept for the backward, in their own dtype.
+    `log_softmax(logits).gather(...)` keeps a second [N, V] fp32 tensor (its output) for the
+    backward, and its backward allocates two more (the gather's dense gradient and the softmax's);
+    here every [N, V] temporary is a chunk of rows, and the backward writes one [N, V] gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, entropy: bool):   # noqa: ANN205
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        ent = torch.empty_like(lse) if entropy else None
+        for s in _row_chunks(logits.shape[0], logits.shape[-1]):
+            x = logits[s].float()
+            lse[s] = torch.logsumexp(x, dim=-1)
+            if ent is not None:   # H = lse - sum_v p_v x_v
+                ent[s] = lse[s] - (torch.softmax(x, dim=-1) * x).sum(-1)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
+        ctx.save_for_backward(logits, targets, lse)
+        if ent is None:
+            return picked
+        ctx.mark_non_differentiable(ent)
+        return picked, ent
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *_: torch.Tensor):   # noqa: ANN205
+        # d logp_t / d x_v = [v = t] - softmax_v, times the incoming gradient of each row.
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for s in _row_chunks(logits.shape[0], logits.shape[-1]):
+            g = grad[s].float().unsqueeze(-1)
+            d = (logits[s].float() - lse[s].unsqueeze(-1)).exp_().mul_(-g)
+            d.scatter_add_(-1, targets[s].unsqueeze(-1), g)
+            out[s] = d
+        return out, None, None
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for each position: logits [..., V], targets [...] -> [...] (fp32)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """log p(target) for each position: logits [N, V], targets [N] -> [N] (fp32).
+
+    The logsumexp is taken in fp32 a chunk of rows at a time, and only the logits are kept for the
+    backward (`_SelectedLogprobs`): the same numbers as log_softmax + gather without its [N, V] copies.
+    """
+    return _SelectedLogprobs.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), False).view(targets.shape)
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) [N] (differentiable) and the entropy of each position's distribution [N] (detached,
+    for logging), both fp32, without materialising the [N, V] log-softmax."""
+    logp, ent = _SelectedLogprobs.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), True)
+    return logp.view(targets.shape), ent.view(targets.shape)
 
 
 # ---------------------------------------------------------------------------------------------
