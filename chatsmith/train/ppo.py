@@ -32,6 +32,8 @@ from chatsmith.train.losses import (
     clipped_value_loss,
     gae_advantages,
     nll_sum,
+    token_logprobs,
+    token_logprobs_and_entropy,
     whiten,
 )
 
@@ -99,9 +101,12 @@ def ppo_loss(model: Any, batch: dict[str, Any], *, clip_eps: float, clip_eps_hig
     ptx_coef x (mean SFT NLL on the attached ptx batch) x units (so the step mean weighs it ptx_coef)."""
     logits, values = model(batch["input_ids"], batch["position_ids"], batch["target_positions"],
                            segment_bounds=batch["segment_bounds"])
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
-    logp = logp_all.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if ent_coef == 0:   # the entropy is only logged: log-probs by row chunks, no [N, V] log-softmax kept
+        logp, entropy = token_logprobs_and_entropy(logits, batch["targets"])
+    else:               # the entropy bonus needs its gradient
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        logp = logp_all.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     pl, clipped = clipped_policy_loss(logp, batch["old_logprobs"], batch["advantages"], clip_eps, clip_eps_high)
     vl, vclipped = clipped_value_loss(values, batch["old_values"], batch["returns"], value_clip)
     per_token = pl + vf_coef * vl - ent_coef * entropy
@@ -135,7 +140,7 @@ def values_and_logprobs(model: Any, episodes: list[Any], chunk: int = 16) -> tup
             b = collate_episodes(part, RLBatchSpec())
             logits, v = model(b["input_ids"].to(dev), b["position_ids"].to(dev), b["target_positions"].to(dev),
                               segment_bounds=b["segment_bounds"])
-            lp = torch.log_softmax(logits.float(), -1).gather(-1, b["targets"].to(dev).unsqueeze(-1)).squeeze(-1)
+            lp = token_logprobs(logits, b["targets"].to(dev))
             start = 0
             for e in part:
                 n = len(e.completion_ids)
