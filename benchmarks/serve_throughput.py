@@ -315,10 +315,14 @@ def main() -> int:
                     "messages: both servers reuse their cached prompt) and/or 'distinct' (each question starts "
                     "with its own number: only the system prompt can be reused)")
     ap.add_argument("--no-single", action="store_true", help="skip the single-stream runs")
+    ap.add_argument("--clients", default=None, help="concurrent clients of the server runs, comma-separated "
+                    "(default 1,4,8,16; --quick: 1,4)")
     ap.add_argument("--out", default=str(REPO / "bench-out" / "serve_throughput.json"))
     args = ap.parse_args()
     n = 32 if args.quick else args.tokens
     levels = [1, 4] if args.quick else [1, 4, 8, 16]
+    if args.clients:
+        levels = [int(c) for c in args.clients.split(",")]
     requests_each, max_tokens = (1, 32) if args.quick else (2, 128)
 
     load = os.getloadavg()[0]

@@ -53,14 +53,19 @@ def test_a_repeated_prompt_and_a_next_turn_prefill_only_what_is_new(tiny):
     first, n = _cached(warm, lambda: warm.generate([p0], GREEDY, stop_ids=[])[0])
     assert n == 0
     _same(first, cold.generate([p0], GREEDY, stop_ids=[])[0], tol=0)
+    # The same prompt again: the slot kept its last logits too, so nothing runs before the first token.
     again, n = _cached(warm, lambda: warm.generate([p0], GREEDY, stop_ids=[])[0])
-    assert n == len(p0) - 1   # the last prompt token always runs: its logits choose the first new token
-    _same(again, first)
+    assert n == len(p0)
+    _same(again, first, tol=0)
     # The next turn: the earlier prompt, its answer (all but the last token, which was never fed) and more.
     turn = p0 + first.token_ids + p1
     nxt, n = _cached(warm, lambda: warm.generate([turn], GREEDY, stop_ids=[])[0])
     assert n == len(p0) + len(first.token_ids) - 1
     _same(nxt, cold.generate([turn], GREEDY, stop_ids=[])[0])
+    # A prompt that stops one token short: the last one of it runs (its logits were never kept).
+    short, n = _cached(warm, lambda: warm.generate([p0[:-1]], GREEDY, stop_ids=[])[0])
+    assert n == len(p0) - 2   # the slot holding p0 holds it whole
+    _same(short, cold.generate([p0[:-1]], GREEDY, stop_ids=[])[0])
     assert cold.stats["cached_prompt_tokens"] == 0
 
 
@@ -88,7 +93,7 @@ def test_a_running_sequence_lends_its_start(tiny):
     _same(twin.completion(), cold.generate([a], GREEDY, stop_ids=[])[0])
     # A new prompt goes to the free slot that holds most of it.
     third = b + _ids(tok, " Then four.")
-    best = max(common_prefix(ids, third) for _, ids in warm._kept.values())
+    best = max(common_prefix(kept[1], third) for kept in warm._kept.values())
     assert best >= len(b) > shared
     r = warm.submit(third, GREEDY, stop_ids=[])
     with torch.inference_mode():
@@ -161,11 +166,11 @@ def test_openai_usage_reports_cached_tokens(tiny):
             second = client.chat.completions.create(model="tiny-random-llama", messages=msgs, max_tokens=4,
                                                     temperature=0)
             assert first.usage.prompt_tokens_details.cached_tokens == 0
-            assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+            assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens
             assert second.choices[0].message.content == first.choices[0].message.content
             metrics = httpx.get(f"{url}/metrics").text
             line = next(x for x in metrics.splitlines() if x.startswith("chatsmith_prompt_tokens_cached_total"))
-            assert float(line.split()[-1]) == second.usage.prompt_tokens - 1
+            assert float(line.split()[-1]) == second.usage.prompt_tokens
         finally:
             state.engine.stop()
 

@@ -42,14 +42,16 @@ Prefix cache (`prefix_cache=True`, what `serve` and `chat` use): a finished sequ
 KV cache, and the engine remembers which token ids it holds. A new prompt is given the free slot
 whose kept tokens share the longest prefix with it (or has that prefix copied from a running
 sequence when one shares more), and only the rest is prefilled; the prompt's last token always
-runs, as its logits choose the first new token. A chat's next turn then prefills only the new
+runs, as its logits choose the first new token (unless the slot's last prompt was this very one,
+whose last logits are kept with it). A chat's next turn then prefills only the new
 message, and requests with one system prompt prefill it once. The kept positions were computed
 with other chunk lengths (or one by one, as generated tokens) than a cold prefill would use, and
 attention rounds differently over other shapes: the numbers equal a cold prefill's to float
 rounding, not bit for bit, so engines that promise batch-invariant, reproducible numbers
 (evaluation, RL rollouts, tests) leave it off, its default. `sync_weights` forgets what is kept;
 named adapters are kept apart; a request that scores its prompt (`prompt_logprobs`) prefills it
-all. `Request.reused` says how many prompt tokens were not prefilled, whether from the prefix cache
+all. A prompt equal to a slot's last prompt runs nothing before its first token: that prompt's
+last logits are kept with the slot (one row of the vocabulary). `Request.reused` says how many prompt tokens were not prefilled, whether from the prefix cache
 or from an identical running prompt (the API's `cached_tokens`).
 
 Seeds: with `params.seed` set, the r-th sequence of a `generate` call (after expanding `n`) draws
@@ -630,9 +632,10 @@ class Engine(EngineFront):
         self._served: dict[Any, int] = {}      # group -> the last step one of its costly choices was made
         self._running: list[Request] = []
         self._free_slots = list(range(max_batch_size))
-        # Prefix cache: free slot -> (adapter, the token ids whose keys and values it still holds).
         self.prefix_cache = bool(prefix_cache) and getattr(self.runner, "keeps_released_cache", False)
-        self._kept: dict[int, tuple[str | None, list[int]]] = {}
+        # Prefix cache: free slot -> (adapter, the token ids whose keys and values it still holds, the
+        # length of the prompt whose last logits are kept with them, those logits).
+        self._kept: dict[int, tuple[str | None, list[int], int, Any]] = {}
         self._eval: _EvalMode | None = None
 
     # ---- public API -------------------------------------------------------------------------------
@@ -710,7 +713,7 @@ class Engine(EngineFront):
 
     def _kept_prefix(self, req: Request, slot: int) -> int:
         """How many of `req`'s prompt tokens free slot `slot` holds (the prefix cache)."""
-        adapter, ids = self._kept.get(slot, (None, None))
+        adapter, ids, _, _ = self._kept.get(slot, (None, None, 0, None))
         if ids is None or adapter != req.adapter or req.params.prompt_logprobs is not None:
             return 0
         return common_prefix(ids, req.prompt)
@@ -720,7 +723,14 @@ class Engine(EngineFront):
         in its own slot (kept from a finished sequence) or in a running sequence's (copied). Identical
         prompts of running sequences are left to `_share_prefix`, which also shares the last logits."""
         own = self._kept_prefix(req, req.slot)
-        self._kept.pop(req.slot, None)   # the slot is this request's now and will be overwritten
+        _, _, kept_prompt, kept_logits = self._kept.pop(req.slot, (None, None, 0, None))   # the slot is req's now
+        if own == len(req.prompt) == kept_prompt and kept_logits is not None:
+            # The same prompt as the slot's last one: its logits are kept too, nothing to prefill.
+            req.cached = req.reused = own
+            req.prompt_logits = kept_logits
+            self.stats["cached_prompt_tokens"] += own
+            self._prompt_done(req, kept_logits)
+            return
         best, donor = own, None
         if req.params.prompt_logprobs is None:
             for other in self._running:
@@ -982,12 +992,12 @@ class Engine(EngineFront):
     def _release(self, req: Request, reason: str) -> None:
         """A finishing request leaves the batch and frees its slot (kept for the prefix cache)."""
         req.ready = None
-        req.prompt_logits = None
+        logits, req.prompt_logits = req.prompt_logits, None
         if req in self._running:
             self._running.remove(req)
         if req.slot is not None:
             if self.prefix_cache and reason != "error" and req.cached > 0:
-                self._kept[req.slot] = (req.adapter, (req.prompt + req.output)[:req.cached])
+                self._kept[req.slot] = (req.adapter, (req.prompt + req.output)[:req.cached], len(req.prompt), logits)
             self.runner.release(req.slot)
             with self._lock:
                 self._free_slots.append(req.slot)
