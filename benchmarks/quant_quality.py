@@ -128,22 +128,6 @@ LLAMACPP_NLL = textwrap.dedent("""
 """)
 
 
-def f32_gguf(py: Path, q4: str, out_dir: Path) -> str:
-    """The Q4_1 GGUF de-quantized to F32 by llama.cpp's own quantizer (the same weights, exactly)."""
-    out = out_dir / "smollm2-135m-f32.gguf"
-    if not out.exists():
-        code = textwrap.dedent(f"""
-            import llama_cpp
-            p = llama_cpp.llama_model_quantize_default_params()
-            p.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-            p.allow_requantize = True
-            p.nthread = 2
-            raise SystemExit(llama_cpp.llama_model_quantize({q4!r}.encode(), {str(out)!r}.encode(), p))
-        """)
-        subprocess.run([str(py), "-c", code], check=True, capture_output=True)
-    return str(out)
-
-
 def llamacpp_nll(py: Path, path: str, texts, threads: int) -> tuple[list[tuple[float, int]], float]:
     r = subprocess.run([str(py), "-c", LLAMACPP_NLL, path, str(threads)], input=json.dumps(texts),
                        capture_output=True, text=True)
@@ -176,13 +160,14 @@ def main() -> int:
         per, secs = chatsmith_nll(model, tok, texts, p)
         rows.append({"contender": f"chatsmith {'fp32' if p == 'module' else p}", "per": per, "seconds": secs})
     if not args.no_llamacpp:
-        from serve_throughput import ensure_llamacpp_venv, ggufs
+        from serve_throughput import ensure_llamacpp_venv, ggufs, requantize
 
         py = ensure_llamacpp_venv()
         out_dir = REPO / "bench-out"
         out_dir.mkdir(exist_ok=True)
         files = ggufs(py, out_dir)
-        files["F32"] = f32_gguf(py, files["Q4_1"], out_dir)
+        # The Q4_1 de-quantized to F32 by llama.cpp's own quantizer (the same weights, exactly).
+        files["F32"] = requantize(py, files["Q4_1"], out_dir / "smollm2-135m-f32.gguf", "LLAMA_FTYPE_ALL_F32")
         for name, path in files.items():
             per, secs = llamacpp_nll(py, path, texts, args.threads)
             rows.append({"contender": f"llama.cpp {name}", "per": per, "seconds": secs})

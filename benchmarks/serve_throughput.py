@@ -64,19 +64,23 @@ def ggufs(py: Path, out_dir: Path) -> dict[str, str]:
     from chatsmith.models.registry import embedded_gguf_path
 
     q4 = str(embedded_gguf_path())
-    q8 = out_dir / "smollm2-135m-q8_0.gguf"
-    if not q8.exists():
+    return {"Q4_1": q4, "Q8_0": requantize(py, q4, out_dir / "smollm2-135m-q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0")}
+
+
+def requantize(py: Path, src: str, out: Path, ftype: str) -> str:
+    """`src` re-quantized (or de-quantized) to llama.cpp's `ftype` (a llama_cpp constant's name) by
+    llama.cpp's own quantizer, once: the path of the file."""
+    if not out.exists():
         code = textwrap.dedent(f"""
             import llama_cpp
             p = llama_cpp.llama_model_quantize_default_params()
-            p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+            p.ftype = llama_cpp.{ftype}
             p.allow_requantize = True
             p.nthread = 2
-            rc = llama_cpp.llama_model_quantize({q4!r}.encode(), {str(q8)!r}.encode(), p)
-            raise SystemExit(rc)
+            raise SystemExit(llama_cpp.llama_model_quantize({src!r}.encode(), {str(out)!r}.encode(), p))
         """)
         subprocess.run([str(py), "-c", code], check=True, capture_output=True)
-    return {"Q4_1": q4, "Q8_0": str(q8)}
+    return str(out)
 
 
 # ---- (a) single stream ----------------------------------------------------------------------------

@@ -240,6 +240,25 @@ void over_tiles(int64_t g0, int64_t g1, int64_t N, int64_t M, const T& tile) {
   if (g1 > full && N % 16) rows_of(std::integral_constant<int, 1>{}, std::false_type{}, full, (int)(N % 16));
 }
 
+// The activations of a call, quantized by quantize_rows into this thread's buffers (the workers
+// get plain pointers: thread_local storage is the calling thread's, not theirs).
+struct QuantizedRows {
+  const int8_t* xq;
+  const float* sx;
+  const float* xsum;
+  const int32_t* qsum;
+};
+
+QuantizedRows quantize_input(const at::Tensor& x, const c10::optional<at::Tensor>& norm, double eps) {
+  at::Tensor nw;
+  if (norm) nw = norm->contiguous().to(at::kFloat);
+  static thread_local std::vector<int8_t> xq;
+  static thread_local std::vector<float> sx, xsum;
+  static thread_local std::vector<int32_t> qsum;
+  quantize_rows(x, norm ? nw.data_ptr<float>() : nullptr, eps, xq, sx, xsum, qsum);
+  return {xq.data(), sx.data(), xsum.data(), qsum.data()};
+}
+
 // y [M, N] = x [M, K] W^T (+ bias) for W given as packed codes w [N, K/2], fp16 scales d and offsets m
 // [N, K/32], all three in the layout above; with `norm` (RMSNorm weight [K]) and eps, x is
 // RMS-normalised first.
@@ -251,26 +270,18 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor&
               "q4 linear: shapes do not match");
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf, "q4 linear: fp16 scales and offsets");
   TORCH_CHECK(w.is_contiguous() && d.is_contiguous() && m.is_contiguous(), "q4 linear: contiguous weights");
-  at::Tensor nw;
-  if (norm) nw = norm->contiguous().to(at::kFloat);
-  static thread_local std::vector<int8_t> xq;
-  static thread_local std::vector<float> sx, xsum;
-  static thread_local std::vector<int32_t> qsum;
-  quantize_rows(x, norm ? nw.data_ptr<float>() : nullptr, eps, xq, sx, xsum, qsum);
+  const QuantizedRows q = quantize_input(x, norm, eps);
   auto y = at::empty({M, N}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const uint16_t* mp = reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>());
-  // Plain pointers for the workers: the buffers are this thread's (thread_local), not theirs.
-  const int8_t* xqp = xq.data();
-  const float *sxp = sx.data(), *xsp = xsum.data();
   const int64_t gw = 16 * (K / 2), gs = 16 * blocks;
   for_groups((N + 15) / 16, M, [&](int64_t g0, int64_t g1) {
     over_tiles(g0, g1, N, M, [&](auto ng, auto r, auto full, int64_t g, int rows, int64_t r0, bool prefetch) {
       tile4<decltype(ng)::value, decltype(r)::value, decltype(full)::value>(
-          wp + g * gw, dp + g * gs, mp + g * gs, gw, gs, rows, K, xqp + r0 * K, sxp + r0 * blocks,
-          xsp + r0 * blocks, yp + r0 * N + 16 * g, N, prefetch);
+          wp + g * gw, dp + g * gs, mp + g * gs, gw, gs, rows, K, q.xq + r0 * K, q.sx + r0 * blocks,
+          q.xsum + r0 * blocks, yp + r0 * N + 16 * g, N, prefetch);
     });
   });
   if (bias) y.add_(*bias);
@@ -286,24 +297,16 @@ at::Tensor linear8(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(K % 64 == 0 && w.size(1) == K && d.size(1) == blocks && d.scalar_type() == at::kHalf &&
               w.scalar_type() == at::kByte && w.is_contiguous() && d.is_contiguous(),
               "q8 linear: shapes do not match");
-  at::Tensor nw;
-  if (norm) nw = norm->contiguous().to(at::kFloat);
-  static thread_local std::vector<int8_t> xq;
-  static thread_local std::vector<float> sx, xsum;
-  static thread_local std::vector<int32_t> qsum;
-  quantize_rows(x, norm ? nw.data_ptr<float>() : nullptr, eps, xq, sx, xsum, qsum);
+  const QuantizedRows q = quantize_input(x, norm, eps);
   auto y = at::empty({M, N}, at::kFloat);
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const uint16_t* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-  const int8_t* xqp = xq.data();
-  const float* sxp = sx.data();
-  const int32_t* qsp = qsum.data();
   const int64_t gw = 16 * K, gs = 16 * blocks;
   for_groups((N + 15) / 16, M, [&](int64_t g0, int64_t g1) {
     over_tiles(g0, g1, N, M, [&](auto ng, auto r, auto full, int64_t g, int rows, int64_t r0, bool prefetch) {
       tile8<decltype(ng)::value, decltype(r)::value, decltype(full)::value>(
-          wp + g * gw, dp + g * gs, gw, gs, rows, K, xqp + r0 * K, sxp + r0 * blocks, qsp + r0 * blocks,
+          wp + g * gw, dp + g * gs, gw, gs, rows, K, q.xq + r0 * K, q.sx + r0 * blocks, q.qsum + r0 * blocks,
           yp + r0 * N + 16 * g, N, prefetch);
     });
   });
