@@ -1093,12 +1093,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # what a launch of several processes re-runs
     try:
-        return _run(args)
+        status = _run(args)
     except ChatsmithError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    from chatsmith.train.launch import end_launched_process
+
+    end_launched_process(status)   # a launched training process exits here, without finalization
+    return status
 
 

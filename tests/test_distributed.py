@@ -291,3 +291,24 @@ def test_deepspeed_recipe_without_deepspeed_says_what_to_install(tmp_path, monke
     with pytest.raises(ChatsmithError, match=r"pip install 'chatsmith\[deepspeed\]'.*fsdp.yaml"):
         run_sft(cfg, conversations=[Conversation([Message("user", "hi"), Message("assistant", "hello")])] * 4)
     assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_launched_process_ends_without_finalization(world):
+    """A process started by a launcher (WORLD_SIZE > 1) leaves through os._exit once its command has
+    returned: its output flushed, its exit status kept (0, and 2 for an error), and no interpreter
+    finalization (where gloo's threads can abort a finished run); a single process exits normally."""
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('finalized', flush=True))\n"
+              "from chatsmith.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "WORLD_SIZE": world, "RANK": "1"}
+    ok = subprocess.run([sys.executable, "-c", script, "plan", "--model", "tiny-random-llama", "--method", "lora"],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "weights in fp32" in ok.stdout   # the plan's last lines came out before the exit
+    bad = subprocess.run([sys.executable, "-c", script, "plan", "--model", "/nonexistent", "--method", "lora"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "error: model '/nonexistent' not found" in bad.stderr
+    for r in (ok, bad):
+        assert ("finalized" in r.stdout) == (world == "1")
