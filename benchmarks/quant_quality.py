@@ -23,6 +23,12 @@ Two engines that round activations in equally good ways still land a little apar
 way each value happens to round decides it. So the table also gives each ratio to llama.cpp Q4_1
 with a 95% interval from a paired bootstrap over the texts (2,000 resamples): a ratio whose interval
 holds 1 is a tie on this text. A larger text narrows the interval (`--data hh`).
+
+And the steadier measure of the same thing: the mean KL divergence per answer token from chatsmith's
+fp32 distribution over the whole vocabulary (what llama.cpp's `perplexity --kl-divergence` reports),
+which counts every probability a rounding moves, not only the one of the token that came next. The
+fp32 log-probs wait in a temporary folder (4 bytes x 49,152 per answer token: 1.6 GB for Alpaca;
+`--no-kl` skips it).
 """
 
 from __future__ import annotations
@@ -90,8 +96,11 @@ def paired_interval(a: list[tuple[float, int]], b: list[tuple[float, int]], roun
     return ratio, float(lo), float(hi)
 
 
-def chatsmith_nll(model, tok, texts, precision: str) -> tuple[list[tuple[float, int]], float]:
-    """((summed NLL of its answer tokens, their count) per text, seconds) through the engine's prefill."""
+def chatsmith_nll(model, tok, texts, precision: str, ref: Path | None, save: bool = False
+                  ) -> tuple[list[tuple[float, int, float]], float]:
+    """((summed NLL of its answer tokens, their count, summed KL from the fp32 log-probs in `ref`)
+    per text, seconds) through the engine's prefill. With `save`, writes its log-probs to `ref`."""
+    import numpy as np
     import torch
 
     from chatsmith.infer.engine import Engine
@@ -99,12 +108,18 @@ def chatsmith_nll(model, tok, texts, precision: str) -> tuple[list[tuple[float, 
     runner = Engine(model, tok, precision=precision, max_batch_size=1, kv_cache_mb=64).runner
     per, t0 = [], time.perf_counter()
     with torch.inference_mode():
-        for ids, n_prompt in texts:
+        for i, (ids, n_prompt) in enumerate(texts):
             _, scored = runner.prefill_scored(0, ids, 0, None, len(ids) - 1)   # row i predicts ids[i + 1]
-            logp = torch.log_softmax(scored.float(), -1)
-            targets = torch.tensor(ids[1:])
-            picked = logp.gather(1, targets[:, None])[:, 0][n_prompt - 1:]      # answer tokens only
-            per.append((-picked.sum().item(), picked.numel()))
+            logp = torch.log_softmax(scored.double(), -1)[n_prompt - 1:]        # answer tokens only
+            picked = logp.gather(1, torch.tensor(ids[n_prompt:])[:, None])[:, 0]
+            kl = float("nan")
+            if ref is not None and save:
+                np.save(ref / f"{i}.npy", logp.float().numpy())
+                kl = 0.0
+            elif ref is not None:
+                p = torch.from_numpy(np.load(ref / f"{i}.npy")).double()
+                kl = (p.exp() * (p - logp)).sum().item()
+            per.append((-picked.sum().item(), picked.numel(), kl))
     return per, time.perf_counter() - t0
 
 
@@ -112,24 +127,29 @@ LLAMACPP_NLL = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from llama_cpp import Llama
-    path, threads = sys.argv[1], int(sys.argv[2])
+    path, threads, ref = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     texts = json.load(sys.stdin)
     llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=threads, logits_all=True, verbose=False)
     per, t0 = [], time.perf_counter()
-    for ids, n_prompt in texts:
+    for i, (ids, n_prompt) in enumerate(texts):
         llm.reset()
         llm.eval(ids)
-        logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        logits = np.array(llm.scores[n_prompt - 1: len(ids) - 1], dtype=np.float64)   # answer tokens only
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        picked = logp[np.arange(len(ids) - 1), ids[1:]][n_prompt - 1:]
-        per.append((-float(picked.sum()), int(picked.size)))
+        picked = logp[np.arange(len(logp)), ids[n_prompt:]]
+        kl = float("nan")
+        if ref:
+            p = np.load(f"{ref}/{i}.npy").astype(np.float64)
+            kl = float((np.exp(p) * (p - logp)).sum())
+        per.append((-float(picked.sum()), int(picked.size), kl))
     print(json.dumps({"per": per, "seconds": time.perf_counter() - t0}))
 """)
 
 
-def llamacpp_nll(py: Path, path: str, texts, threads: int) -> tuple[list[tuple[float, int]], float]:
-    r = subprocess.run([str(py), "-c", LLAMACPP_NLL, path, str(threads)], input=json.dumps(texts),
+def llamacpp_nll(py: Path, path: str, texts, threads: int, ref: Path | None
+                 ) -> tuple[list[tuple[float, int, float]], float]:
+    r = subprocess.run([str(py), "-c", LLAMACPP_NLL, path, str(threads), str(ref or "")], input=json.dumps(texts),
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
@@ -145,7 +165,10 @@ def main() -> int:
     ap.add_argument("--all", action="store_true", help="also int4-sym and int4-g64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--no-kl", action="store_true", help="skip the KL divergence (its fp32 log-probs need "
+                    "4 bytes x 49,152 per answer token of disk)")
     args = ap.parse_args()
+    import tempfile
 
     import torch
 
@@ -156,8 +179,11 @@ def main() -> int:
     texts = conversations(tok, args.limit, args.data)
     rows = []
     precisions = ["module", "int8", "int4"] + (["int4-sym", "int4-g64"] if args.all else [])
+    (REPO / "bench-out").mkdir(exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="quant_quality_", dir=REPO / "bench-out")
+    ref = None if args.no_kl else Path(tmp.name)
     for p in precisions:
-        per, secs = chatsmith_nll(model, tok, texts, p)
+        per, secs = chatsmith_nll(model, tok, texts, p, ref, save=p == "module")
         rows.append({"contender": f"chatsmith {'fp32' if p == 'module' else p}", "per": per, "seconds": secs})
     if not args.no_llamacpp:
         from serve_throughput import ensure_llamacpp_venv, ggufs, requantize
@@ -169,24 +195,26 @@ def main() -> int:
         # The Q4_1 de-quantized to F32 by llama.cpp's own quantizer (the same weights, exactly).
         files["F32"] = requantize(py, files["Q4_1"], out_dir / "smollm2-135m-f32.gguf", "LLAMA_FTYPE_ALL_F32")
         for name, path in files.items():
-            per, secs = llamacpp_nll(py, path, texts, args.threads)
+            per, secs = llamacpp_nll(py, path, texts, args.threads, ref)
             rows.append({"contender": f"llama.cpp {name}", "per": per, "seconds": secs})
+    tmp.cleanup()
     for r in rows:
         r["nll"], r["tokens"] = sum(x[0] for x in r["per"]), sum(x[1] for x in r["per"])
         r["perplexity"] = math.exp(r["nll"] / r["tokens"])
+        r["kl"] = sum(x[2] for x in r["per"]) / r["tokens"]
         print({k: v for k, v in r.items() if k != "per"}, flush=True)
-    ref = next((r for r in rows if r["contender"] == "llama.cpp Q4_1"), None)
+    q41 = next((r for r in rows if r["contender"] == "llama.cpp Q4_1"), None)
     what = "Alpaca records" if args.data == "alpaca" else "hh-rlhf dialogues (last answer)"
     print(f"\nperplexity on {rows[0]['tokens']} answer tokens of {len(texts)} {what} (lower is better)")
-    print(f"{'contender':<22} {'perplexity':>10} {'vs Q4_1':>8}  95% interval of the ratio")
+    print(f"{'contender':<22} {'perplexity':>10} {'KL/token':>9} {'vs Q4_1':>8}  95% interval of the ratio")
     for r in rows:
-        if ref is not None and r is not ref:
-            ratio, lo, hi = paired_interval(r["per"], ref["per"])
+        if q41 is not None and r is not q41:
+            ratio, lo, hi = paired_interval(r["per"], q41["per"])
             r["vs_q4_1"] = {"ratio": ratio, "low": lo, "high": hi}
             vs = f"{ratio:8.4f}  [{lo:.4f}, {hi:.4f}]"
         else:
             vs = f"{'-':>8}"
-        print(f"{r['contender']:<22} {r['perplexity']:>10.4f} {vs}")
+        print(f"{r['contender']:<22} {r['perplexity']:>10.4f} {r['kl']:>9.5f} {vs}")
     (REPO / "bench-out").mkdir(exist_ok=True)
     name = "quant_quality.json" if args.data == "alpaca" else f"quant_quality_{args.data}.json"
     (REPO / "bench-out" / name).write_text(json.dumps(rows, indent=1))

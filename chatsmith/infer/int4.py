@@ -145,7 +145,7 @@ class Int4Linear:
     `norm_weight` is the RMSNorm weight in front of the layer (applied by `after_rms_norm`), so an
     `Int4Linear` stands where an `Int8Linear` does in `LlamaRunner`.
 
-    Two kernels: chatsmith's own (native/q4.cpp: int8 activations per block of 32, VNNI dot
+    Two kernels: chatsmith's own (native/q4.cpp: int8 activations per half-block of 16, VNNI dot
     products, fp32 scales; about twice the speed of PyTorch's at one row) where the CPU has
     AVX512-VNNI and the groups are 32 wide, else PyTorch's (bf16 activations and scales).
     """
@@ -208,7 +208,7 @@ def int4_available() -> bool:
 
 class BlockInt8Linear:
     """y = norm(x) W^T + b with W in int8 blocks of 32, an fp16 scale each (llama.cpp's Q8_0), on
-    chatsmith's kernel (native/q4.cpp), activations rounded per block of 32 as for int4. The int4
+    chatsmith's kernel (native/q4.cpp), activations rounded per half-block of 16 as for int4. The int4
     precision's LM head: the embedded GGUF stores its head in Q8_0, and this keeps those very bytes."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
