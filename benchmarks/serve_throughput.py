@@ -93,10 +93,11 @@ from chatsmith.infer.sampling import SamplingParams
 from chatsmith.data.conversation import Conversation, Message
 from chatsmith.data.template import render_conversation
 precision, n = sys.argv[1], int(sys.argv[2])
+adaptive = len(sys.argv) < 4 or sys.argv[3] != "fixed"   # "fixed": all of torch's threads, no governor
 model, tok = load_model("smollm2-135m")
 ids = render_conversation(tok, Conversation([Message("system", {system!r}), Message("user", {prompt!r})]),
                           add_generation_prompt=True).input_ids
-engine = Engine(model, tok, precision=precision, max_batch_size=1)
+engine = Engine(model, tok, precision=precision, max_batch_size=1, adaptive_threads=adaptive)
 p = SamplingParams(temperature=0, max_new_tokens=n)
 engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=8), stop_ids=[])
 t0 = time.perf_counter(); first = []
@@ -105,8 +106,10 @@ with torch.inference_mode():
     while not req.finished:
         engine._step()
 t1 = time.perf_counter()
+gov = engine.governor
 print(json.dumps({{"tokens": len(req.output), "seconds": t1 - t0, "decode_tps": (len(req.output) - 1) / (t1 - first[0]),
-                  "prompt_tokens": len(ids), "ttft_s": first[0] - t0}}))
+                  "prompt_tokens": len(ids), "ttft_s": first[0] - t0,
+                  "threads_now": gov.current if gov else torch.get_num_threads(), "switches": gov.switches if gov else 0}}))
 """
 
 HF_SINGLE = """

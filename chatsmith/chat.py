@@ -256,6 +256,7 @@ def run_chat(
     max_memory: str | None = None,
     quantization: str | None = None,
     prefix_cache: bool = True,
+    threads: int | None = None,
 ) -> int:
     """Run `chatsmith chat`. With `prompt`, print only its answer and a newline; else chat.
 
@@ -263,7 +264,9 @@ def run_chat(
     Llama-family models on a CPU), int8 or module (the model's own weights). stdin/stdout None mean
     sys.stdin/sys.stdout at call time (not at import time, so redirection by the caller or pytest is
     honoured). `max_memory` (a --max-memory budget) offloads what does not fit to disk; `quantization`
-    "8bit"/"4bit" loads with bitsandbytes (CUDA only); both decode in precision "module". Returns the exit status.
+    "8bit"/"4bit" loads with bitsandbytes (CUDA only); both decode in precision "module". `threads`
+    fixes torch's thread count (None: torch's own, and the engine's governor may use 1 under load).
+    Returns the exit status.
     """
     stdin = sys.stdin if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
@@ -291,8 +294,10 @@ def run_chat(
     else:
         precision, fast_path = resolve_precision(model, precision), True
     # The prefix cache: each turn prefills only the new message, the earlier turns' KV cache stays.
+    if threads is not None:
+        torch.set_num_threads(threads)
     engine = Engine(model, tokenizer, max_batch_size=1, precision=precision, fast_path=fast_path,
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, adaptive_threads=threads is None)
     session = ChatSession(engine, params, system=system, template=template, kb=retriever)
     if prompt is not None:
         for piece in session.reply(prompt):

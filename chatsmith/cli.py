@@ -349,6 +349,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="prefill the whole conversation every turn; by default each turn prefills only what is "
                         "new and reuses the KV cache of the earlier turns")
+    c.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="the engine's threads; by default all of torch's (OMP_NUM_THREADS, else the cores), with the "
+                        "engine moving to 1 thread while that measures faster (a machine other work keeps busy) and "
+                        "back; a number fixes the count")
     _add_memory_flags(c)
     c.add_argument("--kb", default=None, metavar="KB", help="answer from this knowledge base (`chatsmith kb add`) "
                    "with numbered citations; the sources are listed after each answer")
@@ -380,6 +384,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="prefill every prompt whole; by default a prompt that starts like an earlier or running "
                          "one (a system prompt, a chat's earlier turns) reuses its KV cache and prefills only the "
                          "rest (equal to float rounding, not bit for bit)")
+    sv.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="the engine's threads; by default all of torch's (OMP_NUM_THREADS, else the cores), with the "
+                         "engine moving to 1 thread while that measures faster (a machine other work keeps busy) and "
+                         "back; a number fixes the count")
     sv.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
                     help="builtin: chatsmith's engine (CPU or GPU); vllm: vLLM on a CUDA GPU (pip install "
                          "'chatsmith[vllm]'; no tools/json_schema constraints; --precision and --kv-cache-mb "
@@ -802,7 +810,7 @@ def _run(args: argparse.Namespace) -> int:
         return run_chat(args.model, prompt=args.prompt, system=args.system, params=params, template=args.template,
                         trust_remote_code=args.trust_remote_code, precision=args.precision, kb=args.kb,
                         kb_top_k=args.kb_top_k, max_memory=args.max_memory, quantization=_quantization(args),
-                        prefix_cache=args.prefix_cache)
+                        prefix_cache=args.prefix_cache, threads=_threads(args))
     if args.command == "serve":
         from chatsmith.serve.app import run_server
 
@@ -820,7 +828,8 @@ def _run(args: argparse.Namespace) -> int:
                           header_timeout=args.header_timeout, max_connections=args.max_connections,
                           cache=_cache_options(args), kb=args.kb, kb_top_k=args.kb_top_k,
                           moderation=args.moderation, engine=args.engine, max_memory=args.max_memory,
-                          quantization=_quantization(args), prefix_cache=args.prefix_cache)
+                          quantization=_quantization(args), prefix_cache=args.prefix_cache,
+                          threads=_threads(args))
     if args.command == "label":
         from chatsmith.datagen.label import LabelSettings, run_label
 
@@ -1084,6 +1093,13 @@ def _api_key(args: argparse.Namespace) -> str | None:
                                  "on its first line)")
         return key
     return os.environ.get("CHATSMITH_API_KEY") or None
+
+
+def _threads(args: argparse.Namespace) -> int | None:
+    """--threads, checked."""
+    if args.threads is not None and args.threads < 1:
+        raise ChatsmithError(f"--threads must be 1 or more, got {args.threads}")
+    return args.threads
 
 
 def main(argv: list[str] | None = None) -> int:

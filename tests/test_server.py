@@ -155,6 +155,8 @@ def test_native_routes(server):
     assert tok["tokens"] == state.tokenizer("hello world", add_special_tokens=False)["input_ids"]
     assert httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()["content"] == "hello world"
     httpx.get(f"{url}/no/such/'path\"")   # a made-up path with quotes: counted as "other", never as a label
+    assert httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": msgs, "max_tokens": 2}
+                      ).status_code == 200   # tokens to count, when this test runs alone too
     m = httpx.get(f"{url}/metrics").text
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -166,6 +168,7 @@ def test_native_routes(server):
                  "chatsmith_http_request_duration_seconds_count"):
         assert name in names, name
     assert samples[("chatsmith_generation_tokens_total", ())] > 0
+    assert samples[("chatsmith_engine_threads", ())] == state.engine.threads >= 1   # the governor's choice
     routes = {dict(labels)["route"] for name, labels in samples if name == "chatsmith_http_requests_total"}
     assert "other" in routes and "/tokenize" in routes and not any("no/such" in r for r in routes)
     page = httpx.get(f"{url}/")

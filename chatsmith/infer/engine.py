@@ -566,11 +566,14 @@ class Engine(EngineFront):
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 16, precision: str = "module",
                  kv_cache_mb: float | None = None, prefill_chunk: int = 256, max_queue: int = 1024,
                  adapters: dict[str, str] | None = None, fast_path: bool = True,
-                 max_sequence_tokens: int | None = None, prefix_cache: bool = False) -> None:
+                 max_sequence_tokens: int | None = None, prefix_cache: bool = False,
+                 adaptive_threads: bool = True) -> None:
         """max_sequence_tokens: the longest a sequence (prompt + generated) will get, when the caller knows
         it (RL rollouts: --max-length); each slot's KV cache is sized to it instead of the model's whole
         context, which on a GPU is allocated up front. prefix_cache: reuse finished and running
-        sequences' KV caches for the prompts that start like them (see the module docstring)."""
+        sequences' KV caches for the prompts that start like them (see the module docstring).
+        adaptive_threads: the native int8/int4 step runs on torch's threads or on one, whichever its
+        measured decode steps say is faster now (infer/threads.py; the same bits either way)."""
         from chatsmith.infer.lora import load_lora_adapter
         from chatsmith.infer.runners import LlamaRunner, ModuleRunner, supports_fast_path
 
@@ -637,6 +640,11 @@ class Engine(EngineFront):
         # length of the prompt whose last logits are kept with them, those logits).
         self._kept: dict[int, tuple[str | None, list[int], int, Any]] = {}
         self._eval: _EvalMode | None = None
+        from chatsmith.infer.threads import ThreadGovernor
+
+        native = getattr(self.runner, "native", None) is not None and precision != "module" and not loaded
+        self._threads = torch.get_num_threads()
+        self.governor = ThreadGovernor(self._threads) if adaptive_threads and native else None
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -647,6 +655,12 @@ class Engine(EngineFront):
         with self._step_lock, torch.no_grad(), _EvalMode(self.model):
             self.runner.sync_weights()
             self._kept.clear()   # computed with the old weights
+
+    @property
+    def threads(self) -> int:
+        """The threads the engine's steps use now: the governor's choice, else torch's count when the
+        engine was built."""
+        return self.governor.current if self.governor is not None else self._threads
 
     def check_prompt(self, prompt: list[int]) -> None:
         """Raise RequestTooLarge/ChatsmithError when a prompt cannot be served."""
@@ -690,8 +704,9 @@ class Engine(EngineFront):
         self.stats["steps"] += 1
         self._drop_cancelled()
         self._admit()
-        self._prefill()
-        self._decode()
+        with self.governor.applied() if self.governor is not None else contextlib.nullcontext():
+            self._prefill()
+            self._decode()
 
     def _admit(self) -> None:
         admitted: list[Request] = []
@@ -860,6 +875,8 @@ class Engine(EngineFront):
             logits = self.runner.decode([r.slot for r in rows], [r.pending for r in rows],
                                         [r.cached for r in rows], [r.adapter for r in rows])
             forward_s = time.perf_counter() - t0
+            if self.governor is not None:
+                self.governor.record(forward_s, len(rows))
             logp = torch.log_softmax(logits, dim=-1)
             for i, r in enumerate(rows):
                 r.cached += 1

@@ -109,9 +109,12 @@ class ServerState:
 def load_state(state: ServerState, model: str, *, precision: str = "auto", max_concurrency: int = 16,
                kv_cache_mb: float | None = 2048, max_queue: int = 64, loras: dict[str, str] | None = None,
                template: str | None = None, trust_remote_code: bool = False, engine: str = "builtin",
-               max_memory: str | None = None, quantization: str | None = None, prefix_cache: bool = True) -> None:
+               max_memory: str | None = None, quantization: str | None = None, prefix_cache: bool = True,
+               threads: int | None = None) -> None:
     """Load the model and start the engine; sets `state.engine` last, so /health turns 200 only when ready.
     prefix_cache: the builtin engine reuses the KV cache of earlier requests' shared starts (infer/engine.py).
+    threads: torch's thread count, fixed (None: torch's own, and the builtin engine's governor may use 1
+    under load, infer/threads.py).
     engine: "builtin" (chatsmith's) or "vllm" (infer/vllm_engine.py: a CUDA GPU and the vllm extra;
     precision and kv_cache_mb are then vLLM's own choices). max_memory (--max-memory: disk offload) and
     quantization ("8bit"/"4bit": bitsandbytes) are the builtin engine's, which then decodes in "module"."""
@@ -121,6 +124,10 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
         from chatsmith.models.loading import check_load_options, offload_fast_path
 
         offload_flag = check_load_options(precision, max_memory, quantization)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         m, tok = load_model(model, trust_remote_code=trust_remote_code, max_memory=max_memory,
                             quantization=quantization)
         if engine == "vllm":
@@ -132,7 +139,8 @@ def load_state(state: ServerState, model: str, *, precision: str = "auto", max_c
             precision = "module" if offload_flag else resolve_precision(m, precision)
             engine = Engine(m, tok, max_batch_size=max_concurrency, precision=precision, kv_cache_mb=kv_cache_mb,
                             max_queue=max_queue, adapters=loras or None, prefix_cache=prefix_cache,
-                            fast_path=offload_fast_path(m) if offload_flag else True)
+                            fast_path=offload_fast_path(m) if offload_flag else True,
+                            adaptive_threads=threads is None)
         from chatsmith.infer.sampling import SamplingParams
 
         engine.generate([[tok.eos_token_id or 0]], SamplingParams(temperature=0, max_new_tokens=2))  # warm-up
@@ -207,7 +215,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         """Native: Prometheus text format."""
         e = state.engine
-        return Response(state.metrics.render(running=e.running if e else 0, waiting=e.waiting if e else 0),
+        gov = getattr(e, "governor", None)
+        return Response(state.metrics.render(running=e.running if e else 0, waiting=e.waiting if e else 0,
+                                             threads=getattr(e, "threads", None),
+                                             switches=gov.switches if gov is not None else 0),
                         media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/tokenize", openapi_extra=openapi_body(TokenizeRequest))
@@ -715,7 +726,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                max_body_mb: float = 4.0, body_timeout: float = 30.0, header_timeout: float = 10.0,
                max_connections: int = 256, cache: dict[str, Any] | None = None, kb: str | None = None,
                kb_top_k: int = 5, moderation: str | None = None, engine: str = "builtin",
-               max_memory: str | None = None, quantization: str | None = None, prefix_cache: bool = True) -> int:
+               max_memory: str | None = None, quantization: str | None = None, prefix_cache: bool = True,
+               threads: int | None = None) -> int:
     """Start loading the model in a thread and serve HTTP at once (/health answers 503 until ready).
     `cache`: ResponseCache's arguments (path, semantic, threshold, ttl, max_entries), or None.
     `engine`: "builtin" or "vllm" (a missing vllm or GPU fails now, before anything loads).
@@ -761,7 +773,8 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
                      kwargs={"precision": precision, "max_concurrency": max_concurrency, "kv_cache_mb": kv_cache_mb,
                              "max_queue": max_queue, "loras": loras, "template": template,
                              "trust_remote_code": trust_remote_code, "engine": engine, "max_memory": max_memory,
-                             "quantization": quantization, "prefix_cache": prefix_cache}).start()
+                             "quantization": quantization, "prefix_cache": prefix_cache,
+                             "threads": threads}).start()
     print(f"chatsmith serve: http://{host}:{port}/ (web chat), OpenAI API at http://{host}:{port}/v1", flush=True)
     uvicorn.Server(http.uvicorn_config(app, host, port, header_timeout=header_timeout,
                                        max_connections=max_connections)).run()

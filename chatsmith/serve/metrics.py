@@ -40,6 +40,10 @@ class Metrics:
         self.generations = Counter("chatsmith_generations", "generation requests finished", registry=r)
         self.running = Gauge("chatsmith_requests_running", "sequences decoding now", registry=r)
         self.waiting = Gauge("chatsmith_queue_waiting", "requests waiting for a slot", registry=r)
+        self.threads = Gauge("chatsmith_engine_threads", "threads the engine's steps use now (with the governor: "
+                             "all of torch's, or 1 when that measured faster)", registry=r)
+        self.thread_switches = Gauge("chatsmith_engine_thread_switches", "times the governor changed the engine's "
+                                     "thread count", registry=r)
         self.request_seconds = Histogram("chatsmith_request_seconds", "time from request to last token",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("chatsmith_time_to_first_token_seconds", "time from request to first token",
@@ -103,8 +107,12 @@ class Metrics:
         if flagged:
             self.moderation_flagged.labels(where=where).inc(flagged)
 
-    def render(self, running: int, waiting: int) -> bytes:
-        """The Prometheus text exposition of every metric, with the engine's current occupancy."""
+    def render(self, running: int, waiting: int, threads: int | None = None, switches: int = 0) -> bytes:
+        """The Prometheus text exposition of every metric, with the engine's current occupancy and
+        thread count (None: not known, e.g. vLLM)."""
         self.running.set(running)
         self.waiting.set(waiting)
+        if threads is not None:
+            self.threads.set(threads)
+        self.thread_switches.set(switches)
         return generate_latest(self.registry)
