@@ -179,3 +179,21 @@ def test_quantized_kl_to_fp32_on_the_embedded_model_is_bounded():
                 kls.append((lp.exp() * (lp - lq)).sum(-1))
         kl = torch.cat(kls).mean().item()
         assert 0 < kl < bound, (precision, kl)
+
+
+def test_auto_precision_is_int4_only_for_weights_already_on_its_grid():
+    """`auto` on a CPU: int4 for the embedded model (de-quantized from Q4_1, so int4 loses nothing and
+    its kernel runs here), int8 for a model whose weights are not on that grid (random ones, or the
+    embedded model with one weight moved)."""
+    from chatsmith.infer.engine import resolve_precision
+    from chatsmith.models import load_model
+
+    assert own_kernel() is not None
+    model, _ = load_model("smollm2-135m")
+    assert resolve_precision(model) == "int4"
+    assert resolve_precision(model, "int8") == "int8"
+    tiny, _ = load_model("tiny-random-llama")
+    assert resolve_precision(tiny) == "int8"
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[3, 5] += 1e-3
+    assert resolve_precision(model) == "int8"

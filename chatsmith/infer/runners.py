@@ -33,7 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith.errors import ChatsmithError
-from chatsmith.infer.int4 import BlockInt8Linear, Int4Linear, int4_available, own_kernel
+from chatsmith.infer.int4 import (
+    BlockInt8Linear,
+    Int4Linear,
+    dequantize_int4,
+    int4_available,
+    own_kernel,
+    quantize_int4,
+)
 from chatsmith.infer.int8 import REDUCE_RANGE, SMOOTH_ALPHA, Int8Linear, effective_linear
 from chatsmith.infer.lora import LoraAdapter, add_lora_deltas
 from chatsmith.infer.precision import PRECISIONS, QUANTIZED, int4_spec
@@ -44,6 +51,23 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 def base_model(model: Any) -> Any:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def on_q4_1_grid(model: Any) -> bool:
+    """Whether the Llama-family `model`'s linear weights already sit on int4's asymmetric grid with
+    groups of 32 (a 4-bit GGUF, Q4_1, de-quantized on loading, like the embedded SmolLM2), so that
+    int4 loses nothing on them. Checks the first layer's q_proj and the last layer's down_proj,
+    exactly: a model trained or saved in fp16/fp32 is not on it."""
+    layers = getattr(getattr(base_model(model), "model", None), "layers", None)
+    if not layers:
+        return False
+    for w in (layers[0].self_attn.q_proj.weight, layers[-1].mlp.down_proj.weight):
+        if w.device.type != "cpu" or w.shape[1] % 32:
+            return False
+        codes, scale, offset = quantize_int4(w, 32, symmetric=False, stored=torch.float16)
+        if not torch.equal(dequantize_int4(codes, scale, offset), w.detach().float()):
+            return False
+    return True
 
 
 def supports_fast_path(model: Any) -> bool:
