@@ -243,12 +243,16 @@ def test_run_chat_rejects_bad_params_before_loading(fake_load):
 
 
 @pytest.mark.slow
-def test_embedded_model_knows_the_capital_of_france():
+def test_embedded_model_knows_who_wrote_hamlet():
+    """The embedded model through the default chat path (precision auto: int4 for it) answers a simple
+    factual question. (Not "the capital of France": the fp32 model's first token is a near-tie there,
+    'The' -1.883 against 'L' -1.965, and int4 picks 'L' and wanders off while int8 happened to keep
+    'The'; over the 80 Vicuna-bench questions int4's greedy answers equal fp32's 48 times, int8's 11.)"""
     stdout = io.StringIO()
-    status = run_chat("smollm2-135m", prompt="What is the capital of France?", system=None,
+    status = run_chat("smollm2-135m", prompt="Who wrote Hamlet?", system=None,
                       params=SamplingParams(temperature=0.0, max_new_tokens=40), stdout=stdout)
     assert status == 0
-    assert "Paris" in stdout.getvalue()
+    assert "Shakespeare" in stdout.getvalue()
     assert stdout.getvalue().endswith("\n") and not stdout.getvalue().startswith((" ", "\n"))
 
 
