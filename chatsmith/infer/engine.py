@@ -54,6 +54,11 @@ all. A prompt equal to a slot's last prompt runs nothing before its first token:
 last logits are kept with the slot (one row of the vocabulary). `Request.reused` says how many prompt tokens were not prefilled, whether from the prefix cache
 or from an identical running prompt (the API's `cached_tokens`).
 
+Threads (`adaptive_threads=True`, the default): the native int8/int4 step measures its decode steps
+and runs on torch's threads or on one, whichever is faster now (infer/threads.py: on a machine other
+work keeps busy, a step split over several threads waits on the descheduled one at every matmul).
+Each output row is one thread's, in one order of sums, so the answers are the same bits either way.
+
 Seeds: with `params.seed` set, the r-th sequence of a `generate` call (after expanding `n`) draws
 from a generator seeded with `seed + r`, so G copies of one prompt give G different samples and
 the same call gives the same samples again.
