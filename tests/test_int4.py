@@ -5,6 +5,7 @@ as a mean KL divergence to its fp32 logits, pinned under a stated bound."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -181,7 +182,7 @@ def test_quantized_kl_to_fp32_on_the_embedded_model_is_bounded():
         assert 0 < kl < bound, (precision, kl)
 
 
-def test_auto_precision_is_int4_only_for_weights_already_on_its_grid():
+def test_auto_precision_is_int4_only_for_weights_already_on_its_grid(caplog):
     """`auto` on a CPU: int4 for the embedded model (de-quantized from Q4_1, so int4 loses nothing and
     its kernel runs here), int8 for a model whose weights are not on that grid (random ones, or the
     embedded model with one weight moved)."""
@@ -197,3 +198,6 @@ def test_auto_precision_is_int4_only_for_weights_already_on_its_grid():
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight[3, 5] += 1e-3
     assert resolve_precision(model) == "int8"
+    with caplog.at_level(logging.WARNING, logger="chatsmith.infer.engine"):
+        assert resolve_precision(model, "int4") == "int4"   # asked for: kept, with a warning
+    assert "int4 can undo a fine-tuning" in caplog.text

@@ -214,6 +214,13 @@ def resolve_precision(model: Any, precision: str = "auto") -> str:
         raise ChatsmithError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision != "module" and precision != "auto" and not supports_fast_path(model):
         return _int8_fallback(model)
+    if precision.startswith("int4"):
+        from chatsmith.infer.runners import on_q4_1_grid
+
+        if not on_q4_1_grid(model):
+            log.warning("precision %s rounds this model's weights to a 4-bit grid. Weights fine-tuned from a "
+                        "4-bit model move by far less than one step of that grid and are mostly rounded back: "
+                        "int4 can undo a fine-tuning (docs/serve.md, int4). int8 keeps more of it", precision)
     if precision != "auto":
         return precision
     on_cpu = next(model.parameters()).device.type == "cpu"
