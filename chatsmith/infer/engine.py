@@ -208,26 +208,22 @@ def resolve_precision(model: Any, precision: str = "auto") -> str:
     own weights and dtype). int8 and int4 fall back to "module" (with a log line) for a model the
     fast path does not cover."""
     from chatsmith.infer.precision import PRECISIONS
-    from chatsmith.infer.runners import supports_fast_path
+    from chatsmith.infer.runners import on_q4_1_grid, supports_fast_path
 
     if precision != "auto" and precision not in PRECISIONS:
         raise ChatsmithError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision != "module" and precision != "auto" and not supports_fast_path(model):
         return _int8_fallback(model)
-    if precision.startswith("int4"):
-        from chatsmith.infer.runners import on_q4_1_grid
-
-        if not on_q4_1_grid(model):
-            log.warning("precision %s rounds this model's weights to a 4-bit grid. Weights fine-tuned from a "
-                        "4-bit model move by far less than one step of that grid and are mostly rounded back: "
-                        "int4 can undo a fine-tuning (docs/serve.md, int4). int8 keeps more of it", precision)
+    if precision.startswith("int4") and not on_q4_1_grid(model):
+        log.warning("precision %s rounds this model's weights to a 4-bit grid. Weights fine-tuned from a "
+                    "4-bit model move by far less than one step of that grid and are mostly rounded back: "
+                    "int4 can undo a fine-tuning (docs/serve.md, int4). int8 keeps more of it", precision)
     if precision != "auto":
         return precision
     on_cpu = next(model.parameters()).device.type == "cpu"
     if not (on_cpu and supports_fast_path(model)):
         return "module"
     from chatsmith.infer.int4 import own_kernel
-    from chatsmith.infer.runners import on_q4_1_grid
 
     cfg = getattr(model, "config", None)
     sizes = (getattr(cfg, "hidden_size", 1), getattr(cfg, "intermediate_size", 1))

@@ -76,6 +76,18 @@ Q4_TARGET inline __m512i quad(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// acc += isum x (weight scale dw x activation scale of half-block h) for every group and row: the
+// float step of both kernels, once per half-block. sx holds `halves` scales per activation row.
+template <int NG, int R>
+Q4_TARGET inline void add_half(__m512 (&acc)[NG][R], const __m512i (&isum)[NG][R], const __m512 (&dw)[NG],
+                               const float* sx, int64_t halves, int64_t h) {
+  for (int g = 0; g < NG; ++g)
+    for (int r = 0; r < R; ++r) {
+      const __m512 ds = _mm512_mul_ps(dw[g], _mm512_set1_ps(sx[r * halves + h]));
+      acc[g][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g][r]), ds, acc[g][r]);
+    }
+}
+
 // NG groups of 16 weight rows (or, with FULL false, one group of `rows` < 16) against R activation
 // rows. w, d, m point at the first group; gw and gs are a full group's bytes and scales. xq, sx and
 // xsum advance by K, K/16 (a scale per half-block) and K/32 per activation row; out by N per activation row. Each line of
@@ -118,11 +130,7 @@ Q4_TARGET void tile4(const uint8_t* w, const uint16_t* d, const uint16_t* m, int
         }
       }
       if (j % 2 == 1)   // a half-block done: its exact integer sums, times the weights' and its own scale
-        for (int g = 0; g < NG; ++g)
-          for (int r = 0; r < R; ++r) {
-            const __m512 ds = _mm512_mul_ps(dw[g], _mm512_set1_ps(sx[r * 2 * blocks + 2 * b + j / 2]));
-            acc[g][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g][r]), ds, acc[g][r]);
-          }
+        add_half<NG, R>(acc, isum, dw, sx, 2 * blocks, 2 * b + j / 2);
     }
     for (int g = 0; g < NG; ++g) {
       const __m512 mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + g * gs + b * lanes));
@@ -166,12 +174,7 @@ Q4_TARGET void tile8(const uint8_t* w, const uint16_t* d, int64_t gw, int64_t gs
         const __m512i x = quad(xq + r * K + 32 * b + 4 * j);
         for (int g = 0; g < NG; ++g) isum[g][r] = _mm512_dpbusd_epi32(isum[g][r], v[g], x);
       }
-      if (j % 4 == 3)
-        for (int g = 0; g < NG; ++g)
-          for (int r = 0; r < R; ++r) {
-            const __m512 ds = _mm512_mul_ps(dw[g], _mm512_set1_ps(sx[r * 2 * blocks + 2 * b + j / 4]));
-            acc[g][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g][r]), ds, acc[g][r]);
-          }
+      if (j % 4 == 3) add_half<NG, R>(acc, isum, dw, sx, 2 * blocks, 2 * b + j / 4);
     }
   }
   for (int g = 0; g < NG; ++g)
